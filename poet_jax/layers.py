@@ -1,0 +1,240 @@
+"""POETLinear: a linear layer W = P_in W0 R_out with a frozen W0.
+
+Variables of a POETLinear:
+  w0        FrozenWeight  the fixed matrix (stored in the permutation frame for
+                          the block variant); no gradient, no optimizer state
+  q_in/out  Generator     strict upper triangles of the skew blocks (trainable)
+  in_*/out_* Placement    permutations (block) or index sets (full); integer
+                          state re-drawn at every merge
+"""
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from poet_jax import orthogonal
+from poet_jax import spo
+
+VARIANTS = ('block', 'full')
+COMPUTES = ('fast', 'mem', 'materialize')
+INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
+GENERATOR_NAMES = ('q_in', 'q_out')  # attribute names of Generator variables
+
+
+class FrozenWeight(nnx.Variable):
+  """A weight that is not an nnx.Param: no gradient, no optimizer state."""
+
+
+class Generator(nnx.Param):
+  """Trainable generator values of skew-symmetric blocks (the POET group)."""
+
+
+class Placement(nnx.Variable):
+  """Integer permutation or index-set state, re-drawn at every merge."""
+
+
+def init_w0(key: jax.Array, in_features: int, out_features: int,
+            init: str = 'normalized', dtype: Any = jnp.float32) -> jax.Array:
+  """The fixed random kernel (in_features, out_features).
+
+  'standard' is the Llama init N(0, 0.02^2); 'normalized' (paper default)
+  rescales each output neuron (a kernel column) to unit L2 norm;
+  'uniform_spectrum' sets every singular value to 1.
+  """
+  shape = (in_features, out_features)
+  if init == 'standard':
+    w = 0.02 * jax.random.normal(key, shape, jnp.float32)
+  elif init == 'normalized':
+    w = jax.random.normal(key, shape, jnp.float32)
+    w = w / jnp.linalg.norm(w, axis=0, keepdims=True)
+  elif init == 'xavier':
+    w = jax.nn.initializers.glorot_normal()(key, shape, jnp.float32)
+  elif init == 'uniform_spectrum':
+    u, _, vt = jnp.linalg.svd(jax.random.normal(key, shape, jnp.float32),
+                              full_matrices=False)
+    w = u @ vt
+  else:
+    raise ValueError(f'unknown init {init!r}; choose one of {INITS}')
+  return w.astype(dtype)
+
+
+def resolve_block_sizes(name: str, in_features: int, out_features: int,
+                        variant: str, block_size) -> tuple[int, int]:
+  """Block sizes of the input and output side, or a ValueError naming why."""
+  where = f'{name} (in_features={in_features}, out_features={out_features})'
+  if variant == 'block':
+    if isinstance(block_size, float) or int(block_size) < 1:
+      raise ValueError(f'{where}: block_size must be a positive integer for '
+                       f"variant='block', got {block_size!r}")
+    b = int(block_size)
+    bad = [f'{n}={s}' for n, s in (('in_features', in_features),
+                                    ('out_features', out_features)) if s % b]
+    if bad:
+      raise ValueError(
+          f'{where}: block_size={b} does not divide {" and ".join(bad)}; '
+          'choose a block size that divides both, or change the width')
+    return b, b
+  if variant == 'full':
+    if isinstance(block_size, float):
+      if not 0.0 < block_size <= 1.0:
+        raise ValueError(f'{where}: a fractional block_size must be in (0, 1],'
+                         f' got {block_size}')
+      return (max(1, round(block_size * in_features)),
+              max(1, round(block_size * out_features)))
+    b = int(block_size)
+    if not 1 <= b <= min(in_features, out_features):
+      raise ValueError(f'{where}: block_size={b} must be between 1 and '
+                       f'{min(in_features, out_features)} for variant=full')
+    return b, b
+  raise ValueError(f'{where}: unknown variant {variant!r}; use one of '
+                   f'{VARIANTS}')
+
+
+class POETLinear(nnx.Module):
+  """Linear map x @ (P_in W0 R_out) with orthogonal P_in, R_out learned.
+
+  Args:
+    in_features, out_features: kernel shape.
+    block_size: b for variant='block' (must divide both sizes); for 'full' an
+      integer or a fraction of each side (0.5 is the paper's "b = 1/2").
+    variant: 'block' (POET-BS) or 'full' (POET-FS).
+    compute: 'fast' (apply blocks to activations), 'mem' (the same, with the
+      intermediates recomputed in the backward), 'materialize' (build the
+      dense kernel every call).
+    init: W0 initialization, one of INITS.
+    neumann_terms: terms of the Cayley–Neumann series.
+    orthogonal_map: 'neumann' (paper), 'taylor' or 'exact'.
+    dtype: compute dtype (None: the input's).
+    w0_dtype: storage dtype of W0 (float32 by default; bfloat16 halves it).
+    name: used in error messages.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               block_size=256, variant: str = 'block',
+               compute: str = 'fast', init: str = 'normalized',
+               neumann_terms: int = 3, orthogonal_map: str = 'neumann',
+               dtype: Any = None, w0_dtype: Any = jnp.float32,
+               name: str = 'POETLinear', rngs: nnx.Rngs):
+    self.in_block, self.out_block = resolve_block_sizes(
+        name, in_features, out_features, variant, block_size)
+    if compute not in COMPUTES:
+      raise ValueError(f'{name}: unknown compute {compute!r}; use one of '
+                       f'{COMPUTES}')
+    if orthogonal_map not in orthogonal.METHODS:
+      raise ValueError(f'{name}: unknown orthogonal_map {orthogonal_map!r}')
+    self.in_features, self.out_features = in_features, out_features
+    self.variant, self.compute = variant, compute
+    self.neumann_terms, self.orthogonal_map = neumann_terms, orthogonal_map
+    self.dtype = dtype
+
+    key_w, key_in, key_out = jax.random.split(rngs.params(), 3)
+    w0 = init_w0(key_w, in_features, out_features, init)
+    if variant == 'block':
+      in_place = spo.draw_permutation(key_in, in_features)
+      out_place = spo.draw_permutation(key_out, out_features)
+      w0 = spo.to_block_frame(w0, in_place, out_place)
+      num_in, num_out = in_features // self.in_block, out_features // self.out_block
+    else:
+      in_place = spo.draw_index_set(key_in, in_features, self.in_block)
+      out_place = spo.draw_index_set(key_out, out_features, self.out_block)
+      num_in = num_out = 1
+    self.w0 = FrozenWeight(w0.astype(w0_dtype))
+    self.in_place = Placement(in_place)
+    self.out_place = Placement(out_place)
+    self.q_in = Generator(jnp.zeros(
+        (num_in, orthogonal.num_generator_params(self.in_block)), jnp.float32))
+    self.q_out = Generator(jnp.zeros(
+        (num_out, orthogonal.num_generator_params(self.out_block)),
+        jnp.float32))
+
+  # ------------------------------------------------------------------ math
+
+  def orthogonal_blocks(self) -> tuple[jax.Array, jax.Array]:
+    """The orthogonal blocks (k, b, b) of the input and output side."""
+    return _blocks(self, self.q_in[...], self.q_out[...])
+
+  def _arrays(self, dtype):
+    g_in, g_out = self.orthogonal_blocks()
+    if self.variant == 'full':
+      g_in, g_out = g_in[0], g_out[0]
+    return (self.w0[...].astype(dtype), g_in.astype(dtype),
+            g_out.astype(dtype), self.in_place[...], self.out_place[...])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or jnp.result_type(x)
+    args = (jnp.asarray(x, dtype),) + self._arrays(dtype)
+    return _FORWARD[self.variant, self.compute](*args)
+
+  def effective_weight(self) -> jax.Array:
+    """Dense (in, out) kernel K with layer(x) == x @ K."""
+    kernel = spo.block_kernel if self.variant == 'block' else spo.full_kernel
+    return kernel(*self._arrays(jnp.float32))
+
+  def base_weight(self) -> jax.Array:
+    """W0 in the layer's own frame: the kernel at R = P = I."""
+    w0 = self.w0[...].astype(jnp.float32)
+    if self.variant == 'full':
+      return w0
+    return w0[jnp.argsort(self.in_place[...])][:, self.out_place[...]]
+
+  # ----------------------------------------------------------------- merge
+
+  def merge(self, key: jax.Array) -> None:
+    """W0 <- P_in W0 R_out, generators <- 0, placements re-drawn from key.
+
+    Works on stacked layers too (leading axes on every variable, as under a
+    scan over layers): each slice gets its own key split from `key`.
+    """
+    lead = self.w0[...].shape[:-2]
+    fn = functools.partial(_merge_arrays, self)
+    for _ in lead:
+      fn = jax.vmap(fn)
+    keys = jax.random.split(key, lead) if lead else key
+    w0, in_place, out_place = fn(self.w0[...], self.q_in[...],
+                                 self.q_out[...], self.in_place[...],
+                                 self.out_place[...], keys)
+    self.w0[...] = w0
+    self.in_place[...] = in_place
+    self.out_place[...] = out_place
+    self.q_in[...] = jnp.zeros_like(self.q_in[...])
+    self.q_out[...] = jnp.zeros_like(self.q_out[...])
+
+
+def _blocks(layer: POETLinear, q_in, q_out):
+  make = functools.partial(orthogonal.orthogonal_blocks,
+                           num_terms=layer.neumann_terms,
+                           method=layer.orthogonal_map)
+  return make(q_in, layer.in_block), make(q_out, layer.out_block)
+
+
+def _merge_arrays(layer: POETLinear, w0, q_in, q_out, in_place, out_place,
+                  key):
+  """Pure merge of one (unstacked) layer; computed in float32."""
+  g_in, g_out = _blocks(layer, q_in, q_out)
+  w = w0.astype(jnp.float32)
+  key_in, key_out = jax.random.split(key)
+  if layer.variant == 'block':
+    new_in = spo.draw_permutation(key_in, layer.in_features)
+    new_out = spo.draw_permutation(key_out, layer.out_features)
+    w = spo.block_merge(w, g_in, g_out, in_place, out_place, new_in, new_out)
+  else:
+    new_in = spo.draw_index_set(key_in, layer.in_features, layer.in_block)
+    new_out = spo.draw_index_set(key_out, layer.out_features, layer.out_block)
+    w = spo.full_kernel(w, g_in[0], g_out[0], in_place, out_place)
+  return w.astype(w0.dtype), new_in, new_out
+
+
+def _recompute_in_backward(fn):
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+_FORWARD = {
+    ('block', 'fast'): spo.block_forward,
+    ('block', 'mem'): _recompute_in_backward(spo.block_forward),
+    ('block', 'materialize'): spo.block_materialized_forward,
+    ('full', 'fast'): spo.full_forward,
+    ('full', 'mem'): _recompute_in_backward(spo.full_forward),
+    ('full', 'materialize'): spo.full_materialized_forward,
+}

@@ -1,0 +1,182 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from poet_jax import layers
+from poet_jax import orthogonal
+
+SHAPES = {'block': (16, 24, 8), 'full': (16, 24, 0.5)}
+
+
+def make(variant='block', compute='fast', seed=0, scale=0.1, **kw):
+  m, n, b = SHAPES[variant]
+  layer = layers.POETLinear(m, n, block_size=b, variant=variant,
+                            compute=compute, rngs=nnx.Rngs(seed), **kw)
+  if scale:
+    k1, k2 = jax.random.split(jax.random.key(seed + 100))
+    layer.q_in[...] = scale * jax.random.normal(k1, layer.q_in.shape)
+    layer.q_out[...] = scale * jax.random.normal(k2, layer.q_out.shape)
+  return layer
+
+
+def inputs(m=16, seed=1):
+  return jax.random.normal(jax.random.key(seed), (2, 5, m), jnp.float32)
+
+
+def rel_err(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+@pytest.mark.parametrize('compute', layers.COMPUTES)
+def test_identity_at_creation(variant, compute):
+  layer = make(variant, compute, scale=0.0)
+  x = inputs()
+  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
+  np.testing.assert_allclose(layer(x), x @ layer.base_weight(), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_array_equal(layer.effective_weight(), layer.base_weight())
+
+
+def test_w0_is_frozen_and_generators_are_params():
+  layer = make()
+  assert isinstance(layer.w0, layers.FrozenWeight)
+  assert not isinstance(layer.w0, nnx.Param)
+  assert isinstance(layer.q_in, nnx.Param)
+  params = nnx.state(layer, nnx.Param)
+  assert set(params.keys()) == {'q_in', 'q_out'}
+  m, n, b = SHAPES['block']
+  assert layer.q_in.shape == (m // b, b * (b - 1) // 2)
+  assert layer.q_out.shape == (n // b, b * (b - 1) // 2)
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+@pytest.mark.parametrize('compute', layers.COMPUTES)
+def test_forward_equals_effective_weight(variant, compute):
+  layer = make(variant, compute)
+  x = inputs()
+  assert rel_err(layer(x), x @ layer.effective_weight()) < 1e-5
+
+
+def _loss_and_grads(layer, x):
+  def loss(layer):
+    return jnp.sum(jnp.sin(layer(x)))
+  return nnx.value_and_grad(loss)(layer)
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+def test_compute_modes_agree_on_outputs_and_gradients(variant):
+  x = inputs()
+  ref_loss, ref_grads = _loss_and_grads(make(variant, 'materialize'), x)
+  for compute in ('fast', 'mem'):
+    loss, grads = _loss_and_grads(make(variant, compute), x)
+    assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for name in ('q_in', 'q_out'):
+      assert rel_err(grads[name][...], ref_grads[name][...]) < 1e-5, name
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+@pytest.mark.parametrize('compute', layers.COMPUTES)
+def test_gradients_match_finite_differences(variant, compute):
+  # In float64, so that central differences are accurate to ~1e-9.
+  with jax.enable_x64(True):
+    layer = make(variant, compute)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def f(q_in, q_out, x):
+      p = nnx.State({'q_in': layers.Generator(q_in),
+                     'q_out': layers.Generator(q_out)})
+      return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
+
+    args = [np.asarray(a, np.float64) for a in
+            (params['q_in'][...], params['q_out'][...], inputs())]
+    grads = jax.grad(f, argnums=(0, 1, 2))(*args)
+    rng = np.random.default_rng(0)
+    for i, (arg, grad) in enumerate(zip(args, grads)):
+      direction = rng.standard_normal(arg.shape)
+      eps = 1e-5
+      plus, minus = list(args), list(args)
+      plus[i], minus[i] = arg + eps * direction, arg - eps * direction
+      numeric = (f(*plus) - f(*minus)) / (2 * eps)
+      analytic = np.sum(np.asarray(grad) * direction)
+      assert abs(numeric - analytic) < 1e-6 * max(1.0, abs(analytic)), i
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+def test_spectrum_is_that_of_w0(variant):
+  layer = make(variant, scale=0.05)
+  s0 = np.linalg.svd(layer.base_weight(), compute_uv=False)
+  s = np.linalg.svd(layer.effective_weight(), compute_uv=False)
+  g_in, g_out = layer.orthogonal_blocks()
+  err = float(max(orthogonal.orthogonality_error(g_in).max(),
+                  orthogonal.orthogonality_error(g_out).max()))
+  assert err > 1e-4  # the blocks are non-trivial
+  # ||W - W_0-spectrum||: singular values of (approximately orthogonal) G's
+  # are within 1 +- sqrt(b)*err of one, so relative changes stay that small.
+  b_max = max(layer.in_block, layer.out_block)
+  bound = 2 * np.sqrt(b_max) * err + 1e-6
+  assert np.max(np.abs(s - s0) / s0.max()) < bound
+  exact = make(variant, scale=0.3, orthogonal_map='exact')
+  s0 = np.linalg.svd(exact.base_weight(), compute_uv=False)
+  s = np.linalg.svd(exact.effective_weight(), compute_uv=False)
+  np.testing.assert_allclose(s, s0, rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_init_has_unit_output_neurons():
+  w = layers.init_w0(jax.random.key(0), 32, 48, 'normalized')
+  np.testing.assert_allclose(jnp.linalg.norm(w, axis=0), 1.0, rtol=1e-5)
+
+
+def test_uniform_spectrum_init_has_unit_singular_values():
+  w = layers.init_w0(jax.random.key(0), 32, 48, 'uniform_spectrum')
+  np.testing.assert_allclose(np.linalg.svd(w, compute_uv=False), 1.0,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('init', ['standard', 'xavier'])
+def test_other_inits_have_their_scale(init):
+  w = layers.init_w0(jax.random.key(0), 256, 512, init)
+  expected = 0.02 if init == 'standard' else np.sqrt(2 / (256 + 512))
+  assert abs(float(jnp.std(w)) / expected - 1) < 0.05
+
+
+def test_non_divisible_sizes_raise_naming_sizes():
+  with pytest.raises(ValueError) as info:
+    layers.POETLinear(512, 1376, block_size=256, name='mlp.up',
+                      rngs=nnx.Rngs(0))
+  msg = str(info.value)
+  for part in ('mlp.up', '512', '1376', 'block_size=256'):
+    assert part in msg
+
+
+def test_unknown_options_raise():
+  with pytest.raises(ValueError, match='compute'):
+    layers.POETLinear(8, 8, block_size=4, compute='turbo', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='variant'):
+    layers.POETLinear(8, 8, block_size=4, variant='half', rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('variant', ['block', 'full'])
+def test_merge_preserves_function_and_redraws_placement(variant):
+  layer = make(variant)
+  x = inputs()
+  before = layer(x)
+  old_in, old_out = layer.in_place[...], layer.out_place[...]
+  layer.merge(jax.random.key(7))
+  assert rel_err(layer(x), before) < 1e-5
+  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
+  assert float(jnp.abs(layer.q_out[...]).max()) == 0.0
+  assert not np.array_equal(layer.in_place[...], old_in)
+  assert not np.array_equal(layer.out_place[...], old_out)
+
+
+def test_bfloat16_w0_and_compute():
+  layer = make(dtype=jnp.bfloat16, w0_dtype=jnp.bfloat16)
+  assert layer.w0.dtype == jnp.bfloat16
+  x = inputs()
+  y = layer(x)
+  assert y.dtype == jnp.bfloat16
+  ref = x @ layer.effective_weight()
+  assert rel_err(y.astype(jnp.float32), ref) < 2e-2

@@ -1,0 +1,130 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import poet_jax
+from poet_jax import layers
+from poet_jax import optim
+
+CFG = poet_jax.LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=2,
+                           ffn_dim=64,
+                           poet=poet_jax.POETConfig(block_size=8))
+TOKENS = jax.random.randint(jax.random.key(0), (4, 17), 0, 64)
+
+
+def snapshot(model, kind):
+  """A copy (not live Variables) of the model's variables of one kind."""
+  return jax.tree.map(np.array, nnx.as_pure(nnx.state(model, kind)))
+
+
+def frozen(model):
+  return snapshot(model, layers.FrozenWeight)
+
+
+def placements(model):
+  return snapshot(model, layers.Placement)
+
+
+def trained(steps, merge_every=None, lr=1e-2):
+  """A tiny POET Llama and its optimizer after `steps` steps."""
+  model = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, poet_jax.poet(lr, lr), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(poet_jax.next_token_loss)(model, TOKENS)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = []
+  for i in range(1, steps + 1):
+    losses.append(float(step(model, optimizer)))
+    if merge_every and i % merge_every == 0:
+      losses.append(('merge', float(poet_jax.next_token_loss(model, TOKENS))))
+      nnx.jit(poet_jax.merge)(model, optimizer, jax.random.key(i))
+      losses.append(('merged', float(poet_jax.next_token_loss(model, TOKENS))))
+  return model, optimizer, losses
+
+
+@pytest.fixture(scope='module')
+def trained_model():
+  return trained(5)
+
+
+def test_w0_is_unchanged_between_merges(trained_model):
+  model, _, _ = trained_model
+  fresh = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  jax.tree.map(np.testing.assert_array_equal, frozen(model), frozen(fresh))
+  gens = nnx.state(model, layers.Generator)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gens))
+
+
+def test_merge_preserves_outputs_and_resets(trained_model):
+  model, optimizer, _ = trained_model
+  model, optimizer = nnx.clone(model), nnx.clone(optimizer)
+  before = model(TOKENS)
+  old_place = placements(model)
+  old_w0 = frozen(model)
+  base_before = jax.tree.map(
+      np.array, nnx.as_pure(optimizer.opt_state).inner_states['base'])
+
+  nnx.jit(poet_jax.merge)(model, optimizer, jax.random.key(3))
+
+  after = model(TOKENS)
+  rel = jnp.linalg.norm(after - before) / jnp.linalg.norm(before)
+  assert float(rel) < 1e-5
+  assert all(float(jnp.abs(g).max()) == 0.0
+             for g in jax.tree.leaves(nnx.state(model, layers.Generator)))
+  for old, new in zip(jax.tree.leaves(old_place),
+                      jax.tree.leaves(placements(model))):
+    assert not np.array_equal(old, new)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(old_w0), jax.tree.leaves(frozen(model))))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  assert int(optim.poet_step_count(opt_state)) == 0
+  poet_moments = jax.tree.leaves(opt_state.inner_states['poet'])
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in poet_moments)
+  jax.tree.map(np.testing.assert_array_equal, base_before,
+               opt_state.inner_states['base'])
+
+
+def test_stacked_layers_draw_distinct_permutations(trained_model):
+  model, _, _ = trained_model
+  perms = model.blocks.attention.q.in_place[...]  # (num_layers, dim)
+  assert perms.shape == (CFG.num_layers, CFG.dim)
+  assert not np.array_equal(perms[0], perms[1])
+
+
+def test_merge_is_deterministic_in_its_key(trained_model):
+  model, optimizer, _ = trained_model
+  a, b = nnx.clone(model), nnx.clone(model)
+  poet_jax.merge_model(a, jax.random.key(5))
+  poet_jax.merge_model(b, jax.random.key(5))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(a), nnx.state(b))
+
+
+def test_pure_merge_if_due_only_on_multiples():
+  model, optimizer, _ = trained(2)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  merge = jax.jit(poet_jax.merge_if_due, static_argnums=(0, 5))
+  p, r, _ = merge(graphdef, params, rest, opt_state, 3, 4, jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
+  p, r, o = merge(graphdef, params, rest, opt_state, 4, 4, jax.random.key(0))
+  assert int(optim.poet_step_count(o)) == 0
+  assert not np.array_equal(jax.tree.leaves(r)[0], jax.tree.leaves(rest)[0])
+
+
+def test_tiny_llama_memorizes_a_batch_across_merges():
+  _, _, losses = trained(100, merge_every=25, lr=1e-2)
+  steps = [l for l in losses if not isinstance(l, tuple)]
+  assert steps[-1] < 0.2 * steps[0], (steps[0], steps[-1])
+  for i, entry in enumerate(losses):
+    if isinstance(entry, tuple) and entry[0] == 'merged':
+      pre_merge = losses[i - 1][1]
+      assert entry[1] <= pre_merge * (1 + 1e-4) + 1e-5
+      if i + 1 < len(losses):  # no spike at the next optimizer step either
+        assert losses[i + 1] <= pre_merge * 1.05 + 1e-3
