@@ -1,6 +1,6 @@
 """poet_jax: POET / POET-X training of language models in JAX, Flax NNX and optax."""
 from poet_jax.layers import FrozenWeight, Generator, Placement, POETLinear, init_w0
-from poet_jax.merge import merge, merge_if_due, merge_key, merge_model, merge_states, poet_layers
+from poet_jax.merge import merge_and_reset, merge_if_due, merge_key, merge_model, merge_states, poet_layers
 from poet_jax.model import Llama, LlamaConfig, POETConfig, next_token_loss
 from poet_jax.optim import ScaleByPoetState, poet, poet_param_labels, reset_poet_state, scale_by_poet
 from poet_jax.orthogonal import (cayley_exact, cayley_neumann, orthogonal_blocks, orthogonality_error,

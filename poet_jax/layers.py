@@ -168,16 +168,31 @@ class POETLinear(nnx.Module):
     return _FORWARD[self.variant, self.compute](*args)
 
   def effective_weight(self) -> jax.Array:
-    """Dense (in, out) kernel K with layer(x) == x @ K."""
+    """Dense (..., in, out) kernel K with layer(x) == x @ K.
+
+    Leading axes are those of a stack of layers (as under a scan).
+    """
     kernel = spo.block_kernel if self.variant == 'block' else spo.full_kernel
-    return kernel(*self._arrays(jnp.float32))
+    g_in, g_out = self.orthogonal_blocks()
+    if self.variant == 'full':
+      g_in, g_out = g_in[..., 0, :, :], g_out[..., 0, :, :]
+    return _over_leading_axes(kernel, self._lead)(
+        self.w0[...].astype(jnp.float32), g_in, g_out, self.in_place[...],
+        self.out_place[...])
 
   def base_weight(self) -> jax.Array:
     """W0 in the layer's own frame: the kernel at R = P = I."""
     w0 = self.w0[...].astype(jnp.float32)
     if self.variant == 'full':
       return w0
-    return w0[jnp.argsort(self.in_place[...])][:, self.out_place[...]]
+    unframe = lambda w, p_in, p_out: w[jnp.argsort(p_in)][:, p_out]
+    return _over_leading_axes(unframe, self._lead)(
+        w0, self.in_place[...], self.out_place[...])
+
+  @property
+  def _lead(self) -> int:
+    """Number of stacking axes in front of the 2-D W0."""
+    return self.w0[...].ndim - 2
 
   # ----------------------------------------------------------------- merge
 
@@ -190,7 +205,9 @@ class POETLinear(nnx.Module):
     lead = self.w0[...].shape[:-2]
     fn = functools.partial(_merge_arrays, self)
     for _ in lead:
-      fn = jax.vmap(fn)
+      # One layer of the stack at a time (lax.map, not vmap): the float32
+      # working copy of W0 then costs one layer's size, not the model's.
+      fn = lambda *args, f=fn: jax.lax.map(lambda a: f(*a), args)
     keys = jax.random.split(key, lead) if lead else key
     w0, in_place, out_place = fn(self.w0[...], self.q_in[...],
                                  self.q_out[...], self.in_place[...],
@@ -200,6 +217,12 @@ class POETLinear(nnx.Module):
     self.out_place[...] = out_place
     self.q_in[...] = jnp.zeros_like(self.q_in[...])
     self.q_out[...] = jnp.zeros_like(self.q_out[...])
+
+
+def _over_leading_axes(fn, n: int):
+  for _ in range(n):
+    fn = jax.vmap(fn)
+  return fn
 
 
 def _blocks(layer: POETLinear, q_in, q_out):

@@ -30,7 +30,7 @@ def merge_key(key: jax.Array, merge_count) -> jax.Array:
   return jax.random.fold_in(key, merge_count)
 
 
-def merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:
+def merge_and_reset(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:
   """Merge the model and reset the POET optimizer state, both in place."""
   merge_model(model, key)
   reset = optim.reset_poet_state(nnx.as_pure(optimizer.opt_state))
@@ -38,11 +38,16 @@ def merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:
 
 
 def merge_states(graphdef, params, frozen, opt_state, key):
-  """Pure form of a merge on split model states and an optax state."""
+  """Pure form of a merge on split model states and an optax state.
+
+  params and frozen are the pure (nnx.as_pure) states of
+  nnx.split(model, nnx.Param, ...); the same comes back, merged.
+  """
   model = nnx.merge(graphdef, params, frozen)
   merge_model(model, key)
   _, params, frozen = nnx.split(model, nnx.Param, ...)
-  return params, frozen, optim.reset_poet_state(opt_state)
+  return (nnx.as_pure(params), nnx.as_pure(frozen),
+          optim.reset_poet_state(opt_state))
 
 
 def merge_if_due(graphdef, params, frozen, opt_state, step, merge_every: int,

@@ -146,17 +146,17 @@ class Llama(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
 
-    def run_block(x, block):
-      return block(x, positions)
+    # A plain lax.scan over the stacked block state. The forward does not
+    # mutate the blocks, so unlike nnx.scan nothing is scanned back out: no
+    # second stacked copy of W0 is made.
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def run_block(x, block_state):
+      return nnx.merge(graphdef, block_state)(x, positions), None
 
     if self.cfg.remat:
-      run_block = nnx.remat(run_block)
-
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def run_stack(x, block):
-      return run_block(x, block)
-
-    x = run_stack(x, self.blocks)
+      run_block = jax.checkpoint(run_block)
+    x, _ = jax.lax.scan(run_block, x, stacked)
     return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 

@@ -125,3 +125,20 @@ def poet(learning_rate: optax.ScalarOrSchedule,
                               weight_decay=weight_decay, mask=decay_mask),
       },
       param_labels)
+
+
+def clip_generator_norms(params, max_norm: float):
+  """Scale each block's generator so that ||Q||_F <= max_norm.
+
+  ||Q||_F bounds the operator norm, and the Cayley–Neumann series converges
+  while that is below 1. For Q = U - U^T, ||Q||_F = sqrt(2) ||u||.
+  """
+  labels = poet_param_labels(params)
+
+  def clip(label, u):
+    if label != 'poet':
+      return u
+    norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
+    return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+
+  return jax.tree.map(clip, labels, params)

@@ -44,7 +44,7 @@ def trained(steps, merge_every=None, lr=1e-2):
     losses.append(float(step(model, optimizer)))
     if merge_every and i % merge_every == 0:
       losses.append(('merge', float(poet_jax.next_token_loss(model, TOKENS))))
-      nnx.jit(poet_jax.merge)(model, optimizer, jax.random.key(i))
+      nnx.jit(poet_jax.merge_and_reset)(model, optimizer, jax.random.key(i))
       losses.append(('merged', float(poet_jax.next_token_loss(model, TOKENS))))
   return model, optimizer, losses
 
@@ -71,7 +71,7 @@ def test_merge_preserves_outputs_and_resets(trained_model):
   base_before = jax.tree.map(
       np.array, nnx.as_pure(optimizer.opt_state).inner_states['base'])
 
-  nnx.jit(poet_jax.merge)(model, optimizer, jax.random.key(3))
+  nnx.jit(poet_jax.merge_and_reset)(model, optimizer, jax.random.key(3))
 
   after = model(TOKENS)
   rel = jnp.linalg.norm(after - before) / jnp.linalg.norm(before)
@@ -109,6 +109,7 @@ def test_merge_is_deterministic_in_its_key(trained_model):
 def test_pure_merge_if_due_only_on_multiples():
   model, optimizer, _ = trained(2)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   opt_state = nnx.as_pure(optimizer.opt_state)
   merge = jax.jit(poet_jax.merge_if_due, static_argnums=(0, 5))
   p, r, _ = merge(graphdef, params, rest, opt_state, 3, 4, jax.random.key(0))

@@ -1,0 +1,6 @@
+"""Llama-130M of the POET papers (spec, section 8) on C4."""
+from poet_jax import config
+
+
+def get_config():
+  return config.paper_config('130m')

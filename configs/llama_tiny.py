@@ -1,0 +1,6 @@
+"""The default: a tiny POET Llama on the embedded corpus, minutes on a CPU."""
+from poet_jax import config
+
+
+def get_config():
+  return config.base_config()

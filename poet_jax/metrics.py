@@ -1,0 +1,95 @@
+"""metrics.jsonl, POET diagnostics and the loss-curve plot."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from poet_jax import merge
+from poet_jax import orthogonal
+
+
+class MetricsLog:
+  """Append-only JSON lines, one object per logged step.
+
+  Opened for a run that resumes from `resume_step`, it first drops entries of
+  later steps (written after the checkpoint the run restarts from), so the
+  file ends with no duplicated and no missing steps.
+  """
+
+  def __init__(self, path: str, resume_step: int = 0):
+    self.path = path
+    if os.path.exists(path):
+      kept = [line for line in self.read(path)
+              if line.get('step', 0) <= resume_step]
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(e) + '\n' for e in kept)
+      os.replace(tmp, path)
+    self._file = open(path, 'a')
+
+  def write(self, entry: dict) -> None:
+    self._file.write(json.dumps(entry) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+  @staticmethod
+  def read(path: str) -> list[dict]:
+    entries = []
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if line:
+          try:
+            entries.append(json.loads(line))
+          except json.JSONDecodeError:
+            break  # a line cut by a crash: it and anything after are dropped
+    return entries
+
+
+def poet_diagnostics(model: nnx.Module) -> dict:
+  """Largest orthogonality error and generator norm over all POET layers,
+  and, for the first one, the largest relative change of its singular values
+  against W0 (zero up to the orthogonality error, by construction)."""
+  layers = merge.poet_layers(model)
+  if not layers:
+    return {}
+  orth, qnorm = [], []
+  for _, layer in layers:
+    for g in layer.orthogonal_blocks():
+      orth.append(orthogonal.orthogonality_error(g).max())
+    for u in (layer.q_in[...], layer.q_out[...]):
+      qnorm.append(jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1).max())
+  first = layers[0][1]
+  first_of_stack = lambda w: w.reshape((-1,) + w.shape[-2:])[0]
+  w = first_of_stack(first.effective_weight())
+  w0 = first_of_stack(first.base_weight())
+  s = jnp.linalg.svd(w, compute_uv=False)
+  s0 = jnp.linalg.svd(w0, compute_uv=False)
+  return {'orth_error_max': jnp.max(jnp.stack(orth)),
+          'q_norm_max': jnp.max(jnp.stack(qnorm)),
+          'sv_rel_change_max': jnp.max(jnp.abs(s - s0) / s0.max())}
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+  """Training and evaluation loss against steps."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  entries = MetricsLog.read(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key in ('train_loss', 'eval_loss'):
+    points = [(e['step'], e[key]) for e in entries if key in e]
+    if points:
+      ax.plot(*zip(*points), marker='o' if key == 'eval_loss' else None,
+              label=key.replace('_', ' '))
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)

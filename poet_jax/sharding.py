@@ -1,0 +1,84 @@
+"""Device mesh and the sharding rules of the train state, in one place.
+
+Axes: 'data' (pure data parallelism), 'fsdp' (data parallelism whose
+parameters and optimizer state are split across devices too) and 'tensor'
+(reserved). The batch is split over data x fsdp. A leaf of the state is split
+on 'fsdp' along its largest axis that the fsdp size divides; POET generators
+and anything small stay replicated. XLA inserts the communication.
+
+The mesh uses Auto axis types on purpose: the model is written without
+sharding annotations, and GSPMD propagation from the input and state
+shardings is what we want; Explicit axes would require typing every op.
+"""
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH = ('data', 'fsdp')
+MIN_SHARDED_SIZE = 2 ** 14  # leaves smaller than this are replicated
+
+
+class MeshError(ValueError):
+  """A mesh that does not fit the devices, batch or parameters."""
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise MeshError('at most one of mesh.data, mesh.fsdp, mesh.tensor may '
+                    'be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(f'mesh sizes {dict(zip(AXES, sizes))} do not divide '
+                      f'the {num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshError(f'mesh {dict(zip(AXES, sizes))} needs '
+                    f'{math.prod(sizes)} devices; there are {num_devices}')
+  if sizes[2] != 1:
+    raise MeshError('mesh.tensor > 1 is not supported yet; use mesh.data '
+                    'and mesh.fsdp')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH))
+
+
+def check_batch(mesh, batch_size: int) -> None:
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % n:
+    raise MeshError(f'train.batch_size={batch_size} is not divisible by '
+                    f'mesh data x fsdp = {n}; choose a multiple of {n}')
+
+
+def leaf_spec(shape, fsdp: int) -> P:
+  """Split the largest axis that fsdp divides; replicate small leaves."""
+  if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+    return P()
+  candidates = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda i: shape[i])
+  spec = [None] * len(shape)
+  spec[axis] = 'fsdp'
+  return P(*spec)
+
+
+def state_shardings(mesh, abstract_state):
+  """NamedSharding for every leaf of a (possibly abstract) state pytree."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp)),
+      abstract_state)

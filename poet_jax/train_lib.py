@@ -1,0 +1,429 @@
+"""The training loop: state, step, evaluation, checkpoints, metrics.
+
+The train state is a dict of pure pytrees:
+  params     trainable variables (nnx.Param, POET generators included)
+  frozen     everything else of the model (W0, permutations)
+  opt_state  the optax state
+  step       optimizer steps taken (also the data position)
+  nonfinite  steps whose update was dropped for a non-finite loss/gradient
+The step is one jax.jit with explicit shardings and a donated state; the
+merge is a lax.cond inside it, keyed on the step.
+"""
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from poet_jax import checkpoint as checkpoint_lib
+from poet_jax import config as config_lib
+from poet_jax import merge as merge_lib
+from poet_jax import metrics as metrics_lib
+from poet_jax import model as model_lib
+from poet_jax import optim
+from poet_jax import sharding as sharding_lib
+
+EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
+EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
+
+
+# ------------------------------------------------------------- model, optim
+
+
+def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  return model_lib.LlamaConfig(
+      vocab_size=vocab_size, dim=c.model.dim, num_layers=c.model.num_layers,
+      num_heads=c.model.num_heads, ffn_dim=config_lib.ffn_dim(c),
+      dtype=dtypes[c.model.dtype], remat=c.model.remat,
+      linear='poet' if c.optimizer.name == 'poet' else 'dense',
+      poet=model_lib.POETConfig(
+          variant=c.poet.variant, block_size=config_lib.block_size(c),
+          compute=c.poet.compute, init=c.poet.init,
+          neumann_terms=c.poet.neumann_terms,
+          orthogonal_map=c.poet.orthogonal_map,
+          w0_dtype=dtypes[c.model.w0_dtype]))
+
+
+def schedule(c, peak: float) -> optax.Schedule:
+  """Cosine decay to final_lr_fraction * peak over train.steps, with warmup.
+
+  Depends on the configured number of steps only, so a resumed run follows
+  the same curve.
+  """
+  end = peak * c.train.final_lr_fraction
+  if c.train.warmup_steps:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, c.train.warmup_steps, c.train.steps, end)
+  return optax.cosine_decay_schedule(peak, c.train.steps,
+                                     alpha=c.train.final_lr_fraction)
+
+
+def _is_block_kernel(path, x) -> bool:
+  names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  return 'blocks' in names and jnp.ndim(x) == 3
+
+
+def optimizer(c) -> optax.GradientTransformation:
+  """The configured method, after global gradient clipping."""
+  lr = schedule(c, c.train.lr)
+  o, wd = c.optimizer, c.train.weight_decay
+  if o.name == 'poet':
+    tx = optim.poet(lr, schedule(c, c.poet.lr), poet_scale=c.poet.scale,
+                    b1=o.b1, b2=o.b2, weight_decay=wd)
+  elif o.name == 'adamw':
+    tx = optax.adamw(lr, o.b1, o.b2, weight_decay=wd, mask=optim.decay_mask)
+  elif o.name == 'muon':
+    # Muon on the stacked block kernels (L, in, out); Adam on the rest.
+    dims = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, x: optax.contrib.MuonDimensionNumbers(1, 2)
+        if _is_block_kernel(p, x) else None, params)
+    tx = optax.contrib.muon(lr, beta=o.muon_beta, weight_decay=wd,
+                            adam_b1=o.b1, adam_b2=o.b2,
+                            muon_weight_dimension_numbers=dims)
+  elif o.name == 'galore':
+    # GaLore on the block kernels, AdamW on embeddings, norms and head.
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, x: 'galore' if _is_block_kernel(p, x) else 'adamw', params)
+    dims = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, x: optax.contrib.GaLoreDimensionNumbers(1, 2)
+        if _is_block_kernel(p, x) else None, params)
+    tx = optax.partition({
+        'galore': optax.contrib.galore(
+            lr, rank=o.galore_rank, update_proj_gap=o.galore_update_proj_gap,
+            scale=o.galore_scale, weight_decay=wd,
+            base_optimizer=optax.scale_by_adam(o.b1, o.b2),
+            weight_dimension_numbers=dims),
+        'adamw': optax.adamw(lr, o.b1, o.b2, weight_decay=wd,
+                             mask=optim.decay_mask),
+    }, labels)
+  else:
+    raise config_lib.ConfigError(f'unknown optimizer.name {o.name!r}')
+  if c.train.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(c.train.grad_clip), tx)
+  return tx
+
+
+# ------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the step functions close over; all static."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  config: Any
+
+
+def _split(model):
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.as_pure(params), nnx.as_pure(frozen)
+
+
+def init_state(c, vocab_size: int) -> tuple[Setup, dict]:
+  """A fresh state (on the default device) and what the step needs."""
+  model = model_lib.Llama(model_config(c, vocab_size),
+                          rngs=nnx.Rngs(params=c.seed))
+  graphdef, params, frozen = _split(model)
+  tx = optimizer(c)
+  state = {'params': params, 'frozen': frozen, 'opt_state': tx.init(params),
+           'step': jnp.zeros([], jnp.int32),
+           'nonfinite': jnp.zeros([], jnp.int32)}
+  return Setup(graphdef, tx, schedule(c, c.train.lr), c), state
+
+
+def abstract_state(c, vocab_size: int) -> tuple[Setup, Any]:
+  """The state's shapes and dtypes, with nothing allocated."""
+  box = {}
+
+  def build():
+    setup, state = init_state(c, vocab_size)
+    box['setup'] = setup
+    return state
+
+  shapes = jax.eval_shape(build)
+  return box['setup'], shapes
+
+
+def count_params(state) -> tuple[int, int]:
+  """(trainable, frozen) numbers of parameters; frozen counts W0 only."""
+  size = lambda tree: sum(int(np.prod(np.shape(x))) for x in
+                          jax.tree.leaves(tree)
+                          if jnp.issubdtype(x.dtype, jnp.floating))
+  return size(state['params']), size(state['frozen'])
+
+
+# ------------------------------------------------------------------- steps
+
+
+def _where(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def train_step(setup: Setup, state: dict, batch: jax.Array):
+  """One optimizer step, the generator guard, and a merge when due."""
+  c = setup.config
+
+  def loss_fn(params):
+    model = nnx.merge(setup.graphdef, params, state['frozen'])
+    return model_lib.next_token_loss(model, batch)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = setup.tx.update(grads, state['opt_state'],
+                                       state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  if c.optimizer.name == 'poet' and c.poet.max_q_norm:
+    params = optim.clip_generator_norms(params, c.poet.max_q_norm)
+  # A non-finite loss or gradient drops the whole update; detected here, on
+  # device, and reported with the next logged metrics.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params = _where(finite, params, state['params'])
+  opt_state = _where(finite, opt_state, state['opt_state'])
+  step = state['step'] + 1
+  frozen = state['frozen']
+  if c.optimizer.name == 'poet':
+    params, frozen, opt_state = merge_lib.merge_if_due(
+        setup.graphdef, params, frozen, opt_state, step, c.poet.merge_every,
+        jax.random.key(c.seed))
+  new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
+               'step': step,
+               'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32)}
+  metrics = {'train_loss': loss, 'grad_norm': grad_norm,
+             'learning_rate': setup.lr(state['step']), 'finite': finite}
+  return new_state, metrics
+
+
+def eval_step(setup: Setup, state: dict, batch: jax.Array):
+  """Summed token loss and token count of one evaluation batch."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  logits = model(batch[:, :-1])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           batch[:, 1:])
+  return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+
+def diagnostics(setup: Setup, state: dict) -> dict:
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  return metrics_lib.poet_diagnostics(model)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+  train: Callable
+  eval: Callable
+  diagnostics: Callable
+  state_sharding: Any
+  batch_sharding: Any
+
+
+def compile_steps(setup: Setup, abstract: Any, mesh) -> CompiledSteps:
+  """jax.jit of every step with explicit shardings; the state is donated."""
+  state_sh = sharding_lib.state_shardings(mesh, abstract)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train = jax.jit(lambda s, b: train_step(setup, s, b),
+                  in_shardings=(state_sh, batch_sh),
+                  out_shardings=(state_sh, replicated), donate_argnums=0)
+  evaluate = jax.jit(lambda s, b: eval_step(setup, s, b),
+                     in_shardings=(state_sh, batch_sh),
+                     out_shardings=replicated)
+  diag = jax.jit(lambda s: diagnostics(setup, s), in_shardings=(state_sh,),
+                 out_shardings=replicated)
+  return CompiledSteps(train, evaluate, diag, state_sh, batch_sh)
+
+
+# -------------------------------------------------------------------- loop
+
+
+class _StopSignal:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step and saves."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_config_matches(workdir: str, c) -> None:
+  """A work directory belongs to one configuration: refuse another."""
+  path = os.path.join(workdir, 'config.json')
+  current = c.to_json(sort_keys=True, indent=1)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = f.read()
+    if saved != current:
+      old, new = (config_lib.flatten(s) for s in (saved, current))
+      keys = sorted(k for k in old.keys() | new.keys()
+                    if old.get(k) != new.get(k) and k != 'workdir')
+      if keys:
+        raise config_lib.ConfigError(
+            f'{workdir} holds a run with a different config ({", ".join(keys)}'
+            '); use a new --workdir or the same settings to resume')
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(current)
+  os.replace(tmp, path)
+
+
+def train(c, workdir: str, progress: bool = True) -> int:
+  """Train (or resume) the configured run in workdir; returns an exit code."""
+  from poet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
+  os.makedirs(workdir, exist_ok=True)
+  _check_config_matches(workdir, c)
+
+  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
+  vocab = c.model.vocab_size or tokenizer.vocab_size
+  if vocab < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary '
+        f'({tokenizer.vocab_size}); set it to 0 or at least that')
+  train_data, eval_data = data_lib.open_train_and_eval(
+      c.data.name, c.data.data_dir or config_lib.default_data_dir(),
+      tokenizer, c.train.seq_len, c.data.max_tokens or None)
+
+  mesh = sharding_lib.make_mesh(c.mesh)
+  sharding_lib.check_batch(mesh, c.train.batch_size)
+  setup, abstract = abstract_state(c, vocab)
+  steps = compile_steps(setup, abstract, mesh)
+  trainable, frozen = count_params(abstract)
+  say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen parameters '
+      f'({c.optimizer.name}); mesh {dict(mesh.shape)}')
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     keep=c.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = jax.jit(lambda: init_state(c, vocab)[1],
+                    out_shardings=steps.state_sharding)()
+  else:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, steps.state_sharding)
+    state, _ = ckpt.restore(latest, target)
+    say(f'resumed from {ckpt.directory} at step {latest}')
+  start = int(state['step'])
+  log = metrics_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
+                               resume_step=start) if is_main else None
+
+  num_eval = max(1, c.eval_tokens // c.train.seq_len)
+  eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval)
+
+  def evaluate(state):
+    total, count = 0.0, 0.0
+    for batch in eval_batches:
+      s, n = steps.eval(state, _global_batch(batch, steps.batch_sharding))
+      total, count = total + float(s), count + float(n)
+    return total / count
+
+  def save(state, step):
+    ckpt.save(step, state, {'step': step, 'data_position': step,
+                            'merges': (step // c.poet.merge_every
+                                       if c.optimizer.name == 'poet' else 0)})
+
+  tokens_per_step = c.train.batch_size * c.train.seq_len
+  stop = _StopSignal()
+  exit_code = 0
+  bar = tqdm.tqdm(total=c.train.steps, initial=start, unit='step',
+                  dynamic_ncols=True, disable=not (progress and is_main))
+  say(f'workdir: {os.path.abspath(workdir)}')
+  if start == 0 and c.eval_every:
+    first = evaluate(state)
+    say(f'step 0: eval loss {first:.4f}, perplexity {math.exp(first):.2f}')
+    log and log.write({'step': 0, 'eval_loss': first,
+                       'eval_ppl': math.exp(min(first, 700))})
+  last_time, last_step = time.perf_counter(), start
+  step = start
+  try:
+    while step < c.train.steps:
+      batch = train_data.train_batch(step, c.train.batch_size, c.seed,
+                                     jax.process_index(), jax.process_count())
+      state, m = steps.train(state, _global_batch(batch, steps.batch_sharding))
+      step += 1
+      bar.update(1)
+      last = step == c.train.steps
+      entry = {}
+      if step % c.log_every == 0 or last:
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt = (now - last_time) / (step - last_step)
+        last_time, last_step = now, step
+        nonfinite = int(state['nonfinite'])
+        entry.update(train_loss=float(m['train_loss']),
+                     learning_rate=float(m['learning_rate']),
+                     grad_norm=float(m['grad_norm']),
+                     tokens_seen=step * tokens_per_step, step_time_s=dt,
+                     tokens_per_s=tokens_per_step / dt,
+                     nonfinite_steps=nonfinite)
+        if c.optimizer.name == 'poet':
+          entry.update({k: float(v) for k, v in
+                        jax.device_get(steps.diagnostics(state)).items()})
+        bar.set_postfix(loss=f'{entry["train_loss"]:.3f}',
+                        tok_s=f'{entry["tokens_per_s"]:.0f}')
+        if nonfinite and c.nan_policy == 'stop':
+          log and log.write({'step': step, **entry})
+          say(f'error: non-finite loss or gradient by step {step} '
+              f'(nan_policy=stop); its update was dropped and the last good '
+              f'checkpoint is step {ckpt.latest_step()}')
+          exit_code = EXIT_NONFINITE
+          break
+      if step % c.eval_every == 0 or last:
+        loss = evaluate(state)
+        entry.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 700)))
+        bar.write(f'step {step}: eval loss {loss:.4f}, perplexity '
+                  f'{entry["eval_ppl"]:.2f}') if is_main else None
+      if entry and log:
+        log.write({'step': step, **entry})
+      if step % c.checkpoint_every == 0 or last or stop.received:
+        save(state, step)
+      if stop.received:
+        say(f'\n{stop.received}: checkpoint at step {step} written; run the '
+            'same command to resume')
+        exit_code = EXIT_INTERRUPTED
+        break
+  finally:
+    bar.close()
+    stop.restore()
+    ckpt.close()
+    if log:
+      log.close()
+  if is_main and exit_code == 0:
+    metrics_lib.plot_losses(os.path.join(workdir, 'metrics.jsonl'),
+                            os.path.join(workdir, 'loss.png'))
+    say(f'done: metrics in {os.path.join(workdir, "metrics.jsonl")}, '
+        f'curves in {os.path.join(workdir, "loss.png")}')
+  return exit_code
+
+
+def _global_batch(local: np.ndarray, sharding) -> jax.Array:
+  """This process's rows of the global batch -> one global jax.Array."""
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+# Errors that mean bad input (config, paths, data, mesh), reported as one
+# line with exit code 2 by train.py.
+USER_ERRORS = (config_lib.ConfigError, sharding_lib.MeshError,
+               FileNotFoundError, NotADirectoryError, PermissionError)
