@@ -20,15 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 
 from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
+from poet_jax import data as data_lib
 from poet_jax import merge as merge_lib
 from poet_jax import metrics as metrics_lib
 from poet_jax import model as model_lib
 from poet_jax import optim
 from poet_jax import sharding as sharding_lib
+from poet_jax import tokenizer as tokenizer_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
 EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
@@ -286,10 +289,6 @@ def _check_config_matches(workdir: str, c) -> None:
 
 def train(c, workdir: str, progress: bool = True) -> int:
   """Train (or resume) the configured run in workdir; returns an exit code."""
-  from poet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   os.makedirs(workdir, exist_ok=True)
@@ -330,7 +329,8 @@ def train(c, workdir: str, progress: bool = True) -> int:
                                resume_step=start) if is_main else None
 
   num_eval = max(1, c.eval_tokens // c.train.seq_len)
-  eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval)
+  eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval,
+                                       jax.process_index(), jax.process_count())
 
   def evaluate(state):
     total, count = 0.0, 0.0
@@ -399,6 +399,7 @@ def train(c, workdir: str, progress: bool = True) -> int:
         log.write({'step': step, **entry})
       if step % c.checkpoint_every == 0 or last or stop.received:
         save(state, step)
+      _maybe_inject_fault(step)
       if stop.received:
         say(f'\n{stop.received}: checkpoint at step {step} written; run the '
             'same command to resume')
@@ -418,6 +419,15 @@ def train(c, workdir: str, progress: bool = True) -> int:
   return exit_code
 
 
+def _maybe_inject_fault(step: int) -> None:
+  """Test hook: POET_JAX_KILL_AT_STEP=N kills this process with SIGKILL
+  right after step N was dispatched (and its checkpoint save, if any, was
+  started): the crash the resume tests recover from."""
+  kill_at = os.environ.get('POET_JAX_KILL_AT_STEP')
+  if kill_at and int(kill_at) == step:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _global_batch(local: np.ndarray, sharding) -> jax.Array:
   """This process's rows of the global batch -> one global jax.Array."""
   return jax.make_array_from_process_local_data(sharding, local)
@@ -426,4 +436,5 @@ def _global_batch(local: np.ndarray, sharding) -> jax.Array:
 # Errors that mean bad input (config, paths, data, mesh), reported as one
 # line with exit code 2 by train.py.
 USER_ERRORS = (config_lib.ConfigError, sharding_lib.MeshError,
+               data_lib.DataError, tokenizer_lib.TokenizerError,
                FileNotFoundError, NotADirectoryError, PermissionError)

@@ -1,0 +1,79 @@
+"""train.py end to end, in subprocesses, on the embedded corpus."""
+import os
+
+import pytest
+
+from train_util import numeric, read_metrics, run_train
+
+STEPS = 8
+SHORT = (f'--config.train.steps={STEPS}', '--config.log_every=1',
+         '--config.eval_every=4', '--config.checkpoint_every=2',
+         '--config.poet.merge_every=3')
+
+
+@pytest.fixture(scope='module')
+def poet_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('poet'))
+  result = run_train(workdir, *SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.mark.parametrize('method', ['poet', 'adamw'])
+def test_cli_trains_and_writes_metrics_and_checkpoints(method, poet_run,
+                                                       tmp_path):
+  if method == 'poet':
+    workdir, result = poet_run
+  else:
+    workdir = str(tmp_path)
+    result = run_train(workdir, *SHORT, '--config.optimizer.name=adamw')
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.abspath(workdir) in result.stdout
+  entries = read_metrics(workdir)
+  train = [e for e in entries if 'train_loss' in e]
+  assert [e['step'] for e in train] == list(range(1, STEPS + 1))
+  for key in ('train_loss', 'learning_rate', 'tokens_seen', 'step_time_s',
+              'tokens_per_s'):
+    assert all(key in e for e in train), key
+  if method == 'poet':
+    assert all('orth_error_max' in e and 'sv_rel_change_max' in e
+               for e in train)
+  evals = [e for e in entries if 'eval_loss' in e]
+  assert [e['step'] for e in evals] == [0, 4, 8]
+  assert all('eval_ppl' in e for e in evals)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir,
+                                                         'checkpoints')))
+  assert steps[-1] == STEPS
+  assert os.path.exists(os.path.join(workdir, 'loss.png'))
+
+
+def test_validation_perplexity_falls(poet_run):
+  evals = [e for e in read_metrics(poet_run[0]) if 'eval_ppl' in e]
+  assert evals[-1]['eval_ppl'] < 0.5 * evals[0]['eval_ppl'], evals
+
+
+def test_killed_run_resumes_with_identical_metrics(poet_run, tmp_path):
+  """Killed (SIGKILL) after step 4 of 8, merges at 3 and 6, then resumed."""
+  workdir = str(tmp_path)
+  killed = run_train(workdir, *SHORT, env={'POET_JAX_KILL_AT_STEP': '4'})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert max(e['step'] for e in read_metrics(workdir)) == 4
+  resumed = run_train(workdir, *SHORT)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from' in resumed.stdout
+  assert numeric(read_metrics(workdir)) == numeric(read_metrics(poet_run[0]))
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.no_such_key=1', "unknown config key 'no_such_key'"),
+    ('--config.optimizer.name=sgd', 'optimizer.name'),
+    ('--config.poet.block_size=7', 'does not divide'),
+    ('--config.data.name=/no/such/dir', '/no/such/dir'),
+    ('--config.data.tokenizer=/no/such/tok.model', '/no/such/tok.model'),
+])
+def test_bad_input_is_one_line_and_exit_code_2(override, expected, tmp_path):
+  result = run_train(str(tmp_path / 'w'), override)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('error: ') and expected in lines[0], lines
