@@ -41,7 +41,6 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every config file (the tiny default model)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.workdir = ''                 # set by train.py --workdir
   c.log_every = 10
   c.eval_every = 100
   c.checkpoint_every = 100

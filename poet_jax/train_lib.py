@@ -275,7 +275,7 @@ def _check_config_matches(workdir: str, c) -> None:
     if saved != current:
       old, new = (config_lib.flatten(s) for s in (saved, current))
       keys = sorted(k for k in old.keys() | new.keys()
-                    if old.get(k) != new.get(k) and k != 'workdir')
+                    if old.get(k) != new.get(k))
       if keys:
         raise config_lib.ConfigError(
             f'{workdir} holds a run with a different config ({", ".join(keys)}'
