@@ -103,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1               # -1: every remaining device
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  # Several hosts: set these, or leave num_processes at 0 and let
+  # jax.distributed.initialize read the launcher's environment (SLURM, ...).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''   # host:port of process 0
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.cpu_collectives = 'gloo'   # CPU-only clusters and tests
   return c
 
 
@@ -209,6 +217,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(isinstance(_get(c, key), str) and _get(c, key),
            f'{key} must be a non-empty string')
   _positive('data.max_tokens', c.data.max_tokens, allow_zero=True)
+  d = c.distributed
+  _check(isinstance(d.num_processes, int) and d.num_processes >= 0,
+         f'distributed.num_processes={d.num_processes!r} must be a '
+         'non-negative integer (0: from the launcher environment)')
+  _check(isinstance(d.process_id, int) and
+         0 <= d.process_id < max(d.num_processes, 1),
+         f'distributed.process_id={d.process_id!r} must be in '
+         f'[0, distributed.num_processes={d.num_processes})')
+  if d.num_processes > 1:
+    _check(':' in d.coordinator_address,
+           f'distributed.coordinator_address={d.coordinator_address!r} must '
+           'be host:port of process 0 when num_processes > 1')
+  _choice('distributed.cpu_collectives', d.cpu_collectives, ('gloo', 'mpi'))
   for axis in ('data', 'fsdp', 'tensor'):
     value = c.mesh[axis]
     _check(isinstance(value, int) and (value == -1 or value > 0),

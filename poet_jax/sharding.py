@@ -45,8 +45,35 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def initialize_distributed(dist_cfg) -> None:
+  """jax.distributed.initialize for multi-process runs; a no-op otherwise.
+
+  Must run before anything touches a JAX backend.
+  """
+  explicit = dist_cfg.num_processes > 1
+  from_env = dist_cfg.num_processes == 0
+  if not (explicit or from_env):
+    return
+  # Only the CPU backend reads this; GPUs and TPUs have their own.
+  jax.config.update('jax_cpu_collectives_implementation',
+                    dist_cfg.cpu_collectives)
+  if explicit:
+    jax.distributed.initialize(dist_cfg.coordinator_address,
+                               dist_cfg.num_processes, dist_cfg.process_id)
+  else:
+    jax.distributed.initialize()
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  devices = devices if devices is not None else jax.devices()
+  """The configured mesh over `devices` (default: all of them).
+
+  A fully explicit mesh (no -1) may use fewer devices than there are: it
+  takes the first ones.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+    devices = devices[:math.prod(sizes)]
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
@@ -63,13 +90,15 @@ def check_batch(mesh, batch_size: int) -> None:
                     f'mesh data x fsdp = {n}; choose a multiple of {n}')
 
 
-def leaf_spec(shape, fsdp: int) -> P:
+def leaf_spec(shape, fsdp: int, name: str = 'a parameter') -> P:
   """Split the largest axis that fsdp divides; replicate small leaves."""
   if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
     return P()
   candidates = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
   if not candidates:
-    return P()
+    raise MeshError(f'mesh.fsdp={fsdp} divides no axis of {name} with shape '
+                    f'{tuple(shape)}; choose an fsdp size that divides the '
+                    'model widths')
   axis = max(candidates, key=lambda i: shape[i])
   spec = [None] * len(shape)
   spec[axis] = 'fsdp'
@@ -79,6 +108,7 @@ def leaf_spec(shape, fsdp: int) -> P:
 def state_shardings(mesh, abstract_state):
   """NamedSharding for every leaf of a (possibly abstract) state pytree."""
   fsdp = mesh.shape['fsdp']
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp)),
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(
+          mesh, leaf_spec(np.shape(x), fsdp, jax.tree_util.keystr(path))),
       abstract_state)

@@ -180,7 +180,7 @@ def train_step(setup: Setup, state: dict, batch: jax.Array):
     return model_lib.next_token_loss(model, batch)
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = setup.tx.update(grads, state['opt_state'],
                                        state['params'])
   params = optax.apply_updates(state['params'], updates)
@@ -265,7 +265,7 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _check_config_matches(workdir: str, c) -> None:
+def _check_config_matches(workdir: str, c, write: bool = True) -> None:
   """A work directory belongs to one configuration: refuse another."""
   path = os.path.join(workdir, 'config.json')
   current = c.to_json(sort_keys=True, indent=1)
@@ -274,12 +274,16 @@ def _check_config_matches(workdir: str, c) -> None:
       saved = f.read()
     if saved != current:
       old, new = (config_lib.flatten(s) for s in (saved, current))
+      # The mesh and the processes may change between a stop and a resume.
       keys = sorted(k for k in old.keys() | new.keys()
-                    if old.get(k) != new.get(k))
+                    if old.get(k) != new.get(k)
+                    and not k.startswith(('mesh.', 'distributed.')))
       if keys:
         raise config_lib.ConfigError(
             f'{workdir} holds a run with a different config ({", ".join(keys)}'
             '); use a new --workdir or the same settings to resume')
+    return
+  if not write:
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -289,10 +293,11 @@ def _check_config_matches(workdir: str, c) -> None:
 
 def train(c, workdir: str, progress: bool = True) -> int:
   """Train (or resume) the configured run in workdir; returns an exit code."""
+  sharding_lib.initialize_distributed(c.distributed)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   os.makedirs(workdir, exist_ok=True)
-  _check_config_matches(workdir, c)
+  _check_config_matches(workdir, c, write=is_main)
 
   tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   vocab = c.model.vocab_size or tokenizer.vocab_size

@@ -1,0 +1,82 @@
+"""Two real processes (jax.distributed over gloo, 4 CPU devices each)."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train_util import ROOT, TINY, numeric, read_metrics
+
+STEPS = 6
+ARGS = (f'--config.train.steps={STEPS}', '--config.log_every=1',
+        '--config.eval_every=3', '--config.checkpoint_every=2',
+        '--config.poet.merge_every=2', '--config.train.batch_size=8')
+
+
+def launch(workdir, num_processes, devices_per_process, kill_at=None):
+  """train.py in num_processes processes; waits and returns their results."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count='
+             f'{devices_per_process}', JAX_PLATFORMS='cpu')
+  if kill_at:
+    env['POET_JAX_KILL_AT_STEP'] = str(kill_at)
+  procs = []
+  for i in range(num_processes):
+    dist = ()
+    if num_processes > 1:
+      dist = (f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+              f'--config.distributed.num_processes={num_processes}',
+              f'--config.distributed.process_id={i}')
+    procs.append(subprocess.Popen(
+        [sys.executable, 'train.py', f'--workdir={workdir}', *TINY, *ARGS,
+         *dist], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    results.append((p.returncode, out, err))
+  return results
+
+
+def assert_close(entries, reference):
+  """Same steps and keys; values equal up to the all-reduce's rounding."""
+  got, want = numeric(entries), numeric(reference)
+  assert [e['step'] for e in got] == [e['step'] for e in want]
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in g:
+      np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-7,
+                                 err_msg=f'step {g["step"]} {k}')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One process with 8 devices, uninterrupted."""
+  workdir = str(tmp_path_factory.mktemp('one'))
+  [(code, _, err)] = launch(workdir, 1, 8)
+  assert code == 0, err[-3000:]
+  return read_metrics(workdir)
+
+
+def test_two_processes_train_like_one_and_checkpoints_cross_over(
+    reference, tmp_path):
+  """2 processes (killed after step 2) -> 1 process (killed after step 4)
+  -> 2 processes to the end: metrics as if one process never stopped."""
+  workdir = str(tmp_path)
+  for code, _, err in launch(workdir, 2, 4, kill_at=2):
+    assert code == -9, err[-3000:]
+  before = read_metrics(workdir)
+  assert max(e['step'] for e in before) == 2
+  assert_close(before, reference[:len(before)])  # a merge after step 2
+  [(code, out, err)] = launch(workdir, 1, 8, kill_at=4)
+  assert code == -9, err[-3000:]
+  assert 'resumed from' in out
+  results = launch(workdir, 2, 4)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  assert 'resumed from' in results[0][1]
+  assert_close(read_metrics(workdir), reference)

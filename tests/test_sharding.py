@@ -1,0 +1,86 @@
+"""Sharded training on 8 simulated CPU devices (see conftest.py)."""
+import jax
+import numpy as np
+import pytest
+
+from poet_jax import config as config_lib
+from poet_jax import sharding
+from poet_jax import train_lib
+
+VOCAB = 64
+STEPS = 5  # merges after steps 2 and 4
+
+
+def tiny_config(**mesh):
+  c = config_lib.base_config()
+  c.model.dim, c.model.num_layers, c.model.num_heads = 64, 2, 2
+  c.model.ffn_dim = 128
+  c.poet.block_size = 16.0
+  c.poet.merge_every = 2
+  c.train.batch_size, c.train.seq_len, c.train.steps = 8, 16, STEPS
+  c.train.lr = c.poet.lr = 1e-2
+  for axis, size in mesh.items():
+    c.mesh[axis] = size
+  config_lib.validate(c)
+  return c
+
+
+def train_losses(c):
+  mesh = sharding.make_mesh(c.mesh)
+  setup, abstract = train_lib.abstract_state(c, VOCAB)
+  steps = train_lib.compile_steps(setup, abstract, mesh)
+  state = jax.jit(lambda: train_lib.init_state(c, VOCAB)[1],
+                  out_shardings=steps.state_sharding)()
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(STEPS):
+    batch = rng.integers(0, VOCAB, (c.train.batch_size, c.train.seq_len + 1),
+                         dtype=np.int32)
+    state, m = steps.train(state, jax.device_put(batch, steps.batch_sharding))
+    losses.append(float(m['train_loss']))
+  return losses, state
+
+
+def test_eight_devices_are_simulated():
+  assert jax.device_count() == 8
+
+
+def test_data_x_fsdp_mesh_trains_like_one_device():
+  single, _ = train_losses(tiny_config(data=1, fsdp=1))
+  sharded, state = train_losses(tiny_config(data=4, fsdp=2))
+  w0 = state['frozen']['blocks']['mlp']['up']['w0']
+  assert len(w0.sharding.device_set) == 8
+  assert not w0.sharding.is_fully_replicated  # fsdp really splits it
+  np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  assert single[-1] < single[0]
+
+
+def test_generators_stay_replicated():
+  c = tiny_config(data=4, fsdp=2)
+  mesh = sharding.make_mesh(c.mesh)
+  _, abstract = train_lib.abstract_state(c, VOCAB)
+  shardings = sharding.state_shardings(mesh, abstract)
+  q = shardings['params']['blocks']['mlp']['up']['q_in']
+  assert q.is_fully_replicated
+
+
+@pytest.mark.parametrize('mesh,devices,batch,message', [
+    (dict(data=-1, fsdp=3), 8, 8, 'do not divide the 8 devices'),
+    (dict(data=3, fsdp=1), 8, 8,
+     'train.batch_size=8 is not divisible by mesh data x fsdp = 3'),
+    (dict(data=2, fsdp=4), 6, 8, 'needs 8 devices; there are 6'),
+])
+def test_bad_meshes_are_one_line_errors(mesh, devices, batch, message):
+  c = tiny_config()
+  c.mesh.data, c.mesh.fsdp = mesh['data'], mesh['fsdp']
+  with pytest.raises(sharding.MeshError, match=message) as info:
+    m = sharding.make_mesh(c.mesh, jax.devices()[:devices])
+    sharding.check_batch(m, batch)
+  assert '\n' not in str(info.value)
+
+
+def test_fsdp_that_divides_no_axis_names_the_parameter():
+  with pytest.raises(sharding.MeshError,
+                     match=r"mesh.fsdp=3 divides no axis of embed with shape "
+                     r"\(257, 97\)"):
+    sharding.leaf_spec((257, 97), 3, 'embed')
