@@ -1,0 +1,60 @@
+"""The dry-run planner: abstract compile, memory and FLOPs."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from poet_jax import config as config_lib
+from poet_jax import planner
+from poet_jax import sharding
+from poet_jax import train_lib
+
+
+def one_device(c):
+  c.mesh.data = c.mesh.fsdp = 1
+  return c
+
+
+def test_dry_run_of_a_tiny_config_matches_its_real_step(tmp_path):
+  c = one_device(config_lib.base_config())
+  c.model.vocab_size = 257
+  report = planner.dry_run(c, str(tmp_path))
+  with open(tmp_path / 'memory.json') as f:
+    assert json.load(f) == report
+  for key in ('argument_gib', 'output_gib', 'temp_gib', 'peak_gib',
+              'trainable_params', 'frozen_params', 'flops_per_step',
+              'num_devices'):
+    assert key in report
+  # The same step compiled from real (allocated) arrays.
+  mesh = sharding.make_mesh(c.mesh)
+  setup, abstract = train_lib.abstract_state(c, 257)
+  steps = train_lib.compile_steps(setup, abstract, mesh)
+  state = jax.jit(lambda: train_lib.init_state(c, 257)[1],
+                  out_shardings=steps.state_sharding)()
+  batch = jnp.zeros((c.train.batch_size, c.train.seq_len + 1), jnp.int32)
+  compiled = steps.train.lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  assert report['argument_gib'] * planner.GIB == mem.argument_size_in_bytes
+  assert report['temp_gib'] * planner.GIB == mem.temp_size_in_bytes
+  trainable, frozen = train_lib.count_params(state)
+  assert (report['trainable_params'], report['frozen_params']) == (trainable,
+                                                                   frozen)
+  actual_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert abs(mem.argument_size_in_bytes - actual_bytes - 4 * c.train.batch_size
+             * (c.train.seq_len + 1)) < 1024
+  assert report['flops_per_step'] > 0
+
+
+def test_dry_run_of_llama_13b_fits_the_planner_not_the_machine():
+  c = one_device(config_lib.paper_config('13b'))
+  c.train.batch_size, c.train.seq_len = 1, 1024
+  c.poet.compute = 'mem'
+  c.model.dtype = c.model.w0_dtype = 'bfloat16'
+  report = planner.plan(c)
+  # 12.7B frozen W0 values, 0.83B trainable generators + embeddings/head.
+  assert 12e9 < report['frozen_params'] < 13.5e9
+  assert report['trainable_params'] < 1.5e9
+  assert report['argument_gib'] > 24  # far more than this machine holds
+  assert report['peak_gib'] >= report['argument_gib']
