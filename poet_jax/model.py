@@ -5,6 +5,7 @@ untied output head. The layer stack is created with nnx.vmap and run with
 nnx.scan, so it is traced and compiled once however deep the model is.
 """
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -75,6 +76,14 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# Causal attention whose backward recomputes the (T x T) probabilities from
+# q, k, v instead of keeping them per layer, as flash attention does: at
+# sequence 1024 the kept probabilities would outweigh a POET model's weights.
+_attention = jax.checkpoint(
+    functools.partial(jax.nn.dot_product_attention, is_causal=True),
+    policy=jax.checkpoint_policies.nothing_saveable)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
@@ -90,7 +99,7 @@ class Attention(nnx.Module):
     heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
     q = rotary(heads(self.q(x)), positions, self.cfg.rope_theta)
     k = rotary(heads(self.k(x)), positions, self.cfg.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
+    out = _attention(q, k, heads(self.v(x)))
     return self.o(out.reshape(b, t, self.cfg.dim))
 
 

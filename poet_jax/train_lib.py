@@ -6,13 +6,17 @@ The train state is a dict of pure pytrees:
   opt_state  the optax state
   step       optimizer steps taken (also the data position)
   nonfinite  steps whose update was dropped for a non-finite loss/gradient
+  nonfinite_step  the last such step (0: none)
 The step is one jax.jit with explicit shardings and a donated state; the
 merge is a lax.cond inside it, keyed on the step.
 """
 import dataclasses
+import errno
 import math
 import os
 import signal
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -35,6 +39,11 @@ from poet_jax import tokenizer as tokenizer_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
 EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
+EXIT_IO_ERROR = 5      # a checkpoint or the metrics could not be written
+
+
+class WorkdirError(ValueError):
+  """The work directory cannot be written; one line for the user."""
 
 
 # ------------------------------------------------------------- model, optim
@@ -139,7 +148,8 @@ def init_state(c, vocab_size: int) -> tuple[Setup, dict]:
   tx = optimizer(c)
   state = {'params': params, 'frozen': frozen, 'opt_state': tx.init(params),
            'step': jnp.zeros([], jnp.int32),
-           'nonfinite': jnp.zeros([], jnp.int32)}
+           'nonfinite': jnp.zeros([], jnp.int32),
+           'nonfinite_step': jnp.zeros([], jnp.int32)}
   return Setup(graphdef, tx, schedule(c, c.train.lr), c), state
 
 
@@ -199,7 +209,9 @@ def train_step(setup: Setup, state: dict, batch: jax.Array):
         jax.random.key(c.seed))
   new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
                'step': step,
-               'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32)}
+               'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
+               'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
+                                           step)}
   metrics = {'train_loss': loss, 'grad_norm': grad_norm,
              'learning_rate': setup.lr(state['step']), 'finite': finite}
   return new_state, metrics
@@ -228,14 +240,31 @@ class CompiledSteps:
   batch_sharding: Any
 
 
+def compiler_options(c) -> dict:
+  """XLA options of the steps.
+
+  XLA:CPU multiplies bf16 matrices by converting them to f32, and its
+  loop-invariant code motion then hoists those converts out of the layer
+  scan: an f32 copy of every layer's W0 at once (about 2x the model's bf16
+  weights, measured at llama_8b). Accelerators multiply bf16 natively; on CPU
+  we turn that pass off for bf16 runs so each layer converts its own slice.
+  """
+  bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
+  if bf16 and jax.default_backend() == 'cpu':
+    return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+  return {}
+
+
 def compile_steps(setup: Setup, abstract: Any, mesh) -> CompiledSteps:
   """jax.jit of every step with explicit shardings; the state is donated."""
+  options = compiler_options(setup.config)
   state_sh = sharding_lib.state_shardings(mesh, abstract)
   batch_sh = sharding_lib.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train = jax.jit(lambda s, b: train_step(setup, s, b),
                   in_shardings=(state_sh, batch_sh),
-                  out_shardings=(state_sh, replicated), donate_argnums=0)
+                  out_shardings=(state_sh, replicated), donate_argnums=0,
+                  compiler_options=options)
   evaluate = jax.jit(lambda s, b: eval_step(setup, s, b),
                      in_shardings=(state_sh, batch_sh),
                      out_shardings=replicated)
@@ -247,22 +276,61 @@ def compile_steps(setup: Setup, abstract: Any, mesh) -> CompiledSteps:
 # -------------------------------------------------------------------- loop
 
 
+class Interrupted(Exception):
+  """SIGTERM or SIGINT before the first step: there was nothing to save."""
+
+
 class _StopSignal:
-  """SIGTERM/SIGINT set a flag; the loop finishes its step and saves."""
+  """SIGTERM/SIGINT handling.
+
+  Before the loop (`in_loop` False) a signal raises Interrupted: start-up has
+  nothing worth saving and stops at once. In the loop it sets `received`;
+  the loop finishes the step in flight, writes a checkpoint and exits with
+  EXIT_INTERRUPTED.
+  """
 
   def __init__(self):
     self.received = None
+    self.in_loop = False
     self._previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
-    self.received = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if not self.in_loop:
+      raise Interrupted(name)
+    self.received = name
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+# Keys a resumed run may change: they decide when to log, evaluate, save and
+# stop, not what is computed (nan_policy: see docs/reliability.md).
+RESUMABLE = ('nan_policy', 'log_every', 'eval_every', 'checkpoint_every',
+             'keep_checkpoints')
+
+
+def _check_writable(workdir: str) -> None:
+  """The work directory (and its checkpoints) can be written, or WorkdirError.
+
+  Checked first, so a bad --workdir costs nothing and changes nothing.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    for directory in (workdir, os.path.join(workdir, 'checkpoints')):
+      if os.path.lexists(directory) or directory == workdir:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix='.probe'):
+          pass
+  except OSError as e:
+    where = e.filename or workdir
+    raise WorkdirError(
+        f'work directory {workdir} cannot be written ({where}: '
+        f'{e.strerror or e}); choose another --workdir or fix its '
+        'permissions') from None
 
 
 def _check_config_matches(workdir: str, c, write: bool = True) -> None:
@@ -274,9 +342,10 @@ def _check_config_matches(workdir: str, c, write: bool = True) -> None:
       saved = f.read()
     if saved != current:
       old, new = (config_lib.flatten(s) for s in (saved, current))
-      # The mesh and the processes may change between a stop and a resume.
+      # The mesh and the processes may change between a stop and a resume,
+      # and so may the keys that do not change what is computed (RESUMABLE).
       keys = sorted(k for k in old.keys() | new.keys()
-                    if old.get(k) != new.get(k)
+                    if old.get(k) != new.get(k) and k not in RESUMABLE
                     and not k.startswith(('mesh.', 'distributed.')))
       if keys:
         raise config_lib.ConfigError(
@@ -292,12 +361,31 @@ def _check_config_matches(workdir: str, c, write: bool = True) -> None:
 
 
 def train(c, workdir: str, progress: bool = True) -> int:
-  """Train (or resume) the configured run in workdir; returns an exit code."""
+  """Train (or resume) the configured run in workdir; returns an exit code.
+
+  Raises USER_ERRORS for bad input (before any heavy work where it can be
+  found then), Interrupted for SIGTERM/SIGINT before the first step,
+  checkpoint_lib.SaveError or OSError when a checkpoint or the metrics
+  cannot be written. docs/reliability.md has the whole contract.
+  """
   sharding_lib.initialize_distributed(c.distributed)
+  stop = _StopSignal()
+  try:
+    return _train(c, workdir, progress, stop)
+  finally:
+    stop.restore()
+
+
+def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  os.makedirs(workdir, exist_ok=True)
+  error = ((lambda m: print(f'error: {m}', file=sys.stderr, flush=True))
+           if is_main else (lambda m: None))
+  faults = _Faults(os.environ)
+  _check_writable(workdir)
   _check_config_matches(workdir, c, write=is_main)
+  mesh = sharding_lib.make_mesh(c.mesh)
+  sharding_lib.check_batch(mesh, c.train.batch_size)
 
   tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   vocab = c.model.vocab_size or tokenizer.vocab_size
@@ -309,29 +397,37 @@ def train(c, workdir: str, progress: bool = True) -> int:
       c.data.name, c.data.data_dir or config_lib.default_data_dir(),
       tokenizer, c.train.seq_len, c.data.max_tokens or None)
 
-  mesh = sharding_lib.make_mesh(c.mesh)
-  sharding_lib.check_batch(mesh, c.train.batch_size)
   setup, abstract = abstract_state(c, vocab)
   steps = compile_steps(setup, abstract, mesh)
   trainable, frozen = count_params(abstract)
   say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen parameters '
       f'({c.optimizer.name}); mesh {dict(mesh.shape)}')
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     keep=c.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = jax.jit(lambda: init_state(c, vocab)[1],
-                    out_shardings=steps.state_sharding)()
-  else:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, steps.state_sharding)
-    state, _ = ckpt.restore(latest, target)
-    say(f'resumed from {ckpt.directory} at step {latest}')
-  start = int(state['step'])
-  log = metrics_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
-                               resume_step=start) if is_main else None
+  # What a checkpoint was trained on; a resume must find the same.
+  inputs = {'tokenizer': tokenizer.identity,
+            'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
+      before_commit=faults.before_commit)
+  try:
+    latest = ckpt.latest_step()
+    faults.signal_at(0)
+    if latest is None:
+      state = jax.jit(lambda: init_state(c, vocab)[1],
+                      out_shardings=steps.state_sharding)()
+    else:
+      _check_inputs_match(ckpt, latest, inputs)
+      target = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract, steps.state_sharding)
+      state, _ = ckpt.restore(latest, target)
+      say(f'resumed from {ckpt.directory} at step {latest}')
+    start = int(state['step'])
+    log = metrics_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
+                                 resume_step=start) if is_main else None
+  except BaseException:
+    ckpt.abandon()
+    raise
 
   num_eval = max(1, c.eval_tokens // c.train.seq_len)
   eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval,
@@ -347,36 +443,47 @@ def train(c, workdir: str, progress: bool = True) -> int:
   def save(state, step):
     ckpt.save(step, state, {'step': step, 'data_position': step,
                             'merges': (step // c.poet.merge_every
-                                       if c.optimizer.name == 'poet' else 0)})
+                                       if c.optimizer.name == 'poet' else 0),
+                            **inputs})
 
   tokens_per_step = c.train.batch_size * c.train.seq_len
-  stop = _StopSignal()
   exit_code = 0
   bar = tqdm.tqdm(total=c.train.steps, initial=start, unit='step',
                   dynamic_ncols=True, disable=not (progress and is_main))
-  say(f'workdir: {os.path.abspath(workdir)}')
-  if start == 0 and c.eval_every:
-    first = evaluate(state)
-    say(f'step 0: eval loss {first:.4f}, perplexity {math.exp(first):.2f}')
-    log and log.write({'step': 0, 'eval_loss': first,
-                       'eval_ppl': math.exp(min(first, 700))})
-  last_time, last_step = time.perf_counter(), start
-  step = start
+  write = bar.write if is_main else (lambda *a, **k: None)
+  failed = True
   try:
+    say(f'workdir: {os.path.abspath(workdir)}')
+    if start == 0 and c.eval_every:
+      first = evaluate(state)
+      say(f'step 0: eval loss {first:.4f}, perplexity {math.exp(first):.2f}')
+      log and log.write({'step': 0, 'eval_loss': first,
+                         'eval_ppl': math.exp(min(first, 700))})
+    # Non-finite steps are counted on device (state['nonfinite']); the count
+    # is read only at log steps and, with nan_policy='stop', before a save.
+    reported = int(state['nonfinite'])
+    last_time, last_step = time.perf_counter(), start
+    step = start
+    stop.in_loop = True
     while step < c.train.steps:
       batch = train_data.train_batch(step, c.train.batch_size, c.seed,
                                      jax.process_index(), jax.process_count())
+      if faults.at('nan', step + 1):
+        batch = np.array(batch)
+        batch[0, 0] = vocab  # out of the vocabulary: the embedding is NaN
       state, m = steps.train(state, _global_batch(batch, steps.batch_sharding))
       step += 1
+      faults.during_step(step)
       bar.update(1)
       last = step == c.train.steps
+      log_due = step % c.log_every == 0 or last
+      nonfinite = int(state['nonfinite']) if log_due else None
       entry = {}
-      if step % c.log_every == 0 or last:
+      if log_due:
         m = jax.device_get(m)
         now = time.perf_counter()
         dt = (now - last_time) / (step - last_step)
         last_time, last_step = now, step
-        nonfinite = int(state['nonfinite'])
         entry.update(train_loss=float(m['train_loss']),
                      learning_rate=float(m['learning_rate']),
                      grad_norm=float(m['grad_norm']),
@@ -388,34 +495,51 @@ def train(c, workdir: str, progress: bool = True) -> int:
                         jax.device_get(steps.diagnostics(state)).items()})
         bar.set_postfix(loss=f'{entry["train_loss"]:.3f}',
                         tok_s=f'{entry["tokens_per_s"]:.0f}')
-        if nonfinite and c.nan_policy == 'stop':
-          log and log.write({'step': step, **entry})
-          say(f'error: non-finite loss or gradient by step {step} '
-              f'(nan_policy=stop); its update was dropped and the last good '
-              f'checkpoint is step {ckpt.latest_step()}')
-          exit_code = EXIT_NONFINITE
-          break
       if step % c.eval_every == 0 or last:
         loss = evaluate(state)
         entry.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 700)))
-        bar.write(f'step {step}: eval loss {loss:.4f}, perplexity '
-                  f'{entry["eval_ppl"]:.2f}') if is_main else None
+        write(f'step {step}: eval loss {loss:.4f}, perplexity '
+              f'{entry["eval_ppl"]:.2f}')
       if entry and log:
         log.write({'step': step, **entry})
-      if step % c.checkpoint_every == 0 or last or stop.received:
+      faults.pause(step, stop)
+      save_due = step % c.checkpoint_every == 0 or last or stop.received
+      if save_due and c.nan_policy == 'stop' and nonfinite is None:
+        nonfinite = int(state['nonfinite'])
+      if nonfinite is not None and nonfinite > reported:
+        bad, count = int(state['nonfinite_step']), nonfinite - reported
+        reported = nonfinite
+        where = (f'at step {bad}' if count == 1 else
+                 f'at {count} steps up to step {bad}')
+        if c.nan_policy == 'stop':
+          # Nothing after the bad step is saved: wait for the saves of
+          # earlier steps, then name the newest as the one to resume from.
+          ckpt.wait()
+          error(f'non-finite loss or gradient {where} (nan_policy=stop); '
+                'its update was dropped and nothing after it was saved; the '
+                f'last good checkpoint is step {ckpt.latest_step()}. See '
+                'docs/reliability.md to resume')
+          exit_code = EXIT_NONFINITE
+          break
+        write(f'warning: non-finite loss or gradient {where}; the update '
+              f'was skipped (nan_policy=skip, {nonfinite} so far)')
+      if save_due:
         save(state, step)
-      _maybe_inject_fault(step)
+      faults.after_save(step)
       if stop.received:
-        say(f'\n{stop.received}: checkpoint at step {step} written; run the '
-            'same command to resume')
+        ckpt.wait()
+        write(f'{stop.received}: checkpoint at step {step} written; run the '
+              'same command to resume')
         exit_code = EXIT_INTERRUPTED
         break
+    failed = False
   finally:
     bar.close()
-    stop.restore()
-    ckpt.close()
     if log:
       log.close()
+    if failed:
+      ckpt.abandon()  # the error on its way out is the one to report
+  ckpt.close()
   if is_main and exit_code == 0:
     metrics_lib.plot_losses(os.path.join(workdir, 'metrics.jsonl'),
                             os.path.join(workdir, 'loss.png'))
@@ -424,13 +548,84 @@ def train(c, workdir: str, progress: bool = True) -> int:
   return exit_code
 
 
-def _maybe_inject_fault(step: int) -> None:
-  """Test hook: POET_JAX_KILL_AT_STEP=N kills this process with SIGKILL
-  right after step N was dispatched (and its checkpoint save, if any, was
-  started): the crash the resume tests recover from."""
-  kill_at = os.environ.get('POET_JAX_KILL_AT_STEP')
-  if kill_at and int(kill_at) == step:
+def _check_inputs_match(ckpt, step: int, inputs: dict) -> None:
+  """The tokenizer and data a checkpoint was trained on are those at hand.
+
+  A tokenizer file that changed (or was damaged) or a different corpus would
+  silently change the run; refuse, naming both.
+  """
+  meta = ckpt.read_meta(step)
+  for key, now in inputs.items():
+    then = meta.get(key)
+    if then is not None and then != now:
+      raise config_lib.ConfigError(
+          f'the {key} differs from the one checkpoint {ckpt.step_path(step)} '
+          f'was trained with ({then!r}, now {now!r}); restore the original '
+          'file or use a new --workdir')
+
+
+class _Faults:
+  """Test-only fault injection (tests/test_reliability.py); never set these
+  variables outside tests.
+
+  POET_JAX_FAULT is a comma-separated list of KIND@STEP:
+    kill@N       SIGKILL right after step N is dispatched (the step in flight)
+    kill_save@N  SIGKILL inside the asynchronous save of step N, after orbax
+                 wrote everything and before the rename that commits it
+    enospc@N     the save of step N fails as on a full disk
+    term@N       SIGTERM (int@N: SIGINT) to this process during step N;
+                 N=0: during start-up, before the first step
+    pause@N      after step N, wait up to 120 s for a signal from outside
+    nan@N        step N's batch holds an out-of-vocabulary token: its loss
+                 is NaN, as with corrupt data
+  POET_JAX_KILL_AT_STEP=N: SIGKILL after step N and the start of its save.
+  """
+
+  def __init__(self, environ):
+    self._points = {}
+    for item in filter(None, environ.get('POET_JAX_FAULT', '').split(',')):
+      kind, _, step = item.strip().partition('@')
+      self._points.setdefault(kind, set()).add(int(step))
+    if environ.get('POET_JAX_KILL_AT_STEP'):
+      self._points.setdefault('kill_after_save', set()).add(
+          int(environ['POET_JAX_KILL_AT_STEP']))
+    save_faults = ('kill_save', 'enospc')
+    self.before_commit = (self._before_commit if any(
+        k in self._points for k in save_faults) else None)
+
+  def at(self, kind: str, step: int) -> bool:
+    return step in self._points.get(kind, ())
+
+  def _kill(self):
+    sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+  def signal_at(self, step: int) -> None:
+    for kind, sig in (('term', signal.SIGTERM), ('int', signal.SIGINT)):
+      if self.at(kind, step):
+        os.kill(os.getpid(), sig)
+
+  def during_step(self, step: int) -> None:
+    if self.at('kill', step):
+      self._kill()
+    self.signal_at(step)
+
+  def pause(self, step: int, stop: _StopSignal) -> None:
+    if self.at('pause', step):
+      print(f'paused after step {step}', flush=True)
+      deadline = time.monotonic() + 120
+      while not stop.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+  def after_save(self, step: int) -> None:
+    if self.at('kill_after_save', step):
+      self._kill()
+
+  def _before_commit(self, step: int) -> None:
+    if self.at('kill_save', step):
+      self._kill()
+    if self.at('enospc', step):
+      raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
 
 
 def _global_batch(local: np.ndarray, sharding) -> jax.Array:
@@ -442,4 +637,5 @@ def _global_batch(local: np.ndarray, sharding) -> jax.Array:
 # line with exit code 2 by train.py.
 USER_ERRORS = (config_lib.ConfigError, sharding_lib.MeshError,
                data_lib.DataError, tokenizer_lib.TokenizerError,
+               checkpoint_lib.CorruptCheckpointError, WorkdirError,
                FileNotFoundError, NotADirectoryError, PermissionError)
