@@ -1,49 +1,174 @@
 """Checkpoints with orbax: asynchronous, atomic, the last few kept.
 
 Orbax writes each step to a temporary directory and renames it when complete,
-so a killed save never leaves a step that `latest_step` would return.
+so a killed save never leaves a step that `latest_step` would return; the
+temporary directories such a kill leaves are removed when the directory is
+next opened. Errors come out as one line that says what to do:
+CorruptCheckpointError when a checkpoint cannot be read, SaveError when one
+cannot be written (a full disk). Neither touches the other checkpoints:
+orbax deletes old checkpoints (beyond `keep`) only after a newer one is
+complete.
 """
 import os
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
 
-class Checkpointer:
-  """Saves and restores the train state and a small JSON record per step."""
+class CheckpointError(Exception):
+  """A checkpoint that cannot be used; its message is one line."""
 
-  def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint (or the checkpoint directory) cannot be read."""
+
+
+class SaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, permissions, I/O)."""
+
+
+def _reason(e: BaseException) -> str:
+  """The error in at most ~180 characters: its start (the kind of failure)
+  and its end (tensorstore puts the cause, such as the OS error, last)."""
+  text = ' '.join(str(e).split())
+  text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  return text if len(text) <= 180 else f'{text[:70]} ... {text[-100:]}'
+
+
+def _hooked_temporary_path(before_commit: Callable[[int], None]):
+  """orbax's atomic-rename temporary path, calling before_commit(step) once
+  everything is written and just before the rename that commits it (test
+  hook, see train_lib's fault injection)."""
+  base = ocp.path.atomicity.AtomicRenameTemporaryPath
+
+  class HookedTemporaryPath(base):
+
+    async def finalize(self, *args, **kwargs):
+      name = self.get_final().name
+      if name.isdigit():  # the step directory, not an item inside it
+        before_commit(int(name))
+      return await super().finalize(*args, **kwargs)
+
+  return HookedTemporaryPath
+
+
+class Checkpointer:
+  """Saves and restores the train state and a small JSON record per step.
+
+  Args:
+    directory: where the step directories go (created if needed).
+    keep: how many complete checkpoints to keep.
+    asynchronous: write in the background (save returns at once).
+    before_commit: test hook, called with the step in the writing thread
+      after the data of a save is written and before it is committed.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True,
+               before_commit: Callable[[int], None] | None = None):
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
-            enable_async_checkpointing=asynchronous),
-        item_names=('state', 'meta'))
+    self._pending = None  # step of a save started and not yet waited for
+    options = dict(max_to_keep=keep, create=True,
+                   enable_async_checkpointing=asynchronous,
+                   cleanup_tmp_directories=True)
+    if before_commit is not None:
+      options['temporary_path_class'] = _hooked_temporary_path(before_commit)
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(**options),
+          item_names=('state', 'meta'))
+    except (OSError, ValueError) as e:
+      raise CorruptCheckpointError(
+          f'checkpoint directory {self.directory} cannot be opened '
+          f'({_reason(e)}); fix or move it, or use a new --workdir'
+      ) from None
+    # orbax removes the temporary directories of killed saves in a thread of
+    # its own; wait for it, so that nothing of it outlives a run that stops
+    # during start-up (orbax has no public call for this).
+    getattr(self._manager, '_maybe_await_cleanup_tmp_directory',
+            lambda: None)()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _unreadable(self, step: int, e: BaseException) -> CorruptCheckpointError:
+    path = self.step_path(step)
+    older = [s for s in self.all_steps() if s < step]
+    then = (f'resume from step {older[-1]}' if older else 'start from scratch')
+    return CorruptCheckpointError(
+        f'checkpoint {path} cannot be read ({_reason(e)}); move it away '
+        f'(mv {path} {path}.bad) to {then}, or use a new --workdir')
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Start saving `step` (returns before the write completes)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                       force=True)
+    """Start saving `step` (returns before the write completes).
+
+    Raises SaveError if the previous save failed or this one cannot start.
+    """
+    self.wait()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                         force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from None
+    self._pending = step
+
+  def _save_error(self, step: int | None, e: BaseException) -> SaveError:
+    latest = self.latest_step()
+    then = (f'resume from step {latest}' if latest is not None else
+            'start again')
+    what = self.step_path(step) if step is not None else 'in ' + self.directory
+    return SaveError(
+        f'could not write checkpoint {what} ({_reason(e)}); '
+        f'the earlier checkpoints are intact: free space or fix the disk, '
+        f'then run the same command to {then}')
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON record of `step` alone (cheap: no arrays are read)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))
+      return dict(restored.meta)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """The state at `step`, laid out (shape, dtype, sharding) like the target."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.meta)
+    """The state at `step`, laid out (shape, dtype, sharding) like the target.
+
+    Raises CorruptCheckpointError (one line, with the fix) if any part of it
+    cannot be read.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore()))
+      return restored.state, dict(restored.meta)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
 
   def wait(self) -> None:
-    """Block until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Block until every started save is on disk; SaveError if one failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Wait for the last save (SaveError if it failed) and release orbax."""
+    try:
+      self.wait()
+    finally:
+      self.abandon()
+
+  def abandon(self) -> None:
+    """Release orbax without reporting anything (the run is failing)."""
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass

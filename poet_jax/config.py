@@ -163,8 +163,77 @@ def _positive(key: str, value, allow_zero=False):
   _check(ok, f'{key}={value!r} must be a {"non-negative" if allow_zero else "positive"} number')
 
 
+def _leaves(node, prefix: str = '') -> dict:
+  """{dotted key: value} of a ConfigDict or dict tree."""
+  out = {}
+  for key, value in node.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _show(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _check_keys_and_types(c) -> None:
+  """The keys are base_config()'s, each with the type of its default.
+
+  Overrides cannot add keys or change types (the config is locked and typed),
+  but a config file can; either way nothing below then meets a value of a
+  type it does not expect.
+  """
+  expected, given = _leaves(base_config()), _leaves(c)
+  for key in sorted(given.keys() - expected.keys()):
+    raise ConfigError(f'unknown config key {key!r} in the config file; the '
+                      'keys are listed in README.md and poet_jax/config.py')
+  for key in sorted(expected.keys() - given.keys()):
+    raise ConfigError(f'config key {key!r} is missing; build config files '
+                      'on poet_jax.config.base_config()')
+  for key, default in expected.items():
+    value = given[key]
+    if isinstance(default, bool):
+      ok, kind = isinstance(value, bool), 'True or False'
+    elif isinstance(default, int):
+      ok = (isinstance(value, int) and not isinstance(value, bool) and
+            abs(value) < 2**31)
+      kind = 'an integer below 2**31'
+    elif isinstance(default, float):
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+      kind = 'a finite number'
+    elif isinstance(default, str):
+      ok, kind = isinstance(value, str), 'a string'
+    else:
+      continue
+    _check(ok, f'{key}={_show(value)} must be {kind}')
+
+
+def _check_paths(c) -> None:
+  """Files and directories named by the config exist (cheap, before work)."""
+  tokenizer = c.data.tokenizer
+  if tokenizer != 'byte':
+    path = os.path.expanduser(tokenizer)
+    _check(os.path.isfile(path),
+           f'data.tokenizer={_show(tokenizer)}: no such file; set it to a '
+           "SentencePiece .model file or to 'byte'")
+  name = c.data.name
+  if name.startswith(('/', '.', '~')):
+    _check(os.path.isdir(os.path.expanduser(name)),
+           f'data.name={_show(name)}: no such directory; pass a directory of '
+           ".txt files, 'python_stdlib', or a tfds dataset name")
+  if c.data.data_dir:
+    path = os.path.expanduser(c.data.data_dir)
+    _check(not os.path.exists(path) or os.path.isdir(path),
+           f'data.data_dir={_show(c.data.data_dir)} is not a directory')
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Check every key; raise ConfigError (one line) on the first bad one."""
+  _check_keys_and_types(c)
   for key in ('log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'eval_tokens', 'model.dim',
               'model.num_layers', 'model.num_heads', 'train.steps',
@@ -191,7 +260,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('model.dtype', c.model.dtype, DTYPES)
   _choice('model.w0_dtype', c.model.w0_dtype, DTYPES)
   _choice('poet.variant', c.poet.variant, ('block', 'full'))
-  _choice('poet.compute', c.poet.compute, ('fast', 'mem', 'materialize'))
+  _choice('poet.compute', c.poet.compute,
+          ('fast', 'mem', 'materialize', 'auto'))
   _choice('poet.init', c.poet.init,
           ('normalized', 'standard', 'xavier', 'uniform_spectrum'))
   _choice('poet.orthogonal_map', c.poet.orthogonal_map,
@@ -234,6 +304,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     value = c.mesh[axis]
     _check(isinstance(value, int) and (value == -1 or value > 0),
            f'mesh.{axis}={value!r} must be a positive integer or -1')
+  _check(0 <= c.seed, f'seed={c.seed!r} must be a non-negative integer')
+  for key in ('optimizer.galore_rank', 'optimizer.galore_update_proj_gap',
+              'model.ffn_dim_block', 'model.ffn_dim_dense'):
+    _check(_get(c, key) > 0, f'{key}={_get(c, key)!r} must be a positive '
+           'integer')
+  _positive('optimizer.galore_scale', c.optimizer.galore_scale)
+  _check(c.model.ffn_dim == -1 or c.model.ffn_dim > 0,
+         f'model.ffn_dim={c.model.ffn_dim!r} must be a positive integer or -1')
+  _check_paths(c)
 
 
 def block_size(c):

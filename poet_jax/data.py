@@ -221,7 +221,7 @@ class Documents(collections.abc.Sequence):
     # ArrayRecord raises ValueError out of range; a Sequence needs IndexError.
     if not -len(self) <= index < len(self):
       raise IndexError(f'document {index} of {len(self)}')
-    return _text(self._source[index % len(self)])
+    return self._read([index % len(self)])[0]
 
   def __iter__(self) -> Iterator[str]:
     for chunk in self.chunks(_BUILD_CHUNK):
@@ -231,14 +231,40 @@ class Documents(collections.abc.Sequence):
     """All documents in order, size at a time, one batched read each."""
     for start in range(0, len(self), size):
       keys = list(range(start, min(start + size, len(self))))
-      yield [_text(record) for record in self._source.__getitems__(keys)]
+      yield self._read(keys)
+
+  def _read(self, keys: list[int]) -> list[str]:
+    """The documents at keys; a damaged file is a DataError, never garbage.
+
+    A truncated or overwritten ArrayRecord file either fails to read (the
+    records library raises RuntimeError) or, cut at a block boundary, yields
+    records without text: both are reported.
+    """
+    try:
+      texts = [_text(r) for r in self._source.__getitems__(keys)]
+    except (RuntimeError, OSError) as e:
+      raise _damaged(self.name, self.split, self.identity, e) from None
+    if None in texts:
+      raise _damaged(self.name, self.split, self.identity,
+                     f'document {keys[texts.index(None)]} has no text')
+    return texts
 
 
-def _text(record) -> str:
+def _text(record) -> str | None:
   text = record['text']  # numpy decoding gives tfds Text as bytes.
   if isinstance(text, bytes):
     return text.decode('utf-8', errors='replace')
-  return str(text)
+  return None if text is None else str(text)
+
+
+def _damaged(name: str, split: str, where: str, reason) -> DataError:
+  if isinstance(reason, BaseException):
+    reason = ' '.join(str(reason).split()) or type(reason).__name__
+  reason = reason if len(reason) <= 120 else reason[:117] + '...'
+  return DataError(
+      f'dataset {name} ({split}) in {where} is truncated or corrupt '
+      f'({reason}); delete that directory and rerun to prepare it again (a '
+      'tfds dataset such as c4: prepare it again with `tfds build`)')
 
 
 def _open_builder(name: str, data_dir: str):
@@ -298,9 +324,13 @@ def open_documents(name: str, split: str,
     raise DataError(
         f'dataset {name} has no split {split!r}; it has '
         f'{", ".join(sorted(builder.info.splits))}')
-  return Documents(builder.as_data_source(split=split),
-                   name=builder.info.full_name, split=split,
-                   identity=os.path.abspath(str(builder.data_path)))
+  identity = os.path.abspath(str(builder.data_path))
+  try:
+    source = builder.as_data_source(split=split)
+  except (RuntimeError, OSError) as e:
+    raise _damaged(builder.info.full_name, split, identity, e) from None
+  return Documents(source, name=builder.info.full_name, split=split,
+                   identity=identity)
 
 
 # ---------------------------------------------------------------------------

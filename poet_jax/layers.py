@@ -8,6 +8,7 @@ Variables of a POETLinear:
                           state re-drawn at every merge
 """
 import functools
+import math
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from poet_jax import orthogonal
 from poet_jax import spo
 
 VARIANTS = ('block', 'full')
-COMPUTES = ('fast', 'mem', 'materialize')
+COMPUTES = ('fast', 'mem', 'materialize', 'auto')
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
 GENERATOR_NAMES = ('q_in', 'q_out')  # attribute names of Generator variables
 
@@ -92,6 +93,63 @@ def resolve_block_sizes(name: str, in_features: int, out_features: int,
                    f'{VARIANTS}')
 
 
+def path_flops(variant: str, in_features: int, out_features: int,
+               in_block: int, out_block: int, tokens: int) -> dict:
+  """Forward + backward FLOPs of one layer call, per compute path.
+
+  The spec's table (section 4), multiply-adds counted as 2: with m x n the
+  kernel and N tokens, a dense layer costs 6Nmn; W0 takes no gradient, so
+  the input-centric path does two m x n products (4Nmn) plus six block
+  products per side; the materialized path does the three dense products
+  plus building the kernel and its gradient, six block products on m x n.
+  'mem' repeats the forward (2Nmn and one block product per side). The
+  Cayley–Neumann maps cost the same on every path and are left out.
+  """
+  m, n, big = in_features, out_features, tokens
+  if variant == 'block':
+    side = 2 * (in_block * m + out_block * n)    # one block product per side
+  else:                                          # 'full': index sets
+    side = 2 * (in_block ** 2 + out_block ** 2)
+  if variant == 'block':
+    build = 2 * m * n * (in_block + out_block)   # Diag(G_in) W0 Diag(G_out)
+  else:
+    build = 2 * (in_block ** 2 * n + m * out_block ** 2)
+  return {
+      'dense': 6 * big * m * n,
+      'fast': 4 * big * m * n + 3 * big * side,
+      'mem': 6 * big * m * n + 4 * big * side,
+      'materialize': 6 * big * m * n + 3 * build,
+  }
+
+
+def choose_compute(variant: str, in_features: int, out_features: int,
+                   in_block: int, out_block: int, tokens: int) -> str:
+  """'auto': the cheaper of 'fast' and 'materialize' by path_flops."""
+  flops = path_flops(variant, in_features, out_features, in_block, out_block,
+                     tokens)
+  return 'fast' if flops['fast'] <= flops['materialize'] else 'materialize'
+
+
+def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
+  """The path every POETLinear of `module` takes on calls of `tokens` rows.
+
+  One entry per layer (a stack of scanned layers counts once), with its
+  shape and the FLOPs of both candidate paths: what 'auto' logs.
+  """
+  out = []
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, POETLinear):
+      flops = path_flops(node.variant, node.in_features, node.out_features,
+                         node.in_block, node.out_block, tokens)
+      out.append({
+          'layer': '.'.join(str(p) for p in path),
+          'shape': (node.in_features, node.out_features),
+          'compute': node.resolved_compute((tokens, node.in_features)),
+          'fast_flops': flops['fast'], 'materialize_flops':
+              flops['materialize'], 'dense_flops': flops['dense']})
+  return out
+
+
 class POETLinear(nnx.Module):
   """Linear map x @ (P_in W0 R_out) with orthogonal P_in, R_out learned.
 
@@ -102,7 +160,8 @@ class POETLinear(nnx.Module):
     variant: 'block' (POET-BS) or 'full' (POET-FS).
     compute: 'fast' (apply blocks to activations), 'mem' (the same, with the
       intermediates recomputed in the backward), 'materialize' (build the
-      dense kernel every call).
+      dense kernel every call), 'auto' (the cheaper of 'fast' and
+      'materialize' by `path_flops` for the tokens of each call).
     init: W0 initialization, one of INITS.
     neumann_terms: terms of the Cayley–Neumann series.
     orthogonal_map: 'neumann' (paper), 'taylor' or 'exact'.
@@ -165,7 +224,15 @@ class POETLinear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or jnp.result_type(x)
     args = (jnp.asarray(x, dtype),) + self._arrays(dtype)
-    return _FORWARD[self.variant, self.compute](*args)
+    return _FORWARD[self.variant, self.resolved_compute(x.shape)](*args)
+
+  def resolved_compute(self, x_shape) -> str:
+    """The path a call on inputs of this (static) shape takes."""
+    if self.compute != 'auto':
+      return self.compute
+    return choose_compute(self.variant, self.in_features, self.out_features,
+                          self.in_block, self.out_block,
+                          math.prod(x_shape[:-1]))
 
   def effective_weight(self) -> jax.Array:
     """Dense (..., in, out) kernel K with layer(x) == x @ K.
@@ -253,8 +320,15 @@ def _recompute_in_backward(fn):
   return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
+# 'fast' keeps only the W0 product's output for the backward; the gathered
+# input it also needs (for the input blocks' gradient) is one cheap gather of
+# x away, and x is kept anyway, often shared by several layers (q, k, v).
+_block_fast = jax.checkpoint(
+    spo.block_forward,
+    policy=jax.checkpoint_policies.save_only_these_names(spo.SAVED_ACTIVATION))
+
 _FORWARD = {
-    ('block', 'fast'): spo.block_forward,
+    ('block', 'fast'): _block_fast,
     ('block', 'mem'): _recompute_in_backward(spo.block_forward),
     ('block', 'materialize'): spo.block_materialized_forward,
     ('full', 'fast'): spo.full_forward,

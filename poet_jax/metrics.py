@@ -13,16 +13,21 @@ from poet_jax import orthogonal
 class MetricsLog:
   """Append-only JSON lines, one object per logged step.
 
-  Opened for a run that resumes from `resume_step`, it first drops entries of
-  later steps (written after the checkpoint the run restarts from), so the
-  file ends with no duplicated and no missing steps.
+  Opened for a run that resumes from the checkpoint of `resume_step`, it
+  first drops the entries of later steps (written after that checkpoint, by
+  a run that was then killed) and a line cut by the kill; opened for a fresh
+  start (resume_step 0: there is no checkpoint of step 0) it drops them all,
+  step 0's evaluation included. Either way the file ends with no duplicated
+  and no missing steps. The rewrite is atomic (a temporary file renamed).
+  Each entry is flushed as it is written. A failed write raises OSError with
+  the file's path.
   """
 
   def __init__(self, path: str, resume_step: int = 0):
     self.path = path
     if os.path.exists(path):
       kept = [line for line in self.read(path)
-              if line.get('step', 0) <= resume_step]
+              if resume_step and line.get('step', 0) <= resume_step]
       tmp = path + '.tmp'
       with open(tmp, 'w') as f:
         f.writelines(json.dumps(e) + '\n' for e in kept)
@@ -30,11 +35,17 @@ class MetricsLog:
     self._file = open(path, 'a')
 
   def write(self, entry: dict) -> None:
-    self._file.write(json.dumps(entry) + '\n')
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(entry) + '\n')
+      self._file.flush()
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, self.path) from None
 
   def close(self) -> None:
-    self._file.close()
+    try:
+      self._file.close()
+    except OSError:
+      pass  # a write already failed and was reported
 
   @staticmethod
   def read(path: str) -> list[dict]:

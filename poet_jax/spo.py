@@ -18,15 +18,71 @@ Fully-stochastic (POET-FS). P_in = I + D(S)(G - I)D(S)^T for an index set S
 of size b: it acts as G on the coordinates S and as the identity elsewhere.
 W0 is kept in its own frame.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# Name of the one activation the 'fast' path keeps for its backward (the
+# output of the W0 product, in block layout); see layers._FORWARD.
+SAVED_ACTIVATION = 'poet_h'
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """inv with inv[perm[i]] = i: a scatter of len(perm) integers, no sort."""
+  return jnp.zeros_like(perm).at[perm].set(
+      jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def _gather(x: jax.Array, perm: jax.Array, axis: int) -> jax.Array:
+  # take_along_axis reads every element by its own (row, perm) index, in the
+  # order of the output. XLA:CPU compiles x[..., perm] instead to a gather of
+  # whole columns followed by a transpose, 3-4x slower inside a layer's
+  # fusions (measured in docs/benchmarks.md).
+  index = jnp.expand_dims(perm, tuple(range(1, x.ndim - axis % x.ndim)))
+  return jnp.take_along_axis(x, jnp.broadcast_to(index, x.shape), axis=axis,
+                             mode='promise_in_bounds')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def permute(x: jax.Array, perm: jax.Array, axis: int = -1) -> jax.Array:
+  """x gathered along `axis` by a permutation: x[..., perm] for axis=-1.
+
+  The backward gathers the cotangent with the inverse permutation, where
+  autodiff of a gather would scatter-add (slower on CPU, and atomics on GPU).
+  Only correct when perm is a permutation of range(x.shape[axis]).
+  """
+  return _gather(x, perm, axis)
+
+
+def _permute_fwd(x, perm, axis):
+  return _gather(x, perm, axis), perm
+
+
+def _permute_bwd(axis, perm, g):
+  return _gather(g, inverse_permutation(perm), axis), None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _to_blocks(x: jax.Array, b: int) -> jax.Array:
+  """(N, k*b) -> (k, N, b): block-major, the layout of a batched matmul."""
+  return x.reshape(x.shape[0], -1, b).transpose(1, 0, 2)
+
+
+def _from_blocks(xk: jax.Array) -> jax.Array:
+  """(k, N, b) -> (N, k*b)."""
+  k, n, b = xk.shape
+  return xk.transpose(1, 0, 2).reshape(n, k * b)
 
 
 def block_diag_apply(x: jax.Array, blocks: jax.Array) -> jax.Array:
   """x @ Diag(blocks): x (..., k*b), blocks (k, b, b)."""
-  k, b, _ = blocks.shape
-  chunks = x.reshape(*x.shape[:-1], k, b)
-  return jnp.einsum('...kb,kbc->...kc', chunks, blocks).reshape(x.shape)
+  rows = x.reshape(-1, x.shape[-1])
+  out = _from_blocks(_to_blocks(rows, blocks.shape[-1]) @ blocks)
+  return out.reshape(x.shape)
 
 
 def block_diag_left(blocks: jax.Array, w: jax.Array) -> jax.Array:
@@ -40,10 +96,19 @@ def block_diag_left(blocks: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def block_forward(x, w0_frame, g_in, g_out, in_perm, out_perm):
-  """Input-centric POET-X forward: never builds the dense kernel."""
-  h = block_diag_apply(x[..., in_perm], g_in)
-  h = h @ w0_frame
-  return block_diag_apply(h, g_out)[..., out_perm]
+  """Input-centric POET-X forward: never builds the dense kernel.
+
+  The block products run as batched matmuls over a (k, N, b) copy of the
+  activations; each gather is fused with the transpose into that layout.
+  The W0 product's output is named SAVED_ACTIVATION.
+  """
+  lead = x.shape[:-1]
+  rows = x.reshape(-1, x.shape[-1])
+  xk = _to_blocks(permute(rows, in_perm), g_in.shape[-1])
+  h = _from_blocks(xk @ g_in) @ w0_frame
+  hk = checkpoint_name(_to_blocks(h, g_out.shape[-1]), SAVED_ACTIVATION)
+  y = permute(_from_blocks(hk @ g_out), out_perm)
+  return y.reshape(*lead, y.shape[-1])
 
 
 def block_rotated_frame(w0_frame, g_in, g_out):
@@ -52,15 +117,18 @@ def block_rotated_frame(w0_frame, g_in, g_out):
 
 
 def block_materialized_forward(x, w0_frame, g_in, g_out, in_perm, out_perm):
-  """Original POET: build the rotated weight, then one dense product."""
-  m = block_rotated_frame(w0_frame, g_in, g_out)
-  return (x[..., in_perm] @ m)[..., out_perm]
+  """Original POET: build the dense kernel, then one dense product.
+
+  The permutations are applied to the (in, out) kernel, not to the
+  activations: x @ K is then laid out exactly as a dense layer.
+  """
+  return x @ block_kernel(w0_frame, g_in, g_out, in_perm, out_perm)
 
 
 def block_kernel(w0_frame, g_in, g_out, in_perm, out_perm):
   """Dense (in, out) kernel K with x @ K == block_forward(x, ...)."""
   m = block_rotated_frame(w0_frame, g_in, g_out)
-  return m[jnp.argsort(in_perm)][:, out_perm]
+  return permute(permute(m, inverse_permutation(in_perm), 0), out_perm)
 
 
 def to_block_frame(kernel, in_perm, out_perm):
@@ -76,9 +144,9 @@ def block_merge(w0_frame, g_in, g_out, in_perm, out_perm, new_in_perm,
   composed gather per axis.
   """
   m = block_rotated_frame(w0_frame, g_in, g_out)
-  rows = jnp.argsort(in_perm)[new_in_perm]
-  cols = out_perm[jnp.argsort(new_out_perm)]
-  return m[rows][:, cols]
+  rows = inverse_permutation(in_perm)[new_in_perm]
+  cols = out_perm[inverse_permutation(new_out_perm)]
+  return _gather(_gather(m, rows, 0), cols, -1)
 
 
 # ----------------------------------------------------------------- full (FS)

@@ -387,36 +387,39 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   mesh = sharding_lib.make_mesh(c.mesh)
   sharding_lib.check_batch(mesh, c.train.batch_size)
 
-  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
+  tokenizer = _load_tokenizer(c.data.tokenizer)
   vocab = c.model.vocab_size or tokenizer.vocab_size
   if vocab < tokenizer.vocab_size:
     raise config_lib.ConfigError(
         f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary '
         f'({tokenizer.vocab_size}); set it to 0 or at least that')
-  train_data, eval_data = data_lib.open_train_and_eval(
-      c.data.name, c.data.data_dir or config_lib.default_data_dir(),
-      tokenizer, c.train.seq_len, c.data.max_tokens or None)
-
-  setup, abstract = abstract_state(c, vocab)
-  steps = compile_steps(setup, abstract, mesh)
-  trainable, frozen = count_params(abstract)
-  say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen parameters '
-      f'({c.optimizer.name}); mesh {dict(mesh.shape)}')
-
-  # What a checkpoint was trained on; a resume must find the same.
-  inputs = {'tokenizer': tokenizer.identity,
-            'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
       before_commit=faults.before_commit)
   try:
     latest = ckpt.latest_step()
+    # What the checkpoint was trained on must be what is at hand: checked
+    # for the tokenizer before the data is tokenized with it.
+    trained_on = ckpt.read_meta(latest) if latest is not None else {}
+    _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
+    train_data, eval_data = data_lib.open_train_and_eval(
+        c.data.name, c.data.data_dir or config_lib.default_data_dir(),
+        tokenizer, c.train.seq_len, c.data.max_tokens or None,
+        progress=progress and is_main)
+    inputs = {'tokenizer': tokenizer.identity,
+              'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
+    _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
+
+    setup, abstract = abstract_state(c, vocab)
+    steps = compile_steps(setup, abstract, mesh)
+    trainable, frozen = count_params(abstract)
+    say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen '
+        f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
     faults.signal_at(0)
     if latest is None:
       state = jax.jit(lambda: init_state(c, vocab)[1],
                       out_shardings=steps.state_sharding)()
     else:
-      _check_inputs_match(ckpt, latest, inputs)
       target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract, steps.state_sharding)
@@ -548,20 +551,30 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   return exit_code
 
 
-def _check_inputs_match(ckpt, step: int, inputs: dict) -> None:
-  """The tokenizer and data a checkpoint was trained on are those at hand.
+def _load_tokenizer(spec: str):
+  """tokenizer_lib.load_tokenizer, refusing an empty model file, which
+  sentencepiece would load as a model without pieces."""
+  path = os.path.expanduser(spec)
+  if spec != 'byte' and os.path.isfile(path) and not os.path.getsize(path):
+    raise tokenizer_lib.TokenizerError(
+        f'tokenizer file {path} is empty; set data.tokenizer to a '
+        "SentencePiece .model file or to 'byte'")
+  return tokenizer_lib.load_tokenizer(spec)
 
-  A tokenizer file that changed (or was damaged) or a different corpus would
-  silently change the run; refuse, naming both.
+
+def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
+  """The tokenizer or data a checkpoint was trained on is the one at hand.
+
+  A tokenizer file that was replaced (or damaged yet still loads) or another
+  corpus would silently change the run: refuse, naming both. Checkpoints
+  that did not record it pass.
   """
-  meta = ckpt.read_meta(step)
-  for key, now in inputs.items():
-    then = meta.get(key)
-    if then is not None and then != now:
-      raise config_lib.ConfigError(
-          f'the {key} differs from the one checkpoint {ckpt.step_path(step)} '
-          f'was trained with ({then!r}, now {now!r}); restore the original '
-          'file or use a new --workdir')
+  then = trained_on.get(key)
+  if then is not None and then != now:
+    raise config_lib.ConfigError(
+        f'the {key} differs from the one checkpoint {ckpt.step_path(step)} '
+        f'was trained with ({then!r}, now {now!r}); restore the original '
+        'or use a new --workdir')
 
 
 class _Faults:

@@ -1,8 +1,11 @@
 """Running train.py in a subprocess on a tiny model, for the CLI tests."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,13 +17,32 @@ TINY = ('--config.model.dim=32', '--config.model.num_layers=2',
         '--no_progress')
 
 
+# The train.py runs of one test session share a persistent XLA compilation
+# cache (a fresh directory per session, removed at exit): a run loads the
+# executables an earlier run with the same shapes compiled instead of
+# compiling them again. Same executables, same numbers.
+XLA_CACHE = tempfile.mkdtemp(prefix='poet_jax_test_xla_cache_')
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': XLA_CACHE,
+             'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def train_command(workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--workdir={workdir}', *TINY, *overrides]
+
+
+def train_env(env=None):
+  full_env = dict(os.environ, **CACHE_ENV, **(env or {}))
+  full_env.pop('XLA_FLAGS', None)  # one device unless a test asks for more
+  return full_env
+
+
 def run_train(workdir, *overrides, env=None, timeout=600):
   """train.py with the tiny model; returns the CompletedProcess."""
-  cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
-         f'--workdir={workdir}', *TINY, *overrides]
-  full_env = dict(os.environ, **(env or {}))
-  full_env.pop('XLA_FLAGS', None)  # one device unless a test asks for more
-  return subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+  return subprocess.run(train_command(workdir, *overrides),
+                        capture_output=True, text=True, env=train_env(env),
                         timeout=timeout, cwd=ROOT)
 
 
