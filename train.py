@@ -112,7 +112,9 @@ def describe_flag_error(e: BaseException, argv) -> str:
     return (f'config file {config_file} does not exist; use one of '
             'configs/*.py')
   if isinstance(e, flags.Error):
-    return text
+    # absl quotes Python reprs; drop their memory addresses so the same
+    # input always gives the same line.
+    return re.sub(r' at 0x[0-9a-fA-F]+', '', text)
   if overrides and _config_file_loads(argv):
     return f'bad config override: {type(e).__name__}: {text}'
   return f'config file {config_file} failed: {type(e).__name__}: {text}'

@@ -230,8 +230,10 @@ def bench_layer(sizes: Sizes, reps: int) -> list[dict]:
              'block': block, 'path': path, **t[path],
              'ms': 1e3 * t[path]['median_s'],
              'ratio_to_dense': t[path]['median_s'] / dense,
-             'flop_ratio_to_dense': flops.get(
-                 auto if path == 'auto' else path) / flops['dense']}
+             # The FLOP floor, the orthogonal maps included.
+             'flop_ratio_to_dense': 1.0 if path == 'dense' else
+                 (flops[auto if path == 'auto' else path] + flops['maps']) /
+                 flops['dense']}
       if path == 'auto':
         row['auto_choice'] = auto
         row['ratio_to_best_of_fast_materialize'] = t[path]['median_s'] / best
@@ -414,16 +416,14 @@ def _bench_merge(section: str, size: str, method: _Method, reps: int) -> dict:
 # ------------------------------------------------------------------ memory
 
 
-def bench_memory(sizes: Sizes, dtype: str) -> list[dict]:
+def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
+  """planner.plan of every (method, compute) pair at batch 1."""
   rows = []
-  methods = [('adamw', 'dense'), ('galore', 'dense'),
-             ('poet', 'materialize'), ('poet', 'fast'), ('poet', 'mem')]
   for size in sizes.memory_sizes:
     for seq in sizes.memory_seqs:
       adamw = None
       for method, compute in methods:
-        c = step_config(size, method, compute if method == 'poet' else 'fast',
-                        (1, seq))
+        c = step_config(size, method, compute, (1, seq))
         c.model.dtype = c.model.w0_dtype = dtype
         name = method if method != 'poet' else compute
         log(f'memory: {size} seq {seq} {name}')
@@ -436,7 +436,7 @@ def bench_memory(sizes: Sizes, dtype: str) -> list[dict]:
                        'error': f'{type(e).__name__}: {e}'})
           continue
         peak = report['peak_gib']
-        adamw = peak if method == 'adamw' else adamw
+        adamw = peak if method == 'adamw' else adamw or math.nan
         paper = PAPER_MEMORY_GB.get((size, seq, name), 'n/a')
         rows.append({'section': 'memory', 'model': size, 'seq_len': seq,
                      'batch': 1, 'dtype': dtype, 'method': name,
@@ -470,7 +470,7 @@ def print_tables(report: dict, out=sys.stdout) -> None:
           f"{r['gflops_per_s']:.1f} GFLOP/s", file=out)
   if by('layer'):
     print('\n## one layer, forward + backward (median ms; ratio to dense; '
-          'FLOP ratio)', file=out)
+          'FLOP ratio with the orthogonal maps)', file=out)
     print('| shape | tokens | path | ms | x dense | FLOPs x dense | note |',
           file=out)
     print('|---|---|---|---|---|---|---|', file=out)
@@ -532,7 +532,13 @@ def print_tables(report: dict, out=sys.stdout) -> None:
 # -------------------------------------------------------------------- main
 
 
-def run(sections, sizes: Sizes, reps: int, memory_dtype: str) -> dict:
+def _pairs(names) -> list[tuple[str, str]]:
+  """'poet-fast' -> ('poet', 'fast'); 'adamw' -> ('adamw', 'fast')."""
+  return [tuple(n.split('-', 1)) if '-' in n else (n, 'fast') for n in names]
+
+
+def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
+        methods=METHODS) -> dict:
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
   rate = None
@@ -542,23 +548,25 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str) -> dict:
     rate = rows[-1]['gflops_per_s']
   if 'layer' in sections:
     rows += bench_layer(sizes, reps)
-  all_methods = [('adamw', 'fast'), ('galore', 'fast'), ('muon', 'fast')] + [
-      ('poet', c) for c in POET_PATHS]
   step_reps = max(2, reps // 4)
   if 'step' in sections:
     rows += bench_steps('step', sizes, sizes.step_size, sizes.step_batch,
-                        all_methods, step_reps, matmul_rate=rate)
+                        _pairs(methods), step_reps, matmul_rate=rate)
   if 'ref' in sections:
+    ref = [m for m in methods if m in ('adamw', 'poet-fast', 'poet-mem',
+                                       'poet-auto')]
     rows += bench_steps('ref', sizes, sizes.step_size, sizes.ref_batch,
-                        [('adamw', 'fast'), ('poet', 'fast'), ('poet', 'mem'),
-                         ('poet', 'auto')], step_reps, matmul_rate=rate,
-                        merge=False)
+                        _pairs(ref), step_reps, matmul_rate=rate, merge=False)
   if 'wide' in sections:
     rows += bench_steps('wide', sizes, sizes.wide_size, sizes.wide_batch,
-                        all_methods, step_reps, num_layers=sizes.wide_layers,
-                        matmul_rate=rate, merge=False)
+                        _pairs(methods), step_reps,
+                        num_layers=sizes.wide_layers, matmul_rate=rate,
+                        merge=False)
   if 'memory' in sections:
-    rows += bench_memory(sizes, memory_dtype)
+    memory = [m for m in methods if m in ('adamw', 'galore',
+                                          'poet-materialize', 'poet-fast',
+                                          'poet-mem')]
+    rows += bench_memory(sizes, memory_dtype, _pairs(memory))
   report['machine']['load_average_at_end'] = list(os.getloadavg())
   return report
 
@@ -578,6 +586,9 @@ def main(argv=None) -> int:
                       choices=config_lib.DTYPES,
                       help='model.dtype and model.w0_dtype of the memory '
                       'section (the paper trains in bf16)')
+  parser.add_argument('--methods', default=','.join(METHODS),
+                      help=f'comma-separated methods of the train-step and '
+                      f'memory sections, of {METHODS}')
   parser.add_argument('--tiny', action='store_true',
                       help='every section at a tiny size (the smoke test)')
   args = parser.parse_args(argv)
@@ -586,8 +597,12 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f'unknown sections {sorted(unknown)}; choose from '
                  f'{SECTIONS}')
+  methods = [m for m in args.methods.split(',') if m]
+  if set(methods) - set(METHODS):
+    parser.error(f'unknown methods {sorted(set(methods) - set(METHODS))}; '
+                 f'choose from {METHODS}')
   report = run(sections, TINY if args.tiny else FULL, args.reps,
-               args.memory_dtype)
+               args.memory_dtype, methods)
   print_tables(report)
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)

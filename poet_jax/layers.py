@@ -102,23 +102,26 @@ def path_flops(variant: str, in_features: int, out_features: int,
   the input-centric path does two m x n products (4Nmn) plus six block
   products per side; the materialized path does the three dense products
   plus building the kernel and its gradient, six block products on m x n.
-  'mem' repeats the forward (2Nmn and one block product per side). The
-  Cayley–Neumann maps cost the same on every path and are left out.
+  'mem' repeats the forward (2Nmn and one block product per side).
+  'maps' is the Cayley–Neumann maps, forward and backward (six b x b
+  products per block): the same on every POET path, so left out of the
+  paths' figures and of the choice, but not free at small N.
   """
   m, n, big = in_features, out_features, tokens
   if variant == 'block':
     side = 2 * (in_block * m + out_block * n)    # one block product per side
+    build = 2 * m * n * (in_block + out_block)   # Diag(G_in) W0 Diag(G_out)
+    maps = 12 * (in_block ** 2 * m + out_block ** 2 * n)
   else:                                          # 'full': index sets
     side = 2 * (in_block ** 2 + out_block ** 2)
-  if variant == 'block':
-    build = 2 * m * n * (in_block + out_block)   # Diag(G_in) W0 Diag(G_out)
-  else:
     build = 2 * (in_block ** 2 * n + m * out_block ** 2)
+    maps = 12 * (in_block ** 3 + out_block ** 3)
   return {
       'dense': 6 * big * m * n,
       'fast': 4 * big * m * n + 3 * big * side,
       'mem': 6 * big * m * n + 4 * big * side,
       'materialize': 6 * big * m * n + 3 * build,
+      'maps': maps,
   }
 
 
@@ -148,6 +151,17 @@ def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
           'fast_flops': flops['fast'], 'materialize_flops':
               flops['materialize'], 'dense_flops': flops['dense']})
   return out
+
+
+def describe_choices(module: nnx.Module, tokens: int) -> str:
+  """compute_choices as lines for a log."""
+  lines = [f'POET compute paths for {tokens} tokens per call:']
+  for c in compute_choices(module, tokens):
+    lines.append(
+        f"  {c['layer']} {c['shape'][0]}x{c['shape'][1]}: {c['compute']} "
+        f"(FLOPs vs dense: fast {c['fast_flops'] / c['dense_flops']:.2f}, "
+        f"materialize {c['materialize_flops'] / c['dense_flops']:.2f})")
+  return '\n'.join(lines)
 
 
 class POETLinear(nnx.Module):

@@ -14,6 +14,12 @@ the permutations ("permutation reduction"), so the activation path is
 with two gathers and no dense orthogonal matrix anywhere. The dense kernel is
 K = M[argsort(in_perm)][:, out_perm] with M = Diag(G_in) W0_frame Diag(G_out).
 
+For speed (docs/benchmarks.md): the gathers are `permute`, whose backward is
+the gather by the inverse permutation rather than a scatter-add; the block
+products are batched matmuls on a block-major (k, N, b) layout, into which
+the gathers write directly; the materialized path permutes the (in, out)
+kernel instead of the activations.
+
 Fully-stochastic (POET-FS). P_in = I + D(S)(G - I)D(S)^T for an index set S
 of size b: it acts as G on the coordinates S and as the identity elsewhere.
 W0 is kept in its own frame.

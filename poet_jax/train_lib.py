@@ -30,6 +30,7 @@ from flax import nnx
 from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
+from poet_jax import layers
 from poet_jax import merge as merge_lib
 from poet_jax import metrics as metrics_lib
 from poet_jax import model as model_lib
@@ -415,6 +416,9 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     trainable, frozen = count_params(abstract)
     say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen '
         f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
+    if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
+      model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
+      say(layers.describe_choices(model, c.train.batch_size * c.train.seq_len))
     faults.signal_at(0)
     if latest is None:
       state = jax.jit(lambda: init_state(c, vocab)[1],

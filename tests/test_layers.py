@@ -1,3 +1,6 @@
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +9,7 @@ from flax import nnx
 
 from poet_jax import layers
 from poet_jax import orthogonal
+from poet_jax import spo
 
 SHAPES = {'block': (16, 24, 8), 'full': (16, 24, 0.5)}
 
@@ -180,3 +184,111 @@ def test_bfloat16_w0_and_compute():
   assert y.dtype == jnp.bfloat16
   ref = x @ layer.effective_weight()
   assert rel_err(y.astype(jnp.float32), ref) < 2e-2
+
+
+# ------------------------------------------------------- permutations, auto
+
+
+@pytest.mark.parametrize('axis', [0, -1])
+def test_permute_and_its_gather_backward_match_plain_indexing(axis):
+  x = jax.random.normal(jax.random.key(0), (6, 10))
+  perm = spo.draw_permutation(jax.random.key(1), x.shape[axis])
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+  index = (perm, slice(None)) if axis == 0 else (slice(None), perm)
+  y, vjp = jax.vjp(lambda x: spo.permute(x, perm, axis), x)
+  y_ref, vjp_ref = jax.vjp(lambda x: x[index], x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(cot)[0], vjp_ref(cot)[0])
+  np.testing.assert_array_equal(
+      spo.inverse_permutation(perm), jnp.argsort(perm))
+
+
+def test_fast_keeps_only_the_w0_product_for_the_backward():
+  layer = make('block', 'fast')
+  x = inputs()
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  _, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p, rest)(x), params)
+  shapes = [r.shape for r in jax.tree.leaves(vjp)]  # what the backward keeps
+  m, n, b = SHAPES['block']
+  # h in block layout, (n/b, tokens, b); no (tokens, m)-sized activation.
+  assert (n // b, 10, b) in shapes
+  assert not [s for s in shapes if s in ((10, m), (m // b, 10, b))], shapes
+
+
+def test_cost_model_picks_by_width_block_and_tokens():
+  # Narrow layer, big blocks, many tokens: the block products dominate.
+  assert layers.choose_compute('block', 512, 512, 256, 256, 8192) == (
+      'materialize')
+  # Wide layer: W0 taking no gradient saves more than the blocks cost.
+  assert layers.choose_compute('block', 4096, 4096, 256, 256, 8192) == 'fast'
+  # Few tokens: building the kernel is not amortized.
+  assert layers.choose_compute('block', 512, 512, 256, 256, 64) == 'fast'
+  flops = layers.path_flops('block', 4096, 4096, 256, 256, 2048)
+  # The spec's ratios: 2/3 + b(m+n)/(mn) and 1 + 2b/N.
+  assert flops['fast'] / flops['dense'] == pytest.approx(2 / 3 + 2 * 256 / 4096)
+  assert flops['materialize'] / flops['dense'] == pytest.approx(
+      1 + 2 * 256 / 2048)
+
+
+@pytest.mark.parametrize('tokens', [4, 400])
+@pytest.mark.parametrize('variant', ['block', 'full'])
+def test_auto_equals_the_path_it_picked(variant, tokens):
+  x = jax.random.normal(jax.random.key(3), (tokens, SHAPES[variant][0]))
+  auto = make(variant, 'auto')
+  picked = auto.resolved_compute(x.shape)
+  assert picked in ('fast', 'materialize')
+  loss, grads = _loss_and_grads(auto, x)
+  ref_loss, ref_grads = _loss_and_grads(make(variant, picked), x)
+  assert float(loss) == float(ref_loss)
+  for name in ('q_in', 'q_out'):
+    np.testing.assert_array_equal(grads[name][...], ref_grads[name][...])
+
+
+def test_auto_picks_both_paths_over_token_counts():
+  layer = make('block', 'auto')
+  m = SHAPES['block'][0]
+  assert layer.resolved_compute((4, m)) == 'fast'
+  assert layer.resolved_compute((4000, m)) == 'materialize'
+  choices = layers.compute_choices(layer, 4000)
+  assert [c['compute'] for c in choices] == ['materialize']
+
+
+def _median_time(fns, args, reps=9):
+  for f in fns.values():
+    jax.block_until_ready(f(*args[0]))
+  times = {k: [] for k in fns}
+  for r in range(reps):
+    for k, f in fns.items():  # interleaved: load hits both alike
+      start = time.perf_counter()
+      jax.block_until_ready(f(*args[r % len(args)]))
+      times[k].append(time.perf_counter() - start)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+@pytest.mark.parametrize('m,b,tokens', [
+    (1024, 32, 256),   # wide, small blocks: fast needs ~0.6x the FLOPs
+    (256, 256, 4096),  # narrow, one big block: materialize ~0.4x
+])
+def test_cost_model_orders_paths_as_measured(m, b, tokens):
+  flops = layers.path_flops('block', m, m, b, b, tokens)
+  predicted = min(('fast', 'materialize'), key=flops.get)
+  margin = max(flops['fast'], flops['materialize']) / min(
+      flops['fast'], flops['materialize'])
+  assert margin > 1.5  # only orderings with a big margin are compared
+  fns = {}
+  for compute in ('fast', 'materialize'):
+    layer = layers.POETLinear(m, m, block_size=b, compute=compute,
+                              rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def step(params, x, dy, graphdef=graphdef, rest=rest):
+      y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x),
+                       params, x)
+      return y, vjp(dy)
+
+    fns[compute] = functools.partial(jax.jit(step), params)
+  keys = jax.random.split(jax.random.key(0), 4)
+  args = [(jax.random.normal(k, (tokens, m)), jax.random.normal(k, (tokens, m)))
+          for k in keys[:2]]
+  t = _median_time(fns, args)
+  assert min(t, key=t.get) == predicted, (t, flops)
