@@ -457,7 +457,8 @@ def _fmt(x, spec='.2f'):
   return '' if x is None else str(x)
 
 
-def print_tables(report: dict, out=sys.stdout) -> None:
+def print_tables(report: dict, out=None) -> None:
+  out = out or sys.stdout  # looked up now, not at import
   m = report['machine']
   print(f"# poet_jax benchmarks, {m['date']}", file=out)
   print(f"machine: {m['cpu']}, {m['cores']} cores, {m['backend']}; jax "

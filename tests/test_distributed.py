@@ -65,15 +65,19 @@ def reference(tmp_path_factory):
 
 def test_two_processes_train_like_one_and_checkpoints_cross_over(
     reference, tmp_path):
-  """2 processes (killed after step 2) -> 1 process (killed after step 4)
-  -> 2 processes to the end: metrics as if one process never stopped."""
+  """2 processes (killed after step 3) -> 1 process (killed after step 5)
+  -> 2 processes to the end: metrics as if one process never stopped.
+
+  Each kill comes a step after a checkpoint (every 2 steps), so that
+  checkpoint's asynchronous save has had a step's time to complete.
+  """
   workdir = str(tmp_path)
-  for code, _, err in launch(workdir, 2, 4, kill_at=2):
+  for code, _, err in launch(workdir, 2, 4, kill_at=3):
     assert code == -9, err[-3000:]
   before = read_metrics(workdir)
-  assert max(e['step'] for e in before) == 2
+  assert max(e['step'] for e in before) == 3
   assert_close(before, reference[:len(before)])  # a merge after step 2
-  [(code, out, err)] = launch(workdir, 1, 8, kill_at=4)
+  [(code, out, err)] = launch(workdir, 1, 8, kill_at=5)
   assert code == -9, err[-3000:]
   assert 'resumed from' in out
   results = launch(workdir, 2, 4)
