@@ -142,3 +142,29 @@ def clip_generator_norms(params, max_norm: float):
     return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
 
   return jax.tree.map(clip, labels, params)
+
+
+def per_layer(inner: optax.GradientTransformation,
+              ndim: int = 3) -> optax.GradientTransformation:
+  """Runs `inner` with each stacked (L, ...) leaf split into L leaves.
+
+  The model keeps its layers stacked for the scan, so a block kernel is
+  (L, in, out). Transformations written for one matrix per leaf (GaLore's
+  projection, whose optax version takes no batch axis) see L matrices of
+  their own this way; leaves of another rank pass through whole.
+  """
+  split = lambda tree: jax.tree.map(
+      lambda x: tuple(jnp.unstack(x)) if jnp.ndim(x) == ndim else x, tree)
+
+  def init_fn(params):
+    return inner.init(split(params))
+
+  def update_fn(updates, state, params=None):
+    params = None if params is None else split(params)
+    out, state = inner.update(split(updates), state, params)
+    # `updates` gives the structure: a leaf of rank `ndim` there is a tuple
+    # of slices in `out`.
+    return jax.tree.map(lambda u, o: jnp.stack(o) if jnp.ndim(u) == ndim
+                        else o, updates, out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

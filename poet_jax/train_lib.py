@@ -102,18 +102,15 @@ def optimizer(c) -> optax.GradientTransformation:
                             adam_b1=o.b1, adam_b2=o.b2,
                             muon_weight_dimension_numbers=dims)
   elif o.name == 'galore':
-    # GaLore on the block kernels, AdamW on embeddings, norms and head.
+    # GaLore on each layer's block kernels, AdamW on embeddings, norms and
+    # head.
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda p, x: 'galore' if _is_block_kernel(p, x) else 'adamw', params)
-    dims = lambda params: jax.tree_util.tree_map_with_path(
-        lambda p, x: optax.contrib.GaLoreDimensionNumbers(1, 2)
-        if _is_block_kernel(p, x) else None, params)
     tx = optax.partition({
-        'galore': optax.contrib.galore(
+        'galore': optim.per_layer(optax.contrib.galore(
             lr, rank=o.galore_rank, update_proj_gap=o.galore_update_proj_gap,
             scale=o.galore_scale, weight_decay=wd,
-            base_optimizer=optax.scale_by_adam(o.b1, o.b2),
-            weight_dimension_numbers=dims),
+            base_optimizer=optax.scale_by_adam(o.b1, o.b2))),
         'adamw': optax.adamw(lr, o.b1, o.b2, weight_decay=wd,
                              mask=optim.decay_mask),
     }, labels)
