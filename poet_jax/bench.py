@@ -208,7 +208,12 @@ def make_layer(path: str, m: int, n: int, block: int, seed: int = 0):
   return layer
 
 
-def bench_layer(sizes: Sizes, reps: int) -> list[dict]:
+def bench_layer(sizes: Sizes, reps: int, profile_dir: str = '') -> list[dict]:
+  """Layer paths interleaved; with profile_dir, then a trace of 3 calls each.
+
+  The traces (jax.profiler, one directory per shape and path) show the time
+  of every XLA op: open them with xprof or TensorBoard's profile plugin.
+  """
   rows = []
   tokens, block = sizes.layer_tokens, sizes.layer_block
   for m, n in sizes.layer_shapes:
@@ -221,6 +226,11 @@ def bench_layer(sizes: Sizes, reps: int) -> list[dict]:
       call = _layer_call(make_layer(path, m, n, block))
       calls[path] = lambda i, call=call: call(xs[i % 4], dys[i % 4])
     t = interleaved(calls, reps)
+    if profile_dir:
+      for path, call in calls.items():
+        with jax.profiler.trace(os.path.join(profile_dir, f'{m}x{n}-{path}')):
+          for i in range(3):
+            jax.block_until_ready(call(i))
     flops = layers.path_flops('block', m, n, block, block, tokens)
     auto = layers.choose_compute('block', m, n, block, block, tokens)
     dense = t['dense']['median_s']
@@ -320,9 +330,10 @@ def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
   """Train steps of several methods, interleaved in blocks.
 
   The states of all methods need not fit at once: each round builds one
-  method's fresh state, runs a warm-up step and `per_round` timed steps,
-  and frees it before the next method. No merge falls in the timed steps
-  (merges are every 400 steps); one whole-model merge is timed separately.
+  method's fresh state, runs `per_round` timed steps (after a warm-up step
+  in the first round) and frees it before the next method; two rounds, the
+  second in the opposite order. No merge falls in the timed steps (merges
+  are every 400 steps); one whole-model merge is timed separately.
   """
   mesh = sharding_lib.make_mesh(config_lib.base_config().mesh,
                                 jax.devices()[:1])
@@ -343,16 +354,17 @@ def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
                      'error': f'{type(e).__name__}: {e}'})
   first = next(iter(built.values()))
   batches = _batches(first.config, first.batch_sharding)
-  rounds = max(2, min(reps, 3))
+  rounds = 2
   per_round = max(1, math.ceil(reps / rounds))
   times = {name: [] for name in built}
   names = list(built)
   for r in range(rounds):
     for j in range(len(names)):
-      name = names[(r + j) % len(names)]
+      name = names[j if r % 2 == 0 else len(names) - 1 - j]
       method = built[name]
       method.state = method.init()
-      jax.block_until_ready(method.run(batches[0]))   # warm-up
+      if r == 0:
+        jax.block_until_ready(method.run(batches[0]))   # warm-up
       for i in range(per_round):
         start = time.perf_counter()
         jax.block_until_ready(method.run(batches[(i + 1) % len(batches)]))
@@ -539,7 +551,7 @@ def _pairs(names) -> list[tuple[str, str]]:
 
 
 def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
-        methods=METHODS) -> dict:
+        methods=METHODS, step_reps: int = 0, profile_dir: str = '') -> dict:
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
   rate = None
@@ -548,8 +560,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
     rows += bench_matmul(sizes, reps)
     rate = rows[-1]['gflops_per_s']
   if 'layer' in sections:
-    rows += bench_layer(sizes, reps)
-  step_reps = max(2, reps // 4)
+    rows += bench_layer(sizes, reps, profile_dir)
+  step_reps = step_reps or max(2, reps // 4)
   if 'step' in sections:
     rows += bench_steps('step', sizes, sizes.step_size, sizes.step_batch,
                         _pairs(methods), step_reps, matmul_rate=rate)
@@ -579,8 +591,9 @@ def main(argv=None) -> int:
   parser.add_argument('--only', default=','.join(SECTIONS),
                       help=f'comma-separated sections of {SECTIONS}')
   parser.add_argument('--reps', type=int, default=20,
-                      help='timed runs per layer variant (train steps get '
-                      'a quarter of it, at least 2)')
+                      help='timed runs per layer variant')
+  parser.add_argument('--step_reps', type=int, default=4,
+                      help='timed train steps per method (in two rounds)')
   parser.add_argument('--json', default='bench.json',
                       help='where the JSON report is written')
   parser.add_argument('--memory_dtype', default='bfloat16',
@@ -590,6 +603,9 @@ def main(argv=None) -> int:
   parser.add_argument('--methods', default=','.join(METHODS),
                       help=f'comma-separated methods of the train-step and '
                       f'memory sections, of {METHODS}')
+  parser.add_argument('--profile', default='', metavar='DIR',
+                      help='also write a jax.profiler trace of every layer '
+                      'path of the layer section under DIR')
   parser.add_argument('--tiny', action='store_true',
                       help='every section at a tiny size (the smoke test)')
   args = parser.parse_args(argv)
@@ -603,7 +619,7 @@ def main(argv=None) -> int:
     parser.error(f'unknown methods {sorted(set(methods) - set(METHODS))}; '
                  f'choose from {METHODS}')
   report = run(sections, TINY if args.tiny else FULL, args.reps,
-               args.memory_dtype, methods)
+               args.memory_dtype, methods, args.step_reps, args.profile)
   print_tables(report)
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)
