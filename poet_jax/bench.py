@@ -11,6 +11,10 @@ is against a baseline measured in the same run. Sections:
   layer   one layer, forward + backward (gradients of the generators or the
           kernel, and of the input), N tokens: dense, materialize, fast, mem,
           auto as ratios to the dense layer
+  breakdown  the 'fast' path of the widest layer shape cut into its pieces
+          (W0 products, block products, Cayley–Neumann maps, gathers,
+          layout copies), each timed alone, against the whole: where the
+          time over the FLOP floor goes
   step    the jitted train step of llama_60m at batch 32 x 256: AdamW, GaLore,
           Muon, POET with each compute path; ms per step, tokens/s, ratio to
           AdamW, achieved FLOP rate (FLOPs from the compiled step's cost
@@ -44,11 +48,13 @@ from flax import nnx
 from poet_jax import config as config_lib
 from poet_jax import layers
 from poet_jax import merge as merge_lib
+from poet_jax import orthogonal
 from poet_jax import planner
 from poet_jax import sharding as sharding_lib
+from poet_jax import spo
 from poet_jax import train_lib
 
-SECTIONS = ('matmul', 'layer', 'step', 'ref', 'wide', 'memory')
+SECTIONS = ('matmul', 'layer', 'breakdown', 'step', 'ref', 'wide', 'memory')
 METHODS = ('adamw', 'galore', 'muon', 'poet-fast', 'poet-mem',
            'poet-materialize', 'poet-auto')
 LAYER_PATHS = ('dense', 'materialize', 'fast', 'mem', 'auto')
@@ -252,6 +258,78 @@ def bench_layer(sizes: Sizes, reps: int, profile_dir: str = '') -> list[dict]:
       rows.append(row)
       log(f'  {path:12s} {row["ms"]:9.2f} ms  {row["ratio_to_dense"]:.2f}x '
           'dense')
+  return rows
+
+
+def bench_breakdown(sizes: Sizes, reps: int) -> list[dict]:
+  """The pieces of one 'fast' forward + backward, each jitted and timed alone.
+
+  The same operations XLA runs inside the layer (spo's block layout, the
+  permutation gathers, the W0 products of the forward and of the input
+  gradient, block products of the forward, the input gradient and the
+  generator gradient, the maps with their gradient); the sum of the pieces
+  is compared with the whole layer. Timed alone, pieces do not overlap, so
+  this attributes time where a trace of the fused program cannot.
+  """
+  m, n = max(sizes.layer_shapes, key=lambda s: s[0] * s[1])
+  tokens, b = sizes.layer_tokens, sizes.layer_block
+  log(f'breakdown: fast path of {m}x{n}, N={tokens}, block {b}')
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+  x, dy, w0 = normal(tokens, m), normal(tokens, n), normal(m, n)
+  perm_in = spo.draw_permutation(next(keys), m)
+  perm_out = spo.draw_permutation(next(keys), n)
+  q = {side: 0.01 * normal(size // b, orthogonal.num_generator_params(b))
+       for side, size in (('in', m), ('out', n))}
+  g = {side: orthogonal.orthogonal_blocks(q[side], b) for side in q}
+  blocks = {side: normal(size // b, tokens, b) for side, size in
+            (('in', m), ('out', n))}
+  maps = lambda q: orthogonal.orthogonal_blocks(q, b)
+  # (name, what it counts as, function, arguments, times per fwd+bwd)
+  pieces = [
+      ('W0 product, forward', 'W0 products', jnp.matmul, (x, w0), 1),
+      ('W0 product, input gradient', 'W0 products',
+       lambda d, w: d @ w.T, (dy, w0), 1),
+  ]
+  for side in ('in', 'out'):
+    xk, gk = blocks[side], g[side]
+    pieces += [
+        (f'{side} blocks, forward and input gradient', 'block products',
+         jnp.matmul, (xk, gk), 2),
+        (f'{side} blocks, generator gradient', 'block products',
+         lambda a, c: jnp.einsum('knb,knc->kbc', a, c), (xk, xk), 1),
+        (f'{side} maps, forward + backward', 'Cayley–Neumann maps',
+         lambda q: jax.vjp(maps, q)[1](maps(q)), (q[side],), 1),
+    ]
+  for side, a, perm in (('in', x, perm_in), ('out', dy, perm_out)):
+    # A gather and a layout change on the way in, the inverse on the way
+    # out, forward and backward: two of each per side and direction.
+    pieces += [
+        (f'{side} gather', 'gathers', spo.permute, (a, perm), 2),
+        (f'{side} to/from block layout', 'layout copies',
+         lambda a: spo._to_blocks(a, b), (a,), 4),
+    ]
+  pieces.append(('in gather + layout, recomputed in the backward',
+                 'gathers', lambda a, p: spo._to_blocks(spo.permute(a, p), b),
+                 (x, perm_in), 1))
+  fast = _layer_call(make_layer('fast', m, n, b))
+  calls = {'whole layer': lambda i: fast(x, dy)}
+  for name, _, fn, args, _ in pieces:
+    calls[name] = lambda i, f=jax.jit(fn), a=args: f(*a)
+  t = interleaved(calls, reps)
+  whole = t['whole layer']['median_s']
+  rows = []
+  for name, group, _, _, times in pieces:
+    seconds = t[name]['median_s'] * times
+    rows.append({'section': 'breakdown', 'shape': [m, n], 'tokens': tokens,
+                 'block': b, 'piece': name, 'group': group, 'times': times,
+                 'ms': 1e3 * seconds, 'fraction_of_whole': seconds / whole})
+  total = sum(r['ms'] for r in rows) / 1e3
+  rows.append({'section': 'breakdown', 'shape': [m, n], 'tokens': tokens,
+               'block': b, 'piece': 'whole layer (fused, measured)',
+               'group': 'whole', 'times': 1, 'ms': 1e3 * whole,
+               'fraction_of_whole': 1.0,
+               'sum_of_pieces_ms': 1e3 * total})
   return rows
 
 
@@ -527,6 +605,28 @@ def print_tables(report: dict, out=None) -> None:
         picks = ', '.join(f'{k.split(".")[-1]}: {v}'
                           for k, v in r['auto_choices'].items())
         print(f'auto picked: {picks}', file=out)
+  if by('breakdown'):
+    rows_b = by('breakdown')
+    whole = rows_b[-1]
+    m, n = whole['shape']
+    print(f"\n## 'fast' {m} x {n}, N={whole['tokens']}, in pieces timed "
+          f"alone (ms per forward + backward; fraction of the whole)",
+          file=out)
+    print('| piece | counts as | ms | of whole |', file=out)
+    print('|---|---|---|---|', file=out)
+    for r in rows_b[:-1]:
+      times = f" (x{r['times']})" if r['times'] > 1 else ''
+      print(f"| {r['piece']}{times} | {r['group']} | {r['ms']:.1f} | "
+            f"{r['fraction_of_whole']:.2f} |", file=out)
+    groups = {}
+    for r in rows_b[:-1]:
+      groups[r['group']] = groups.get(r['group'], 0.0) + r['ms']
+    for group, ms in groups.items():
+      print(f"| **{group}** | | {ms:.1f} | {ms / whole['ms']:.2f} |",
+            file=out)
+    print(f"| sum of the pieces | | {whole['sum_of_pieces_ms']:.1f} | "
+          f"{whole['sum_of_pieces_ms'] / whole['ms']:.2f} |", file=out)
+    print(f"| whole layer, measured | | {whole['ms']:.1f} | 1.00 |", file=out)
   if by('memory'):
     print(f"\n## dry-run peak memory per device, batch 1, "
           f"{by('memory')[0]['dtype']} (ours GiB; paper GB, H100)", file=out)
@@ -561,6 +661,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
     rate = rows[-1]['gflops_per_s']
   if 'layer' in sections:
     rows += bench_layer(sizes, reps, profile_dir)
+  if 'breakdown' in sections:
+    rows += bench_breakdown(sizes, reps)
   step_reps = step_reps or max(2, reps // 4)
   if 'step' in sections:
     rows += bench_steps('step', sizes, sizes.step_size, sizes.step_batch,
