@@ -102,10 +102,12 @@ FULL = Sizes(
     ref_batch=(8, 256), wide_size='1b', wide_layers=2, wide_batch=(4, 256),
     memory_sizes=('1b', '3b', '8b', '13b'), memory_seqs=(512, 1024, 2048))
 
+# The step, ref and wide sections share one model and batch here, so the
+# smoke test compiles each method's step once (see _built).
 TINY = Sizes(
     matmul=256, layer_shapes=((64, 160), (128, 128)), layer_block=32,
-    layer_tokens=64, step_size='tiny', step_batch=(4, 16), ref_batch=(2, 16),
-    wide_size='tiny', wide_layers=1, wide_batch=(2, 16),
+    layer_tokens=64, step_size='tiny', step_batch=(4, 16), ref_batch=(4, 16),
+    wide_size='tiny', wide_layers=0, wide_batch=(4, 16),
     memory_sizes=('tiny',), memory_seqs=(16,))
 
 
@@ -394,6 +396,17 @@ class _Method:
     return metrics['train_loss']
 
 
+_BUILT: dict[str, _Method] = {}
+
+
+def _built(c, mesh) -> _Method:
+  """_Method(c, mesh), compiled once per config within the process."""
+  key = c.to_json()
+  if key not in _BUILT:
+    _BUILT[key] = _Method(c, mesh)
+  return _BUILT[key]
+
+
 def _batches(c, sharding, count=4):
   rng = np.random.default_rng(0)
   shape = (c.train.batch_size, c.train.seq_len + 1)
@@ -421,8 +434,8 @@ def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
     log(f'{section}: compiling {name} ({size}, batch {batch[0]} x '
         f'{batch[1]})')
     try:
-      built[name] = _Method(step_config(size, method, compute, batch,
-                                        num_layers), mesh)
+      built[name] = _built(step_config(size, method, compute, batch,
+                                       num_layers), mesh)
     except Exception as e:  # pylint: disable=broad-except
       # A method that cannot build its step is reported, not fatal: the
       # other rows still mean something.

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from train_util import CACHE_ENV, ROOT, TINY, numeric, read_metrics
+from train_util import (CACHE_ENV, FAST_COMPILE, ROOT, TINY, numeric,
+                        read_metrics)
 
 STEPS = 6
 ARGS = (f'--config.train.steps={STEPS}', '--config.log_every=1',
@@ -22,7 +23,7 @@ def launch(workdir, num_processes, devices_per_process, kill_at=None):
     port = s.getsockname()[1]
   env = dict(os.environ, **CACHE_ENV, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count='
-             f'{devices_per_process}')
+             f'{devices_per_process} {FAST_COMPILE}')
   if kill_at:
     env['POET_JAX_KILL_AT_STEP'] = str(kill_at)
   procs = []

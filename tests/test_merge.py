@@ -39,13 +39,16 @@ def trained(steps, merge_every=None, lr=1e-2):
     optimizer.update(model, grads)
     return loss
 
+  # Built once: each nnx.jit wrapper compiles on its first call.
+  loss = nnx.jit(lambda model: poet_jax.next_token_loss(model, TOKENS))
+  merge = nnx.jit(poet_jax.merge_and_reset)
   losses = []
   for i in range(1, steps + 1):
     losses.append(float(step(model, optimizer)))
     if merge_every and i % merge_every == 0:
-      losses.append(('merge', float(poet_jax.next_token_loss(model, TOKENS))))
-      nnx.jit(poet_jax.merge_and_reset)(model, optimizer, jax.random.key(i))
-      losses.append(('merged', float(poet_jax.next_token_loss(model, TOKENS))))
+      losses.append(('merge', float(loss(model))))
+      merge(model, optimizer, jax.random.key(i))
+      losses.append(('merged', float(loss(model))))
   return model, optimizer, losses
 
 
@@ -101,8 +104,9 @@ def test_stacked_layers_draw_distinct_permutations(trained_model):
 def test_merge_is_deterministic_in_its_key(trained_model):
   model, optimizer, _ = trained_model
   a, b = nnx.clone(model), nnx.clone(model)
-  poet_jax.merge_model(a, jax.random.key(5))
-  poet_jax.merge_model(b, jax.random.key(5))
+  merge = nnx.jit(poet_jax.merge_model)  # compiled once, run twice
+  merge(a, jax.random.key(5))
+  merge(b, jax.random.key(5))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(a), nnx.state(b))
 
 
