@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
@@ -507,7 +508,9 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
       if entry and log:
         log.write({'step': step, **entry})
       faults.pause(step, stop)
-      save_due = step % c.checkpoint_every == 0 or last or stop.received
+      stopping = _agreed_stop(stop, log_due)
+      save_due = (step % c.checkpoint_every == 0 or last or
+                  stopping is not None)
       if save_due and c.nan_policy == 'stop' and nonfinite is None:
         nonfinite = int(state['nonfinite'])
       if nonfinite is not None and nonfinite > reported:
@@ -530,9 +533,9 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
       if save_due:
         save(state, step)
       faults.after_save(step)
-      if stop.received:
+      if stopping:
         ckpt.wait()
-        write(f'{stop.received}: checkpoint at step {step} written; run the '
+        write(f'{stopping}: checkpoint at step {step} written; run the '
               'same command to resume')
         exit_code = EXIT_INTERRUPTED
         break
@@ -561,6 +564,25 @@ def _load_tokenizer(spec: str):
         f'tokenizer file {path} is empty; set data.tokenizer to a '
         "SentencePiece .model file or to 'byte'")
   return tokenizer_lib.load_tokenizer(spec)
+
+
+def _agreed_stop(stop: _StopSignal, sync_point: bool) -> str | None:
+  """The signal to stop on after this step, the same on every process.
+
+  One process stops as soon as a signal arrived. Several processes may get
+  it at different steps; they compare flags at log steps (the same steps
+  everywhere, one small all-gather), so that all save the same step and
+  leave together.
+  """
+  if jax.process_count() == 1:
+    return stop.received
+  if not sync_point:
+    return None
+  flags = multihost_utils.process_allgather(
+      np.int32(stop.received is not None))
+  if not np.any(flags):
+    return None
+  return stop.received or 'a signal to another process'
 
 
 def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
