@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.poet.neumann_terms = 3
   c.poet.orthogonal_map = 'neumann'
   c.poet.compute = 'fast'
+  c.poet.auto_memory_budget = 0  # 'auto': elements a layer may keep; 0: any
   c.poet.init = 'normalized'
   c.poet.lr = 1e-3
   c.poet.scale = 0.5
@@ -245,6 +246,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(key, _get(c, key))
   for key in ('train.grad_clip', 'train.weight_decay', 'poet.max_q_norm'):
     _positive(key, _get(c, key), allow_zero=True)
+  _check(isinstance(c.poet.auto_memory_budget, int) and
+         not isinstance(c.poet.auto_memory_budget, bool) and
+         c.poet.auto_memory_budget >= 0,
+         f'poet.auto_memory_budget={c.poet.auto_memory_budget!r} must be an '
+         'integer >= 0 (elements; 0: no limit)')
   _check(isinstance(c.train.warmup_steps, int) and
          0 <= c.train.warmup_steps < c.train.steps,
          f'train.warmup_steps={c.train.warmup_steps!r} must be an integer in '

@@ -125,12 +125,32 @@ def path_flops(variant: str, in_features: int, out_features: int,
   }
 
 
+def path_saved_elements(in_features: int, out_features: int,
+                        tokens: int) -> dict:
+  """Elements a path keeps for its backward beyond the layer's input.
+
+  'fast' keeps the W0 product's output (tokens x out), 'materialize' the
+  dense kernel (in x out), 'mem' nothing: it recomputes the forward.
+  """
+  return {'fast': tokens * out_features,
+          'materialize': in_features * out_features, 'mem': 0}
+
+
 def choose_compute(variant: str, in_features: int, out_features: int,
-                   in_block: int, out_block: int, tokens: int) -> str:
-  """'auto': the cheaper of 'fast' and 'materialize' by path_flops."""
+                   in_block: int, out_block: int, tokens: int,
+                   memory_budget: int = 0) -> str:
+  """'auto': the cheaper of 'fast' and 'materialize' by path_flops.
+
+  With memory_budget > 0 (elements a layer may keep for its backward, see
+  path_saved_elements), a path over the budget is passed over; 'mem', which
+  keeps nothing, is the fallback.
+  """
   flops = path_flops(variant, in_features, out_features, in_block, out_block,
                      tokens)
-  return 'fast' if flops['fast'] <= flops['materialize'] else 'materialize'
+  saved = path_saved_elements(in_features, out_features, tokens)
+  fits = [p for p in ('fast', 'materialize')
+          if not memory_budget or saved[p] <= memory_budget]
+  return min(fits, key=flops.get) if fits else 'mem'
 
 
 def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
@@ -175,12 +195,15 @@ class POETLinear(nnx.Module):
     compute: 'fast' (apply blocks to activations), 'mem' (the same, with the
       intermediates recomputed in the backward), 'materialize' (build the
       dense kernel every call), 'auto' (the cheaper of 'fast' and
-      'materialize' by `path_flops` for the tokens of each call).
+      'materialize' by `path_flops` for the tokens of each call, within
+      `memory_budget`).
     init: W0 initialization, one of INITS.
     neumann_terms: terms of the Cayley–Neumann series.
     orthogonal_map: 'neumann' (paper), 'taylor' or 'exact'.
     dtype: compute dtype (None: the input's).
     w0_dtype: storage dtype of W0 (float32 by default; bfloat16 halves it).
+    memory_budget: for compute='auto', the most elements the layer may keep
+      for its backward (0: no limit); see choose_compute.
     name: used in error messages.
   """
 
@@ -189,7 +212,8 @@ class POETLinear(nnx.Module):
                compute: str = 'fast', init: str = 'normalized',
                neumann_terms: int = 3, orthogonal_map: str = 'neumann',
                dtype: Any = None, w0_dtype: Any = jnp.float32,
-               name: str = 'POETLinear', rngs: nnx.Rngs):
+               memory_budget: int = 0, name: str = 'POETLinear',
+               rngs: nnx.Rngs):
     self.in_block, self.out_block = resolve_block_sizes(
         name, in_features, out_features, variant, block_size)
     if compute not in COMPUTES:
@@ -201,6 +225,7 @@ class POETLinear(nnx.Module):
     self.variant, self.compute = variant, compute
     self.neumann_terms, self.orthogonal_map = neumann_terms, orthogonal_map
     self.dtype = dtype
+    self.memory_budget = memory_budget
 
     key_w, key_in, key_out = jax.random.split(rngs.params(), 3)
     w0 = init_w0(key_w, in_features, out_features, init)
@@ -246,7 +271,7 @@ class POETLinear(nnx.Module):
       return self.compute
     return choose_compute(self.variant, self.in_features, self.out_features,
                           self.in_block, self.out_block,
-                          math.prod(x_shape[:-1]))
+                          math.prod(x_shape[:-1]), self.memory_budget)
 
   def effective_weight(self) -> jax.Array:
     """Dense (..., in, out) kernel K with layer(x) == x @ K.

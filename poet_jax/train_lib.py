@@ -63,7 +63,8 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
           compute=c.poet.compute, init=c.poet.init,
           neumann_terms=c.poet.neumann_terms,
           orthogonal_map=c.poet.orthogonal_map,
-          w0_dtype=dtypes[c.model.w0_dtype]))
+          w0_dtype=dtypes[c.model.w0_dtype],
+          memory_budget=c.poet.auto_memory_budget))
 
 
 def schedule(c, peak: float) -> optax.Schedule:

@@ -292,3 +292,25 @@ def test_cost_model_orders_paths_as_measured(m, b, tokens):
           for k in keys[:2]]
   t = _median_time(fns, args)
   assert min(t, key=t.get) == predicted, (t, flops)
+
+
+def test_auto_keeps_within_a_memory_budget():
+  # One output block: materialize is cheaper by FLOPs (1.25x dense against
+  # fast's 1.73x) but keeps the 1024 x 64 kernel; fast keeps 512 x 64.
+  m, n, b, tokens = 1024, 64, 64, 512
+  pick = lambda budget: layers.choose_compute('block', m, n, b, b, tokens,
+                                              budget)
+  saved = layers.path_saved_elements(m, n, tokens)
+  assert saved['fast'] < saved['materialize']
+  assert pick(0) == 'materialize'
+  assert pick(saved['materialize']) == 'materialize'
+  assert pick(saved['materialize'] - 1) == 'fast'   # over budget: the other
+  assert pick(saved['fast'] - 1) == 'mem'           # neither fits: mem
+  layer = layers.POETLinear(m, n, block_size=b, compute='auto',
+                            memory_budget=saved['fast'] - 1, rngs=nnx.Rngs(0))
+  assert layer.resolved_compute((tokens, m)) == 'mem'
+  assert layers.compute_choices(layer, tokens)[0]['compute'] == 'mem'
+  x = jax.random.normal(jax.random.key(0), (tokens, m))
+  np.testing.assert_array_equal(
+      layer(x), layers.POETLinear(m, n, block_size=b, compute='mem',
+                                  rngs=nnx.Rngs(0))(x))
