@@ -9,6 +9,7 @@ in the Llama's scanned blocks).
 """
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from poet_jax import layers
 from poet_jax import spo
@@ -92,3 +93,27 @@ def merge_with_placements(layer: layers.POETLinear, new_in_place,
   layer.out_place[...] = new_out
   layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
   layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
+
+
+def layer_at(stack: nnx.Module, index: int) -> nnx.Module:
+  """Layer `index` of a stack of layers, as an ordinary module (a copy).
+
+  The Llama keeps its blocks stacked for the scan over layers (every
+  variable has a leading layer axis), so `model.blocks` is one module, not a
+  list: `layer_at(model.blocks, 3).attention.q` is block 3's q layer, which
+  can be called, inspected (`effective_weight()`) and changed, then written
+  back with `set_layer_at`. Raises IndexError for an index out of range.
+  """
+  graphdef, state = nnx.split(stack)
+  size = jax.tree.leaves(state)[0].shape[0]
+  if not -size <= index < size:
+    raise IndexError(f'layer {index} of a stack of {size}')
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+
+def set_layer_at(stack: nnx.Module, index: int, layer: nnx.Module) -> None:
+  """Writes `layer` (as from `layer_at`) back as layer `index` of `stack`."""
+  state = nnx.state(stack)
+  new = jax.tree.map(lambda s, x: s.at[index].set(x), state,
+                     nnx.state(layer))
+  nnx.update(stack, new)
