@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'      # compute dtype; parameters stay float32
   c.model.w0_dtype = 'float32'   # storage of POET's frozen W0
   c.model.remat = False
+  c.model.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300
@@ -333,6 +334,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(_get(c, key) > 0, f'{key}={_get(c, key)!r} must be a positive '
            'integer')
   _positive('optimizer.galore_scale', c.optimizer.galore_scale)
+  _check(c.model.loss_chunk_tokens >= 0,
+         f'model.loss_chunk_tokens={c.model.loss_chunk_tokens!r} must be an '
+         'integer >= 0 (0: the whole batch at once)')
   _check(c.model.ffn_dim == -1 or c.model.ffn_dim > 0,
          f'model.ffn_dim={c.model.ffn_dim!r} must be a positive integer or -1')
   _check_paths(c)

@@ -10,10 +10,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from poet_jax import layers
+from poet_jax import loss as loss_lib
 
 BLOCK_LINEARS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
@@ -43,6 +43,7 @@ class LlamaConfig:
   linear: str = 'poet'              # 'poet' or 'dense'
   poet: POETConfig = POETConfig()
   remat: bool = False               # recompute each block in the backward
+  loss_chunk_tokens: int = 8192     # tokens per chunk of the loss; 0: one
 
   @property
   def head_dim(self) -> int:
@@ -154,6 +155,11 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int -> logits (B, T, vocab) float32."""
+    return self.lm_head(self.features(tokens)).astype(jnp.float32)
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, T) int -> the final norm's output (B, T, dim), the
+    output head's input."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
 
@@ -168,16 +174,21 @@ class Llama(nnx.Module):
     if self.cfg.remat:
       run_block = jax.checkpoint(run_block)
     x, _ = jax.lax.scan(run_block, x, stacked)
-    return self.lm_head(self.norm(x)).astype(jnp.float32)
+    return self.norm(x)
 
 
 def next_token_loss(model: Llama, tokens: jax.Array,
                     mask: jax.Array | None = None) -> jax.Array:
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
-  logits = model(tokens[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           tokens[:, 1:])
-  if mask is None:
-    return losses.mean()
-  mask = mask[:, 1:].astype(losses.dtype)
-  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
+
+  The head and the cross-entropy run in chunks of cfg.loss_chunk_tokens
+  tokens (poet_jax.loss): the whole batch's logits never exist at once.
+  """
+  hidden = model.features(tokens[:, :-1])
+  weights = None if mask is None else mask[:, 1:].astype(jnp.float32)
+  total = loss_lib.cross_entropy_sum(
+      hidden, model.lm_head.kernel[...], tokens[:, 1:], weights,
+      chunk_tokens=model.cfg.loss_chunk_tokens, dtype=model.cfg.dtype)
+  count = (jnp.asarray(tokens[:, 1:].size, jnp.float32) if mask is None
+           else jnp.maximum(weights.sum(), 1.0))
+  return total / count

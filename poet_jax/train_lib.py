@@ -57,6 +57,7 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
       vocab_size=vocab_size, dim=c.model.dim, num_layers=c.model.num_layers,
       num_heads=c.model.num_heads, ffn_dim=config_lib.ffn_dim(c),
       dtype=dtypes[c.model.dtype], remat=c.model.remat,
+      loss_chunk_tokens=c.model.loss_chunk_tokens,
       linear='poet' if c.optimizer.name == 'poet' else 'dense',
       poet=model_lib.POETConfig(
           variant=c.poet.variant, block_size=config_lib.block_size(c),
