@@ -13,47 +13,50 @@ from poet_jax import model as model_lib
 from poet_jax import restore
 from trained_runs import trained_run
 
-CFG = model_lib.LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=2,
-                            ffn_dim=64, poet=model_lib.POETConfig(block_size=8))
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A trained tiny POET run; its last step has non-zero generators."""
+  return restore.load_run(trained_run(tmp_path_factory)[0])
 
 
 @pytest.fixture(scope='module')
-def poet_model():
-  """A POET model whose generators are not zero: folding them matters."""
-  model = model_lib.Llama(CFG, rngs=nnx.Rngs(0))
-  for i, (_, layer) in enumerate(merge.poet_layers(model)):
-    for j, q in enumerate((layer.q_in, layer.q_out)):
-      q[...] = 0.1 * jax.random.normal(jax.random.key(10 * i + j),
-                                       q[...].shape)
+def poet_model(run):
+  model = run.model
+  assert max(float(jnp.abs(layer.q_in[...]).max())
+             for _, layer in merge.poet_layers(model)) > 0
   return model
 
 
 @pytest.fixture(scope='module')
-def dense_model(poet_model):
-  return restore.dense_model(CFG, nnx.jit(restore.dense_weights)(poet_model))
+def dense_model(run):
+  return restore.folded_model(run)
 
 
-TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
+TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 257)
+NEW = 8          # one compiled generation loop for the module
+SEEN = []        # tokens streamed by generate's on_token
 
 
-def cached_logits(model, tokens, prefill):
-  """Logits of a prefill of `prefill` tokens, then one token at a time."""
-  cache = model_lib.init_cache(model.cfg, tokens.shape[0], tokens.shape[1])
+def generate_tokens(model, prompt, temperature=0.0, seed=0, eos_id=-1):
+  SEEN.clear()
+  out = generate.generate(model, prompt, jax.random.key(seed), temperature,
+                          eos_id=eos_id, max_new_tokens=NEW,
+                          on_token=SEEN.append)
+  jax.effects_barrier()
+  return out
+
+
+def test_cached_decoding_equals_full_forward_token_by_token(dense_model):
+  """A prefill of 5 tokens, then one token at a time."""
+  cache = model_lib.init_cache(dense_model.cfg, *TOKENS.shape)
   decode = nnx.jit(lambda m, t, c, s: m.decode(t, c, s))
-  logits, cache = decode(model, tokens[:, :prefill], cache, 0)
+  logits, cache = decode(dense_model, TOKENS[:, :5], cache, 0)
   steps = [logits]
-  for t in range(prefill, tokens.shape[1]):
-    logits, cache = decode(model, tokens[:, t:t + 1], cache, t)
+  for t in range(5, TOKENS.shape[1]):
+    logits, cache = decode(dense_model, TOKENS[:, t:t + 1], cache, t)
     steps.append(logits)
-  return jnp.concatenate(steps, axis=1)
-
-
-@pytest.mark.parametrize('which', ['poet', 'dense'])
-def test_cached_decoding_equals_full_forward(which, poet_model, dense_model):
-  model = poet_model if which == 'poet' else dense_model
-  full = model(TOKENS)
-  np.testing.assert_allclose(cached_logits(model, TOKENS, prefill=5), full,
-                             atol=2e-5, rtol=0)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1),
+                             dense_model(TOKENS), atol=2e-5, rtol=0)
 
 
 def test_folded_model_equals_poet_model(poet_model, dense_model):
@@ -64,36 +67,29 @@ def test_folded_model_equals_poet_model(poet_model, dense_model):
 
 def test_greedy_is_deterministic_and_each_token_is_the_argmax(dense_model):
   prompt = TOKENS[:, :4]
-  run = lambda seed: generate.generate(dense_model, prompt,
-                                       jax.random.key(seed), 0.0,
-                                       max_new_tokens=8)
-  out = run(0)
-  np.testing.assert_array_equal(out, run(1))
+  out = generate_tokens(dense_model, prompt, seed=0)
+  # Streamed in order, every step.
+  np.testing.assert_array_equal(np.stack(SEEN, axis=1), out)
+  np.testing.assert_array_equal(out, generate_tokens(dense_model, prompt,
+                                                     seed=1))
   # Each generated token is the argmax of the full forward pass on the
   # sequence before it.
   sequence = jnp.concatenate([prompt, out], axis=1)
   expected = jnp.argmax(dense_model(sequence[:, :-1])[:, 3:], axis=-1)
   np.testing.assert_array_equal(out, expected)
-
-
-def test_generation_streams_every_token_in_order(dense_model):
-  seen = []
-  out = generate.generate(dense_model, TOKENS[:, :4], jax.random.key(0), 1.0,
-                          max_new_tokens=6, on_token=seen.append)
-  jax.effects_barrier()
-  np.testing.assert_array_equal(np.stack(seen, axis=1), out)
+  # Sampling at a temperature is not greedy and depends on the seed.
+  hot = [generate_tokens(dense_model, prompt, 1.0, seed) for seed in (0, 1)]
+  assert not np.array_equal(hot[0], hot[1])
 
 
 def test_rows_stop_at_eos(dense_model):
   prompt = TOKENS[:, :4]
-  greedy = generate.generate(dense_model, prompt, jax.random.key(0), 0.0,
-                             max_new_tokens=6)
+  greedy = np.asarray(generate_tokens(dense_model, prompt))
   eos = int(greedy[0, 2])
-  out = generate.generate(dense_model, prompt, jax.random.key(0), 0.0,
-                          eos_id=eos, max_new_tokens=6)
-  first = int(np.argmax(np.asarray(greedy[0]) == eos))
+  first = int(np.argmax(greedy[0] == eos))
+  out = np.asarray(generate_tokens(dense_model, prompt, eos_id=eos))
   np.testing.assert_array_equal(out[0, :first + 1], greedy[0, :first + 1])
-  assert (np.asarray(out[0, first:]) == eos).all()
+  assert (out[0, first:] == eos).all()
 
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
@@ -120,19 +116,18 @@ def test_sampling_follows_the_distribution_and_its_cuts():
   assert draws(temperature=0.2)[0] > 0.9  # sharper than at 1
 
 
-def test_command_line_prints_the_greedy_continuation(tmp_path_factory, capsys):
-  workdir, _ = trained_run(tmp_path_factory)
-  code = generate.main(['generate', f'--workdir={workdir}', '--prompt=def ',
-                        '--max_new_tokens=16', '--temperature=0'])
+def test_command_line_prints_the_greedy_continuation(run, dense_model,
+                                                     capsys):
+  code = generate.main(['generate', f'--workdir={run.workdir}',
+                        '--prompt=def', f'--max_new_tokens={NEW}',
+                        '--temperature=0'])
   printed = capsys.readouterr().out
   assert code == 0
-  run = restore.load_run(workdir)
-  prompt = np.concatenate([[256], run.tokenizer.encode('def ')])
-  out = generate.generate(restore.folded_model(run),
-                          jnp.asarray(prompt[None], jnp.int32),
-                          jax.random.key(0), 0.0, eos_id=256,
-                          max_new_tokens=16)
-  assert printed == 'def ' + run.tokenizer.decode(out[0]) + '\n'
+  # EOS starts the prompt; two rows, the shape of the loop compiled above.
+  prompt = np.concatenate([[256], run.tokenizer.encode('def')])
+  out = generate_tokens(dense_model, jnp.asarray(np.stack([prompt] * 2),
+                                                 jnp.int32), eos_id=256)
+  assert printed == 'def' + run.tokenizer.decode(out[0]) + '\n'
 
 
 @pytest.mark.parametrize('args,expected', [
@@ -143,8 +138,8 @@ def test_command_line_prints_the_greedy_continuation(tmp_path_factory, capsys):
     (('--prompt=x',), 'workdir'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
-                                               tmp_path_factory, capsys):
-  workdir, _ = trained_run(tmp_path_factory)
+                                               run, capsys):
+  workdir = run.workdir
   before = sorted(os.walk(workdir))
   args = [a.format(empty=tmp_path, run=workdir) for a in args]
   assert generate.main(['generate', *args]) == 2
