@@ -6,7 +6,7 @@ writes the model with every POET layer folded into its dense kernel
 (W = P_in W0 R_out) as a `transformers` LlamaForCausalLM directory:
 config.json and model.safetensors (float32), plus tokenizer.model when the
 run used a SentencePiece model. `--config.init_from=DIR` of train.py reads
-such a directory back (`init_state_from`).
+such a directory back (poet_jax/hf_import.py).
 
 The layouts agree without any reordering of q/k rows: transformers' Linear
 weight is the transpose of our (in, out) kernel, and its rotary embedding

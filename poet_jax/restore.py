@@ -8,6 +8,7 @@ builds the plain Llama that inference then runs at a dense model's cost.
 """
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -78,11 +79,27 @@ def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
   if not os.path.isdir(directory):
     raise RunError(f'no checkpoint in {workdir} ({directory} does not exist);'
                    f' train first: python train.py --workdir={workdir}')
-  return ocp.CheckpointManager(
-      directory, item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, save_interval_steps=0,
-          max_to_keep=None))
+  # orbax warns that the manager is read-only, which is what we asked for.
+  quiet = _DropMessage('is read only')
+  logging.getLogger('absl').addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(
+        directory, item_names=('state', 'meta'),
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0,
+            max_to_keep=None))
+  finally:
+    logging.getLogger('absl').removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return self.text not in record.getMessage()
 
 
 def load_run(workdir: str, step: int | None = None, shardings=None) -> Run:

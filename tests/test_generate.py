@@ -1,5 +1,6 @@
 """KV-cached decoding, sampling and the generate command line."""
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,7 @@ def test_command_line_prints_the_greedy_continuation(run, dense_model,
 
 @pytest.mark.parametrize('args,expected', [
     (('--workdir={empty}',), 'has no config.json'),
+    (('--workdir={untrained}',), 'no checkpoint in'),
     (('--workdir={run}', '--step=3'), 'no checkpoint of step 3'),
     (('--workdir={run}', '--top_p=0'), '--top_p=0.0 must be in (0, 1]'),
     (('--workdir={run}', '--max_new_tokens=0'), 'at least 1'),
@@ -141,10 +143,16 @@ def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
                                                run, capsys):
   workdir = run.workdir
   before = sorted(os.walk(workdir))
-  args = [a.format(empty=tmp_path, run=workdir) for a in args]
+  untrained = tmp_path / 'untrained'   # a config.json, no checkpoints
+  untrained.mkdir()
+  shutil.copy(os.path.join(workdir, 'config.json'), untrained)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  args = [a.format(empty=empty, untrained=untrained, run=workdir)
+          for a in args]
   assert generate.main(['generate', *args]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: '), err
   assert expected in err[0], err
   assert sorted(os.walk(workdir)) == before
-  assert os.listdir(tmp_path) == []
+  assert os.listdir(empty) == [] and os.listdir(untrained) == ['config.json']
