@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -108,13 +107,18 @@ def hf_config(cfg: model_lib.LlamaConfig, eos_id: int,
 
 
 def _atomic_write(path: str, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp')
-  os.close(fd)
+  """write(tmp) then rename to path: no half-written file under its name."""
+  tmp = f'{path}.tmp{os.getpid()}'
   try:
     write(tmp)
+    # safetensors creates its file private (0600); give it the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
     raise
 
 

@@ -59,6 +59,12 @@ def _rope_theta(hf: dict) -> float:
   return float(hf.get('rope_theta') or params.get('rope_theta') or 10000.0)
 
 
+def _split_head_dim(hf: dict):
+  hidden, heads = hf.get('hidden_size'), hf.get('num_attention_heads')
+  ints = all(isinstance(v, int) and v > 0 for v in (hidden, heads))
+  return hidden // heads if ints else None
+
+
 def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
   """The checkpoint's architecture and sizes are the run's; else ConfigError
   naming each difference and the config key that fixes it."""
@@ -70,8 +76,8 @@ def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
       (hf.get('attention_bias') or hf.get('mlp_bias'), 'it has biases'),
       (hf.get('num_key_value_heads', cfg.num_heads) !=
        hf.get('num_attention_heads'), 'grouped-query attention'),
-      (hf.get('head_dim', cfg.head_dim) != cfg.head_dim and
-       hf.get('hidden_size') == cfg.dim, 'head_dim != hidden/heads'),
+      (hf.get('head_dim') not in (None, _split_head_dim(hf)),
+       'head_dim is not hidden_size / num_attention_heads'),
       (rope_type != 'default', f'rope scaling {rope_type!r}'),
       (_rope_theta(hf) != cfg.rope_theta, f'rope_theta={_rope_theta(hf)}, '
        f'poet_jax uses {cfg.rope_theta}'),

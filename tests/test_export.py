@@ -230,3 +230,18 @@ def test_bad_export_is_one_line_and_changes_nothing(tmp_path_factory,
     assert len(err) == 1 and expected in err[0], err
   assert sorted(os.listdir(tmp_path)) == ['file']
   assert sorted(os.walk(workdir)) == before
+
+
+def test_a_sentencepiece_tokenizer_is_exported_beside_the_model(exported,
+                                                                tmp_path):
+  run, _ = exported
+  model = tmp_path / 'spiece.model'
+  model.write_bytes(b'a SentencePiece model proto')
+  weights = jax.device_get(nnx.jit(restore.dense_weights)(run.model))
+  export.write_checkpoint(str(tmp_path / 'out'), run.model.cfg, weights, 256,
+                          32, tokenizer_path=str(model))
+  assert (tmp_path / 'out' / 'tokenizer.model').read_bytes() == (
+      model.read_bytes())
+  tokenizer_config = json.loads(
+      (tmp_path / 'out' / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['tokenizer_class'] == 'LlamaTokenizer'
