@@ -40,8 +40,9 @@ def evaluate(run: restore.Run, steps: train_lib.CompiledSteps, data_name: str,
                                 jax.process_index(), jax.process_count())
   total, count = 0.0, 0.0
   for batch in batches:
-    s, n = steps.eval(run.state, train_lib._global_batch(  # pylint: disable=protected-access
-        batch, steps.batch_sharding))
+    batch = jax.make_array_from_process_local_data(steps.batch_sharding,
+                                                   batch)
+    s, n = steps.eval(run.state, batch)
     total, count = total + float(s), count + float(n)
   return total / count
 

@@ -116,7 +116,7 @@ def load_run(workdir: str, step: int | None = None, shardings=None) -> Run:
   """
   c = read_config(workdir)
   try:
-    tokenizer = train_lib._load_tokenizer(c.data.tokenizer)  # pylint: disable=protected-access
+    tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   except (tokenizer_lib.TokenizerError, OSError) as e:
     raise RunError(f'the run\'s tokenizer cannot be loaded: {e}') from None
   vocab = c.model.vocab_size or tokenizer.vocab_size
