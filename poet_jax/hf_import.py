@@ -68,6 +68,16 @@ def _split_head_dim(hf: dict):
 def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
   """The checkpoint's architecture and sizes are the run's; else ConfigError
   naming each difference and the config key that fixes it."""
+  sizes = [('hidden_size', cfg.dim, 'model.dim'),
+           ('intermediate_size', cfg.ffn_dim, 'model.ffn_dim'),
+           ('num_hidden_layers', cfg.num_layers, 'model.num_layers'),
+           ('num_attention_heads', cfg.num_heads, 'model.num_heads'),
+           ('vocab_size', cfg.vocab_size, 'model.vocab_size')]
+  wrong = [f'{key}={hf.get(key)} but {ours}={value} (set '
+           f'--config.{ours}={hf.get(key)})'
+           for key, value, ours in sizes if hf.get(key) != value]
+  if wrong:
+    raise _fail(path, f'sizes do not match the run: {"; ".join(wrong)}')
   scaling = hf.get('rope_scaling') or {}
   rope_type = scaling.get('rope_type', scaling.get('type')) or (
       hf.get('rope_parameters') or {}).get('rope_type', 'default')
@@ -87,16 +97,6 @@ def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
   bad = [why for flag, why in unsupported if flag]
   if bad:
     raise _fail(path, f'unsupported Llama variant: {"; ".join(bad)}')
-  sizes = [('hidden_size', cfg.dim, 'model.dim'),
-           ('intermediate_size', cfg.ffn_dim, 'model.ffn_dim'),
-           ('num_hidden_layers', cfg.num_layers, 'model.num_layers'),
-           ('num_attention_heads', cfg.num_heads, 'model.num_heads'),
-           ('vocab_size', cfg.vocab_size, 'model.vocab_size')]
-  wrong = [f'{key}={hf.get(key)} but {ours}={value} (set '
-           f'--config.{ours}={hf.get(key)})'
-           for key, value, ours in sizes if hf.get(key) != value]
-  if wrong:
-    raise _fail(path, f'sizes do not match the run: {"; ".join(wrong)}')
 
 
 def _tensor_files(path: str) -> dict[str, str]:

@@ -198,6 +198,7 @@ TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
     ('missing', 'no such directory'),
     ('gpt2', "not a Llama checkpoint (model_type='gpt2')"),
     ('sizes', 'hidden_size=64 but model.dim=32'),
+    ('gqa', 'unsupported Llama variant: grouped-query attention'),
     ('no_weights', 'no model.safetensors'),
 ])
 def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
@@ -205,6 +206,8 @@ def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
   source = {'missing': lambda: str(tmp_path / 'nothing'),
             'gpt2': lambda: write_config(tmp_path / 'hf', model_type='gpt2'),
             'sizes': lambda: write_config(tmp_path / 'hf', hidden_size=64),
+            'gqa': lambda: write_config(tmp_path / 'hf',
+                                        num_key_value_heads=1),
             'no_weights': lambda: write_config(tmp_path / 'hf')}[case]()
   workdir = tmp_path / 'run'
   code = train.main(['train.py', f'--workdir={workdir}', *TINY_FLAGS,
