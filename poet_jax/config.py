@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_tokens = 32 * 1024      # held-out tokens per evaluation
   c.nan_policy = 'skip'          # 'skip' the update or 'stop' the run
+  # A Hugging Face Llama checkpoint directory to start from (poet_jax/
+  # hf_import.py): a dense run takes its weights, a POET run its linear
+  # weights as W0. '': a random init.
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 128
@@ -241,6 +245,9 @@ def _check_paths(c) -> None:
     path = os.path.expanduser(c.data.data_dir)
     _check(not os.path.exists(path) or os.path.isdir(path),
            f'data.data_dir={_show(c.data.data_dir)} is not a directory')
+  if c.init_from:  # sizes included: before train.py writes anything
+    from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
+    hf_import.check_init_from(c)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

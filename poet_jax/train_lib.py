@@ -438,6 +438,11 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     if latest is None:
       state = jax.jit(lambda: init_state(c, vocab)[1],
                       out_shardings=steps.state_sharding)()
+      if c.init_from:  # a pretrained Hugging Face Llama (hf_import.py)
+        from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
+        state = hf_import.init_state_from(c.init_from, setup, state,
+                                          steps.state_sharding)
+        say(f'initialized from {c.init_from}')
     else:
       target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
