@@ -15,7 +15,7 @@ import sys
 import jax
 from absl import flags
 
-from poet_jax import cli
+from poet_jax import tool_cli as cli
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import restore

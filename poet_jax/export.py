@@ -25,7 +25,7 @@ import safetensors.numpy
 from absl import flags
 from flax import nnx
 
-from poet_jax import cli
+from poet_jax import tool_cli as cli
 from poet_jax import model as model_lib
 from poet_jax import restore
 

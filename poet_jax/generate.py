@@ -20,7 +20,7 @@ from absl import flags
 from flax import nnx
 from jax.experimental import io_callback
 
-from poet_jax import cli
+from poet_jax import tool_cli as cli
 from poet_jax import model as model_lib
 from poet_jax import restore
 
