@@ -26,7 +26,7 @@ def vocab_size(c) -> int:
 def plan(c, devices=None) -> dict:
   """Per-device memory (GiB), parameter counts and FLOPs of one train step."""
   mesh = sharding_lib.make_mesh(c.mesh, devices)
-  sharding_lib.check_batch(mesh, c.train.batch_size)
+  sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   setup, abstract = train_lib.abstract_state(c, vocab_size(c))
   steps = train_lib.compile_steps(setup, abstract, mesh)
   state = jax.tree.map(

@@ -181,15 +181,63 @@ def _where(pred, new, old):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _micro_batches(batch: jax.Array, k: int) -> jax.Array:
+  """(B, T+1) -> (k, B/k, T+1); micro-batch j holds rows j, j+k, j+2k, ...
+
+  Strided rows keep every micro-batch split over the batch devices as the
+  batch is (the row axis stays the sharded one), so nothing moves.
+  """
+  return batch.reshape(batch.shape[0] // k, k, -1).swapaxes(0, 1)
+
+
+def _accumulate(fn, params, batch: jax.Array, k: int):
+  """The sum of fn(params, micro_batch) over k micro-batches (float32).
+
+  A lax.scan: the compiled step keeps one micro-batch's activations.
+  """
+  if k == 1:
+    return fn(params, batch)
+  micro = _micro_batches(batch, k)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(fn, params, micro[0]))
+
+  def body(total, tokens):
+    out = jax.tree.map(lambda x: x.astype(jnp.float32), fn(params, tokens))
+    return jax.tree.map(jnp.add, total, out), None
+
+  return jax.lax.scan(body, zeros, micro)[0]
+
+
+def applied_rates(c, applied: jax.Array) -> dict:
+  """The learning rates of the update after `applied` applied updates.
+
+  optax counts (and schedules by) the updates it applied; a dropped
+  non-finite update rolls its state back, so this is the global step less
+  the dropped steps, never the global step (docs/reliability.md).
+  """
+  rates = {'learning_rate': schedule(c, c.train.lr)(applied)}
+  if c.optimizer.name == 'poet':
+    rates['poet_learning_rate'] = (schedule(c, c.poet.lr)(applied)
+                                   * c.poet.scale)
+  return rates
+
+
 def train_step(setup: Setup, state: dict, batch: jax.Array):
-  """One optimizer step, the generator guard, and a merge when due."""
+  """One optimizer step over train.grad_accum_steps micro-batches, the
+  generator guard, and a merge when due (after the step, on its count)."""
   c = setup.config
 
-  def loss_fn(params):
+  def loss_fn(params, tokens):
     model = nnx.merge(setup.graphdef, params, state['frozen'])
-    return model_lib.next_token_loss(model, batch)
+    return model_lib.next_token_loss(model, tokens)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  k = c.train.grad_accum_steps
+  loss, grads = _accumulate(jax.value_and_grad(loss_fn), state['params'],
+                            batch, k)
+  if k > 1:
+    # Equal micro-batches: the mean of their mean losses and gradients is
+    # the whole batch's, to float32 rounding.
+    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = setup.tx.update(grads, state['opt_state'],
                                        state['params'])
@@ -212,18 +260,22 @@ def train_step(setup: Setup, state: dict, batch: jax.Array):
                'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
                'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
                                            step)}
-  metrics = {'train_loss': loss, 'grad_norm': grad_norm,
-             'learning_rate': setup.lr(state['step']), 'finite': finite}
+  metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+             **applied_rates(c, state['step'] - state['nonfinite'])}
   return new_state, metrics
 
 
 def eval_step(setup: Setup, state: dict, batch: jax.Array):
-  """Summed token loss and token count of one evaluation batch."""
+  """Summed token loss and token count of one evaluation batch (taken in
+  train.grad_accum_steps micro-batches, like the train step)."""
   model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
-  logits = model(batch[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           batch[:, 1:])
-  return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  def summed(_, tokens):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        model(tokens[:, :-1]), tokens[:, 1:])
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  return _accumulate(summed, None, batch, setup.config.train.grad_accum_steps)
 
 
 def diagnostics(setup: Setup, state: dict) -> dict:
