@@ -297,6 +297,50 @@ def test_jitted_step_drops_a_non_finite_update_and_counts_it():
   assert any(changed)
 
 
+def test_logged_learning_rates_are_the_applied_ones():
+  """With b1 = b2 = 0 and no clipping or decay, Adam moves every parameter
+  with a gradient by the learning rate itself: the largest change of a base
+  parameter is the applied learning_rate, of a generator the applied
+  poet_learning_rate. Step 2 is non-finite and dropped; the schedule follows
+  the updates applied, so the logged rates after it are those applied."""
+  c = tiny_config()
+  c.model.dim, c.model.num_layers, c.model.ffn_dim = 16, 1, 32
+  c.train.batch_size, c.train.seq_len, c.train.steps = 2, 8, 5
+  c.optimizer.b1 = c.optimizer.b2 = 0.0
+  c.train.grad_clip = c.train.weight_decay = 0.0
+  c.poet.lr = 1e-2
+  vocab = 64
+  setup, state = train_lib.init_state(c, vocab)
+  step = jax.jit(lambda s, b: train_lib.train_step(setup, s, b))
+  labels = optim.poet_param_labels(state['params'])
+  largest = lambda a, b, group: max(
+      float(jnp.abs(x - y).max()) for x, y, l in zip(
+          jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(labels))
+      if l == group)
+  rng = np.random.default_rng(0)
+  rates = []
+  for i in range(1, 6):
+    batch = rng.integers(0, vocab, (2, 9), np.int32)
+    if i == 2:
+      batch[0, 3] = vocab  # out of the vocabulary: the loss is NaN
+    before = jax.tree.map(np.asarray, state['params'])
+    state, m = step(state, batch)
+    if i == 2:
+      assert not bool(m['finite'])
+      continue
+    np.testing.assert_allclose(
+        largest(state['params'], before, 'base'), m['learning_rate'],
+        rtol=1e-3)
+    np.testing.assert_allclose(
+        largest(state['params'], before, 'poet'), m['poet_learning_rate'],
+        rtol=1e-3)
+    rates.append(float(m['learning_rate']))
+  # Four updates were applied: the schedule went through its first four
+  # values, without a gap at the dropped step.
+  lr = train_lib.schedule(c, c.train.lr)
+  np.testing.assert_allclose(rates, [lr(i) for i in range(4)], rtol=1e-6)
+
+
 # ------------------------------------------------------- divergence guard
 
 
@@ -397,6 +441,86 @@ def test_unwritable_workdir_is_one_line_and_changes_nothing(
     assert code == 2, err
     assert_one_error_line(err, 'work directory', 'cannot be written')
     assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails a test whose run gets as far as building or compiling a step."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('the run got as far as building the model')
+  monkeypatch.setattr(train_lib, 'abstract_state', refuse)
+  monkeypatch.setattr(train_lib, 'compile_steps', refuse)
+
+
+def _corpus_of(directory, sizes):
+  """A directory of .txt files of the given sizes (bytes)."""
+  os.makedirs(directory)
+  rng = np.random.default_rng(0)
+  for name, size in sizes.items():
+    with open(os.path.join(directory, name), 'w') as f:
+      f.write(''.join(rng.choice(list('abcdefgh \n'), size=size)))
+  return str(directory)
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.train.seq_len=200000', 'fewer than one batch'),
+    ('--config.model.vocab_size=200', 'model.vocab_size=200'),
+    ('--config.train.batch_size=12', 'mesh data x fsdp = 8'),
+    ('--config.train.grad_accum_steps=2', 'micro-batch'),
+    ('--config.data.max_tokens=200', 'raise data.max_tokens=200'),
+])
+def test_a_refused_start_leaves_the_work_directory_as_it_was(
+    override, expected, tmp_path, capsys, no_compile):
+  """Before anything is written or compiled: a new work directory is not
+  created; an existing one, holding config.json of another config and no
+  checkpoint (no run to protect), is left as it was and does not refuse."""
+  new = tmp_path / 'new'
+  code, _, err = _main([f'--workdir={new}', *INPROC, override], capsys)
+  assert code == 2
+  assert_one_error_line(err, expected)
+  assert not new.exists()
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'config.json').write_text('{"seed": 7}')
+  (old / 'metrics.jsonl').write_text('')
+  before = snapshot(str(old))
+  code, _, err = _main([f'--workdir={old}', *INPROC, override], capsys)
+  assert code == 2
+  assert_one_error_line(err, expected)
+  assert snapshot(str(old)) == before
+
+
+def test_empty_files_are_never_held_out(tmp_path):
+  """The issue's directory: by the hash rule a.txt (empty) is held out."""
+  texts = _corpus_of(tmp_path / 'texts', {'a.txt': 0, 'b.txt': 64_000,
+                                          'c.txt': 99_000})
+  split = data_lib.split_files(data_lib.text_files(texts))
+  assert [rel for rel, _ in split['validation']] == ['c.txt']
+  _, held_out = data_lib.open_train_and_eval(
+      texts, str(tmp_path / 'tfds'), tokenizer_lib.ByteTokenizer(), 32,
+      progress=False)
+  assert held_out.num_examples * 33 > 90_000
+
+
+def test_a_held_out_split_too_small_names_its_files_and_the_fix(
+    tmp_path, capsys, no_compile):
+  texts = _corpus_of(tmp_path / 'texts', {'a.txt': 0, 'b.txt': 64_000,
+                                          'c.txt': 99_000})
+  (held_out, path), = data_lib.split_files(
+      data_lib.text_files(texts))['validation']
+  with open(path, 'w') as f:
+    f.write('x' * 200)  # with EOS, 6 examples of 33 tokens
+  data_lib.open_documents(texts, 'train', str(tmp_path / 'tfds'))  # prepared
+  workdir = tmp_path / 'run'
+  code, _, err = _main([f'--workdir={workdir}', *INPROC,
+                        f'--config.data.name={texts}',
+                        f'--config.data.data_dir={tmp_path / "tfds"}'], capsys)
+  assert code == 2
+  line = assert_one_error_line(err, 'validation', 'fewer than one batch of 8',
+                               f'{held_out} (200 bytes)',
+                               'train.batch_size to at most 6',
+                               'train.seq_len to at most 24')
+  assert not workdir.exists(), line
 
 
 @pytest.fixture
