@@ -28,6 +28,7 @@ from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import layers
+from poet_jax import metrics as metrics_lib
 from poet_jax import optim
 from poet_jax import orthogonal
 from poet_jax import tokenizer as tokenizer_lib
@@ -386,6 +387,42 @@ def test_max_q_norm_keeps_the_orthogonality_error_bounded():
   # Without it ||Q|| passes 1 (the series' radius) and the error explodes.
   assert free_q[-1] > 2.0
   assert free_err[-1] > 1.0 > 50 * held_err.max()
+
+
+def test_numerical_trouble_is_warned_once_with_the_step_and_layer():
+  c = tiny_config()
+  setup, state = train_lib.init_state(c, 257)
+  model = lambda: nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  names = metrics_lib.poet_layer_names(model())
+  assert len(names) == len(set(names)) == 7 * c.model.num_layers
+  warned = set()
+  healthy = metrics_lib.poet_layer_health(model())
+  assert metrics_lib.numerical_warnings(3, names, healthy, warned) == []
+  # Layer 1's up projection: one input block with ||Q||_F = 1.5.
+  q = state['params']['blocks']['mlp']['up']['q_in']
+  u = np.zeros(q.shape[-1], np.float32)
+  u[:2] = 1.5 / np.sqrt(2) / np.sqrt(2)
+  state['params']['blocks']['mlp']['up']['q_in'] = q.at[1, 0].set(u)
+  health = metrics_lib.poet_layer_health(model())
+  np.testing.assert_allclose(health['q_norm'].max(), 1.5, rtol=1e-5)
+  lines = metrics_lib.numerical_warnings(7, names, health, warned)
+  assert len(lines) == 2, lines
+  for line, what in zip(lines, ('||Q||_F 1.5', 'orthogonality error')):
+    assert line.startswith('warning: at step 7 a block of blocks.mlp.up[1]')
+    assert what in line and 'poet.max_q_norm' in line and 'poet.lr' in line
+  assert metrics_lib.numerical_warnings(8, names, health, warned) == []
+
+
+def test_a_diverging_run_warns(tmp_path):
+  """poet.lr=0.5 without the guard: ||Q|| passes 1 in the first step."""
+  result = run_train(str(tmp_path), '--config.poet.lr=0.5',
+                     '--config.poet.max_q_norm=0', '--config.train.steps=3',
+                     '--config.log_every=1', '--config.eval_every=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [l for l in result.stdout.splitlines() if 'warning' in l]
+  assert len(warnings) == 2, result.stdout
+  assert all(l.startswith('warning: at step 1 a block of blocks.')
+             for l in warnings), warnings
 
 
 # ------------------------------------------------------------------ files
