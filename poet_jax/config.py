@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.poet.init = 'normalized'
   c.poet.lr = 1e-3
   c.poet.scale = 0.5
-  c.poet.max_q_norm = 0.0        # 0 disables the guard on ||Q||_F
+  c.poet.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # or a tfds name such as 'c4/en', or a dir

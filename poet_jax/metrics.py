@@ -146,7 +146,7 @@ def numerical_warnings(step: int, names: list[str], health: dict,
     out.append(
         f'warning: at step {step} a block of {names[worst]} has {what} '
         f'{values[worst]:.3g} ({bad.size} layer(s) past {limit}); it {why}. '
-        'Lower poet.lr or set poet.max_q_norm below 1 (such as 0.9); see '
+        'Lower poet.lr, or keep poet.max_q_norm below 1 (default 0.9); see '
         'docs/reliability.md (warned once)')
   return out
 

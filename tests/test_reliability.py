@@ -423,6 +423,15 @@ def test_a_diverging_run_warns(tmp_path):
   assert len(warnings) == 2, result.stdout
   assert all(l.startswith('warning: at step 1 a block of blocks.')
              for l in warnings), warnings
+  # The default guard (poet.max_q_norm=0.9) holds the same run in range.
+  guarded = run_train(str(tmp_path / 'guarded'), '--config.poet.lr=0.5',
+                      '--config.train.steps=3', '--config.log_every=1',
+                      '--config.eval_every=3')
+  assert guarded.returncode == 0, guarded.stderr[-3000:]
+  assert 'warning' not in guarded.stdout
+  q_norms = [e['q_norm_max'] for e in read_metrics(str(tmp_path / 'guarded'))
+             if 'q_norm_max' in e]
+  assert len(q_norms) == 3 and max(q_norms) <= 0.9 * (1 + 1e-6)
 
 
 # ------------------------------------------------------------------ files
