@@ -220,6 +220,28 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
       read_metrics(reference), KEYS)
 
 
+def test_grad_accumulation_resumes_mid_run_like_the_whole_batch(
+    reference, tmp_path):
+  """2 micro-batches per step, killed after step 5 (merges at 3 and 6):
+  resumed, the run ends like the whole-batch reference to float32 rounding,
+  with one logged line, merge and checkpoint per optimizer step."""
+  workdir = str(tmp_path)
+  accum = (*SHORT, '--config.train.grad_accum_steps=2')
+  killed = run_train(workdir, *accum, env={'POET_JAX_FAULT': 'kill@5'})
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  resumed = run_train(workdir, *accum)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from' in resumed.stdout
+  got, want = read_metrics(workdir), read_metrics(reference)
+  assert steps_of(got) == steps_of(want)
+  assert complete_steps(workdir) == complete_steps(reference)
+  for key in ('train_loss', 'eval_loss', 'learning_rate', 'tokens_seen',
+              'q_norm_max'):
+    np.testing.assert_allclose([e.get(key, 0) for e in got],
+                               [e.get(key, 0) for e in want], rtol=1e-4,
+                               atol=1e-6, err_msg=key)
+
+
 # ----------------------------------------------------- non-finite values
 
 
