@@ -586,6 +586,7 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
                      tokens_per_s=tokens_per_step / dt,
                      nonfinite_steps=nonfinite)
         if c.optimizer.name == 'poet':
+          entry['poet_learning_rate'] = float(m['poet_learning_rate'])
           diag = jax.device_get(steps.diagnostics(state))
           health = diag.pop('layers')
           entry.update({k: float(v) for k, v in diag.items()})

@@ -732,7 +732,7 @@ def _run_dir_with_checkpoint(workdir, argv, meta=None):
   command = train.parse_command_line(['train.py', *argv])
   assert not isinstance(command, str), command
   os.makedirs(workdir)
-  train_lib._check_config_matches(workdir, command.config)  # pylint: disable=protected-access
+  train_lib.write_config(workdir, command.config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   ckpt.save(2, {'w': jnp.arange(4.0)}, {'step': 2, **(meta or {})})
   ckpt.close()
