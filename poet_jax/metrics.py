@@ -87,11 +87,13 @@ def poet_diagnostics(model: nnx.Module) -> dict:
 
 
 # Thresholds of the warnings (docs/reliability.md). The Cayley–Neumann
-# series converges while ||Q||_2 < 1; ||Q||_F bounds ||Q||_2. An
-# orthogonality error above 0.1 is past what poet.max_q_norm=0.9 allows
-# (measured: at most 0.06) and far past a healthy run's (below 1e-3).
+# series converges while ||Q||_2 < 1; ||Q||_F bounds ||Q||_2. Under the
+# default guard ||Q||_F <= 0.9 the 3-term series' orthogonality error is at
+# most sqrt(2/b) (1 - (1 - s^4)^2) with s = 0.9/sqrt(2) (all of the norm in
+# one rotation plane): 0.21 at b = 4, 0.15 at b = 8, 0.075 at b = 32
+# (measured: 0.127 and 0.058). Above 0.25 no block of 4 or more is in range.
 Q_NORM_LIMIT = 1.0
-ORTH_ERROR_LIMIT = 0.1
+ORTH_ERROR_LIMIT = 0.25
 
 
 def poet_layer_names(model: nnx.Module) -> list[str]:

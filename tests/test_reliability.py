@@ -91,7 +91,9 @@ def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('reference'))
   result = run_train(workdir, *SHORT)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stderr == ''
+  # orbax notes a slow earlier save on a loaded machine; nothing else.
+  assert [l for l in result.stderr.splitlines()
+          if 'Waiting for previous save to complete' not in l] == []
   return workdir
 
 
