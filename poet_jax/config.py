@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300
   c.train.batch_size = 16        # global, in sequences
+  c.train.grad_accum_steps = 1   # micro-batches per optimizer step
   c.train.seq_len = 128
   c.train.lr = 1e-2              # base learning rate (AdamW group)
   c.train.warmup_steps = 0
@@ -97,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.poet.init = 'normalized'
   c.poet.lr = 1e-3
   c.poet.scale = 0.5
-  c.poet.max_q_norm = 0.0        # 0 disables the guard on ||Q||_F
+  c.poet.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
   # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
   # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
   # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
@@ -256,7 +257,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'eval_tokens', 'model.dim',
               'model.num_layers', 'model.num_heads', 'train.steps',
-              'train.batch_size', 'train.seq_len', 'poet.merge_every'):
+              'train.batch_size', 'train.seq_len', 'poet.merge_every',
+              'train.grad_accum_steps'):
     value = _get(c, key)
     _check(isinstance(value, int) and not isinstance(value, bool) and
            value > 0, f'{key}={value!r} must be a positive integer')
@@ -264,6 +266,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(key, _get(c, key))
   for key in ('train.grad_clip', 'train.weight_decay', 'poet.max_q_norm'):
     _positive(key, _get(c, key), allow_zero=True)
+  _check(c.train.batch_size % c.train.grad_accum_steps == 0,
+         f'train.batch_size={c.train.batch_size} is not divisible by '
+         f'train.grad_accum_steps={c.train.grad_accum_steps}; the batch is '
+         'split into that many equal micro-batches')
   _check(isinstance(c.poet.auto_memory_budget, int) and
          not isinstance(c.poet.auto_memory_budget, bool) and
          c.poet.auto_memory_budget >= 0,
