@@ -116,8 +116,9 @@ def optimizer(c) -> optax.GradientTransformation:
     dims = lambda params: jax.tree_util.tree_map_with_path(
         lambda p, x: optax.contrib.MuonDimensionNumbers(1, 2)
         if _is_block_kernel(p, x) else None, params)
+    # Decay on both parts, unmasked, as the reference trainer's Muon groups.
     tx = optax.contrib.muon(lr, beta=o.muon_beta, weight_decay=wd,
-                            adam_b1=o.b1, adam_b2=o.b2,
+                            adam_weight_decay=wd, adam_b1=o.b1, adam_b2=o.b2,
                             muon_weight_dimension_numbers=dims)
   elif o.name == 'galore':
     # GaLore on each layer's block kernels, AdamW on embeddings, norms and
