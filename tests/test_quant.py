@@ -63,6 +63,22 @@ def test_error_per_group_is_within_half_a_step():
   print(f'\nmax error / step over groups: {float((err / step).max()):.4f}')
 
 
+@pytest.mark.parametrize('group', [64, 256])
+def test_relative_error_of_the_paper_init_w0(group):
+  w = layers.init_w0(jax.random.key(0), 1024, 512)  # normalized Gaussian
+  err = quant.dequantize(quant.quantize(w, group)) - w
+  rel = float(jnp.linalg.norm(err) / jnp.linalg.norm(w))
+  x = jax.random.normal(jax.random.key(1), (64, 1024))
+  out = float(jnp.linalg.norm(x @ err) / jnp.linalg.norm(x @ w))
+  print(f'\ngroup {group}: relative error of W0 {rel:.2e}, of x @ W0 '
+        f'{out:.2e}')
+  # Uniform rounding error has RMS step / sqrt(12); a group of g Gaussians
+  # spans about 2 sqrt(2 ln g) standard deviations.
+  expected = 2 * np.sqrt(2 * np.log(group)) / 255 / np.sqrt(12)
+  assert 0.7 * expected < rel < 1.3 * expected, (rel, expected)
+  assert out < 1.5 * rel
+
+
 def test_constant_group_is_exact_and_dequantize_has_the_asked_dtype():
   w = jnp.concatenate([jnp.full((8, 3), 0.25), jnp.ones((8, 3))], axis=0)
   q = quant.quantize(w, 8)
