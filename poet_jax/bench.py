@@ -437,7 +437,7 @@ def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
                                 jax.devices()[:1])
   built, failed = {}, []
   for method, compute in methods:
-    name = method if method != 'poet' else f'poet-{compute}'
+    name = f'{method}-{compute}' if method.startswith('poet') else method
     log(f'{section}: compiling {name} ({size}, batch {batch[0]} x '
         f'{batch[1]})')
     try:
