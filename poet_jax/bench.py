@@ -550,14 +550,14 @@ def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
           continue
         peak = report['peak_gib']
         adamw = peak if method == 'adamw' else adamw or math.nan
-        mem = peak if name == 'mem' else mem or math.nan
+        mem = peak if name == 'mem' else mem  # POET-X mem, if measured
         paper = PAPER_MEMORY_GB.get((size, seq, name), 'n/a')
         rows.append({'section': 'memory', 'model': size, 'seq_len': seq,
                      'batch': 1, 'dtype': dtype, 'method': name,
                      'w0_dtype': report['w0_dtype'],
                      'peak_gib': peak, 'peak_gb': peak * GIB / 1e9,
                      'ratio_to_adamw': peak / adamw,
-                     'minus_mem_gib': peak - mem,
+                     'minus_mem_gib': None if mem is None else peak - mem,
                      'temp_gib': report['temp_gib'],
                      'argument_gib': report['argument_gib'],
                      'paper_gb': 'does not fit' if paper is None else paper})
