@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
+W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -61,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim_dense = 384    # the spec's AdamW / POET-FS width
   c.model.vocab_size = 0         # 0: the tokenizer's vocabulary
   c.model.dtype = 'float32'      # compute dtype; parameters stay float32
-  c.model.w0_dtype = 'float32'   # storage of POET's frozen W0
+  c.model.w0_dtype = 'float32'   # storage of POET's frozen W0; int8: POET-XQ
+  c.model.w0_group_size = 256    # W0 rows per 8-bit group (w0_dtype=int8)
   c.model.remat = False
   c.model.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
 
@@ -288,7 +290,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('optimizer.name', c.optimizer.name, METHODS)
   _choice('nan_policy', c.nan_policy, ('skip', 'stop'))
   _choice('model.dtype', c.model.dtype, DTYPES)
-  _choice('model.w0_dtype', c.model.w0_dtype, DTYPES)
+  _choice('model.w0_dtype', c.model.w0_dtype, W0_DTYPES)
   _choice('poet.variant', c.poet.variant, ('block', 'full'))
   _choice('poet.compute', c.poet.compute,
           ('fast', 'mem', 'materialize', 'auto'))
@@ -320,6 +322,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'model.ffn_dim={width!r} must be a positive integer (or -1)')
   if c.optimizer.name == 'poet':
     _check_poet_sizes(c, width)
+    if c.model.w0_dtype == 'int8':
+      _check_w0_groups(c, width)
   for key in ('data.name', 'data.tokenizer'):
     _check(isinstance(_get(c, key), str) and _get(c, key),
            f'{key} must be a non-empty string')
@@ -383,6 +387,20 @@ def _check_poet_sizes(c, width: int) -> None:
         isinstance(b, int) and 0 < b <= min(c.model.dim, width))
     _check(ok, f'poet.block_size={b!r} must be a fraction in (0, 1] or an '
            "integer no larger than the smallest width for poet.variant='full'")
+
+
+def _check_w0_groups(c, width: int) -> None:
+  """The 8-bit groups of W0 run along every POET layer's input dimension."""
+  g = c.model.w0_group_size
+  _check(isinstance(g, int) and g > 0,
+         f'model.w0_group_size={g!r} must be a positive integer')
+  common = math.gcd(c.model.dim, width)
+  hint = max(d for d in range(1, min(g, common) + 1) if common % d == 0)
+  for name, size in (('model.dim', c.model.dim), ('FFN width', width)):
+    _check(size % g == 0,
+           f'model.w0_group_size={g} does not divide {name}={size} (the '
+           'input width of POET layers); choose a group size that divides '
+           f'both widths, such as {hint}')
 
 
 def _get(c, dotted: str):

@@ -28,7 +28,8 @@ class POETConfig:
   init: str = 'normalized'
   neumann_terms: int = 3
   orthogonal_map: str = 'neumann'
-  w0_dtype: Any = jnp.float32
+  w0_dtype: Any = jnp.float32  # a float dtype, or 'int8' (POET-XQ)
+  w0_group_size: int = 256     # W0 rows per 8-bit group, for 'int8'
   memory_budget: int = 0       # for compute='auto'; see layers.choose_compute
 
 
@@ -61,8 +62,8 @@ def make_linear(cfg: LlamaConfig, in_features: int, out_features: int,
         in_features, out_features, block_size=p.block_size,
         variant=p.variant, compute=p.compute, init=p.init,
         neumann_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
-        dtype=cfg.dtype, w0_dtype=p.w0_dtype, memory_budget=p.memory_budget,
-        name=name, rngs=rngs)
+        dtype=cfg.dtype, w0_dtype=p.w0_dtype, w0_group_size=p.w0_group_size,
+        memory_budget=p.memory_budget, name=name, rngs=rngs)
   if cfg.linear == 'dense':
     return nnx.Linear(in_features, out_features, use_bias=False,
                       dtype=cfg.dtype,

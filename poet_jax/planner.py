@@ -48,6 +48,7 @@ def plan(c, devices=None) -> dict:
   return {
       'config_method': c.optimizer.name,
       'compute': c.poet.compute if c.optimizer.name == 'poet' else 'dense',
+      'w0_dtype': c.model.w0_dtype if c.optimizer.name == 'poet' else None,
       'num_devices': mesh.size,
       'mesh': dict(mesh.shape),
       'batch_size': c.train.batch_size,
@@ -72,7 +73,8 @@ def dry_run(c, workdir: str) -> dict:
   path = os.path.join(workdir, 'memory.json')
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
-  print(f"{report['config_method']} ({report['compute']}), "
+  w0 = f", W0 {report['w0_dtype']}" if report['w0_dtype'] else ''
+  print(f"{report['config_method']} ({report['compute']}{w0}), "
         f"{report['num_devices']} device(s), batch {report['batch_size']} x "
         f"{report['seq_len']}")
   if report['grad_accum_steps'] > 1:

@@ -64,7 +64,9 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
           compute=c.poet.compute, init=c.poet.init,
           neumann_terms=c.poet.neumann_terms,
           orthogonal_map=c.poet.orthogonal_map,
-          w0_dtype=dtypes[c.model.w0_dtype],
+          # 'int8' passes through: POET-XQ's 8-bit W0 (poet_jax/quant.py).
+          w0_dtype=dtypes.get(c.model.w0_dtype, c.model.w0_dtype),
+          w0_group_size=c.model.w0_group_size,
           memory_budget=c.poet.auto_memory_budget))
 
 
@@ -188,7 +190,11 @@ def count_params(state) -> tuple[int, int]:
   size = lambda tree: sum(int(np.prod(np.shape(x))) for x in
                           jax.tree.leaves(tree)
                           if jnp.issubdtype(x.dtype, jnp.floating))
-  return size(state['params']), size(state['frozen'])
+  # W0 by name: an 8-bit W0 is uint8 codes plus float scales and zero points.
+  w0 = jax.tree_util.tree_leaves_with_path(state['frozen'])
+  frozen = sum(int(np.prod(np.shape(x))) for p, x in w0
+               if str(getattr(p[-1], 'key', '')) == 'w0')
+  return size(state['params']), frozen
 
 
 # ------------------------------------------------------------------- steps
