@@ -298,6 +298,11 @@ class POETLinear(nnx.Module):
             self.in_place[...], self.out_place[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self._lead:
+      raise ValueError(
+          f'this POETLinear is a stack of {self.w0[...].shape[0]} layers (as '
+          "the Llama's scanned blocks); call one layer: poet_jax.layer_at("
+          'model.blocks, i)')
     dtype = self.dtype or jnp.result_type(x)
     args = (jnp.asarray(x, dtype),) + self._arrays(dtype)
     return _FORWARD[self.variant, self.resolved_compute(x.shape)](*args)
