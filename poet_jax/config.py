@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
+EVAL_AT_START = ('auto', 'always', 'never')
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -47,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_tokens = 32 * 1024      # held-out tokens per evaluation
   c.nan_policy = 'skip'          # 'skip' the update or 'stop' the run
+  c.eval_at_start = 'auto'       # 'auto', 'always', 'never' (eval_at_start)
+  c.tensorboard = False          # also write <workdir>/tensorboard events
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 128
@@ -263,6 +266,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(0 <= value < 1, f'{key}={value!r} must be in [0, 1)')
   _choice('optimizer.name', c.optimizer.name, METHODS)
   _choice('nan_policy', c.nan_policy, ('skip', 'stop'))
+  _choice('eval_at_start', c.eval_at_start, EVAL_AT_START)
   _choice('model.dtype', c.model.dtype, DTYPES)
   _choice('model.w0_dtype', c.model.w0_dtype, DTYPES)
   _choice('poet.variant', c.poet.variant, ('block', 'full'))
