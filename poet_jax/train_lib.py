@@ -467,6 +467,8 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   write = bar.write if is_main else (lambda *a, **k: None)
   failed = True
   try:
+    write('compiling the train and eval steps')
+    _compile_ahead(c, steps, state)
     at_start, why = eval_at_start(c, len(eval_batches))
     if start == 0:
       write(f'step 0: {"evaluating" if at_start else "not evaluating"} the '
@@ -479,11 +481,6 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     # Non-finite steps are counted on device (state['nonfinite']); the count
     # is read only at log steps and, with nan_policy='stop', before a save.
     reported = int(state['nonfinite'])
-    # Compiled before the clocks start: tokens/s and the time left leave
-    # compilation out.
-    train_step = steps.train.lower(state, jax.ShapeDtypeStruct(
-        (c.train.batch_size, c.train.seq_len + 1), jnp.int32,
-        sharding=steps.batch_sharding)).compile()
     _restart_clock(bar, start)
     last_time, last_step = time.perf_counter(), start
     step = start
@@ -494,12 +491,18 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
       if faults.at('nan', step + 1):
         batch = np.array(batch)
         batch[0, 0] = vocab  # out of the vocabulary: the embedding is NaN
-      state, m = train_step(state, _global_batch(batch, steps.batch_sharding))
+      state, m = steps.train(state, _global_batch(batch, steps.batch_sharding))
       step += 1
       faults.during_step(step)
       bar.update(1)
       last = step == c.train.steps
       log_due = step % c.log_every == 0 or last
+      if step == start + 1 and not log_due:
+        # The first call of a compiled step sets up its runtime: leave it
+        # out of the clocks as well.
+        jax.block_until_ready(m)
+        _restart_clock(bar, step)
+        last_time, last_step = time.perf_counter(), step
       nonfinite = int(state['nonfinite']) if log_due else None
       entry = {}
       if log_due:
@@ -613,6 +616,18 @@ def data_notes(c, train_data, num_eval_batches: int) -> list[str]:
         f'fewer than eval_tokens={c.eval_tokens:,}; every evaluation uses '
         'those')
   return notes
+
+
+def _compile_ahead(c, steps: CompiledSteps, state) -> None:
+  """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
+  executables), so that the clocks of tokens/s and of the time left, started
+  after this, leave compilation out."""
+  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
+                               jnp.int32, sharding=steps.batch_sharding)
+  steps.train.lower(state, batch).compile()
+  steps.eval.lower(state, batch).compile()
+  if c.optimizer.name == 'poet':
+    steps.diagnostics.lower(state).compile()
 
 
 def _restart_clock(bar, step: int) -> None:
