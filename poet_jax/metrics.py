@@ -35,9 +35,11 @@ class MetricsLog:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # TensorBoard hides the events at and after purge_step written
       # before this point: those the checkpoint does not cover.
-      self._tensorboard = SummaryWriter(tensorboard_dir,
-                                        purge_step=resume_step + 1
-                                        if resume_step else 0)
+      # File names hold the time in seconds: the suffix keeps a restart
+      # within the same second from overwriting the earlier file.
+      self._tensorboard = SummaryWriter(
+          tensorboard_dir, purge_step=resume_step + 1 if resume_step else 0,
+          filename_suffix=f'.{os.getpid()}.from{resume_step}')
     if os.path.exists(path):
       kept = [line for line in self.read(path)
               if resume_step and line.get('step', 0) <= resume_step]
