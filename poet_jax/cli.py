@@ -35,7 +35,6 @@ from ml_collections import config_flags
 from poet_jax import keys as keys_lib
 
 
-
 def _config_dir() -> str:
   """configs/: installed as the package poet_jax.configs (pyproject.toml),
   or beside the package in a checkout that is not installed."""
@@ -68,7 +67,8 @@ def define_flags(flag_values: flags.FlagValues, argv):
   this raises for a bad override or config file.
   """
   config = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Python config file (see configs/).',
+      'config', _DEFAULT_CONFIG, 'Python config file (configs/*.py), or '
+      'the name of an installed one (llama_60m).',
       flag_values=flag_values, lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string(
       'workdir', None, 'Where checkpoints and metrics go; default '
@@ -121,8 +121,7 @@ def _override_keys(argv) -> list[str]:
   for a in argv:
     if _is_override(a):
       key = a.split('=')[0].lstrip('-')
-      keys.append(key[len('noconfig.'):] if key.startswith('no')
-                  else key[len('config.'):])
+      keys.append(key.split('config.', 1)[1])
   return keys
 
 
