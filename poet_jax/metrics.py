@@ -1,4 +1,4 @@
-"""metrics.jsonl, POET diagnostics and the loss-curve plot."""
+"""metrics.jsonl (and TensorBoard events), POET diagnostics, the loss plot."""
 import json
 import os
 
