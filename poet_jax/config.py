@@ -13,6 +13,7 @@ from ml_collections import config_dict
 METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
 W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
+EVAL_AT_START = ('auto', 'always', 'never')
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -52,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   # hf_import.py): a dense run takes its weights, a POET run its linear
   # weights as W0. '': a random init.
   c.init_from = ''
+  c.eval_at_start = 'auto'       # 'auto', 'always', 'never' (eval_at_start)
+  c.tensorboard = False          # also write <workdir>/tensorboard events
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 128
@@ -289,6 +292,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(0 <= value < 1, f'{key}={value!r} must be in [0, 1)')
   _choice('optimizer.name', c.optimizer.name, METHODS)
   _choice('nan_policy', c.nan_policy, ('skip', 'stop'))
+  _choice('eval_at_start', c.eval_at_start, EVAL_AT_START)
   _choice('model.dtype', c.model.dtype, DTYPES)
   _choice('model.w0_dtype', c.model.w0_dtype, W0_DTYPES)
   _choice('poet.variant', c.poet.variant, ('block', 'full'))

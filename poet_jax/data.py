@@ -16,10 +16,12 @@ non-overlapping examples of seq_len + 1 tokens. A batch is a pure function of
 (step, seed), so the data position of a run is its step. See docs/data.md.
 """
 import collections.abc
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -224,12 +226,34 @@ def _text_dir_config(directory: str) -> TextCorpusConfig:
       description=f'.txt files under {directory}')
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds without its own output: its 'Downloading and preparing' lines
+  (nothing is downloaded here), absl warnings about custom configs, and its
+  progress bars. We say in one line what is being prepared instead."""
+  tfds.disable_progress_bar()
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+
+
 def prepare_text_corpus(config: TextCorpusConfig, data_dir: str) -> TextCorpus:
   """Builds the ArrayRecord files once; later calls only read their info."""
-  builder = TextCorpus(config=config, data_dir=data_dir,
-                       file_format='array_record')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with _quiet_tfds():
+    builder = TextCorpus(config=config, data_dir=data_dir,
+                         file_format='array_record')
+    prepared = builder.is_prepared()
+  if not prepared:
+    print(f'preparing {config.description} for tfds in {data_dir} (once; '
+          'nothing is downloaded)', flush=True)
+    with _quiet_tfds():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
   return builder
 
 

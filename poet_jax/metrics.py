@@ -1,4 +1,4 @@
-"""metrics.jsonl, POET diagnostics and the loss-curve plot."""
+"""metrics.jsonl (and TensorBoard events), POET diagnostics, the loss plot."""
 import json
 import os
 
@@ -22,10 +22,25 @@ class MetricsLog:
   and no missing steps. The rewrite is atomic (a temporary file renamed).
   Each entry is flushed as it is written. A failed write raises OSError with
   the file's path.
+
+  With tensorboard_dir, every entry is also written there as TensorBoard
+  scalars (tensorboardX), one tag per key, at its step; events of steps
+  after resume_step, left by a killed run, are purged the same way.
   """
 
-  def __init__(self, path: str, resume_step: int = 0):
+  def __init__(self, path: str, resume_step: int = 0,
+               tensorboard_dir: str | None = None):
     self.path = path
+    self._tensorboard = None
+    if tensorboard_dir:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      # TensorBoard hides the events at and after purge_step written
+      # before this point: those the checkpoint does not cover.
+      # File names hold the time in seconds: the suffix keeps a restart
+      # within the same second from overwriting the earlier file.
+      self._tensorboard = SummaryWriter(
+          tensorboard_dir, purge_step=resume_step + 1 if resume_step else 0,
+          filename_suffix=f'.{os.getpid()}.from{resume_step}')
     if os.path.exists(path):
       kept = [line for line in self.read(path)
               if resume_step and line.get('step', 0) <= resume_step]
@@ -41,10 +56,17 @@ class MetricsLog:
       self._file.flush()
     except OSError as e:
       raise OSError(e.errno, e.strerror, self.path) from None
+    if self._tensorboard is not None:
+      for key, value in entry.items():
+        if key != 'step' and isinstance(value, (int, float)):
+          self._tensorboard.add_scalar(key, value, entry['step'])
+      self._tensorboard.flush()
 
   def close(self) -> None:
     try:
       self._file.close()
+      if self._tensorboard is not None:
+        self._tensorboard.close()
     except OSError:
       pass  # a write already failed and was reported
 
@@ -154,21 +176,6 @@ def numerical_warnings(step: int, names: list[str], health: dict,
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
-  """Training and evaluation loss against steps."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  entries = MetricsLog.read(metrics_path)
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for key in ('train_loss', 'eval_loss'):
-    points = [(e['step'], e[key]) for e in entries if key in e]
-    if points:
-      ax.plot(*zip(*points), marker='o' if key == 'eval_loss' else None,
-              label=key.replace('_', ' '))
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (nats/token)')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
+  """The run's loss curves (poet_jax.plot.plot_run) from its work directory."""
+  from poet_jax import plot  # pylint: disable=g-import-not-at-top
+  plot.plot_run(os.path.dirname(metrics_path) or '.', png_path)

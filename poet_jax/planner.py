@@ -14,6 +14,9 @@ from poet_jax import sharding as sharding_lib
 from poet_jax import train_lib
 
 GIB = 1024 ** 3
+# About the most memory one accelerator holds today (MI300X, B200): a peak
+# far above it needs other settings, not another device.
+LARGEST_DEVICE_GIB = 192.0
 
 
 def vocab_size(c) -> int:
@@ -67,8 +70,97 @@ def plan(c, devices=None) -> dict:
   }
 
 
+def device_memory_gib(devices=None) -> float:
+  """Memory of one device: its allocator's limit, or on CPU the host's RAM
+  shared by its local devices."""
+  devices = devices or jax.local_devices()
+  try:
+    stats = devices[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  if 'bytes_limit' in stats:
+    return stats['bytes_limit'] / GIB
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return host / GIB / len(devices)
+
+
+def _changed(c, changes: dict):
+  c = c.copy_and_resolve_references()
+  for key, value in changes.items():
+    *path, last = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
+def _micro_batches(c, report, limit_gib: float, data_parallel: int) -> int:
+  """The fewest micro-batches (a power of two) whose activations, scaled
+  down linearly from this batch's, fit in limit_gib; 0 if the batch cannot
+  be split (a micro-batch needs a multiple of the data-parallel size)."""
+  batch = c.train.batch_size
+  if batch % (2 * data_parallel):
+    return 0
+  room = limit_gib * 0.9 - (report['peak_gib'] - report['temp_gib'])
+  k = 2
+  while (report['temp_gib'] / k > room and batch % (2 * k * data_parallel)
+         == 0):
+    k *= 2
+  return k
+
+
+def suggestions(c, report, limit_gib: float, devices=None) -> dict:
+  """{setting: per-device peak GiB} for settings that lower the peak, each
+  figure from compiling the step with it.
+
+  Micro-batches (train.grad_accum_steps=k) are compiled as the step of one
+  micro-batch (batch_size / k), plus the float32 gradient buffer that
+  accumulation keeps.
+  """
+  mesh = sharding_lib.make_mesh(c.mesh, devices)
+  options = {}
+  if not c.model.remat:
+    options['model.remat=True'] = {'model.remat': True}
+  if c.optimizer.name == 'poet' and c.poet.compute != 'mem':
+    options['poet.compute=mem'] = {'poet.compute': 'mem'}
+  k = _micro_batches(c, report, limit_gib,
+                     mesh.shape['data'] * mesh.shape['fsdp'])
+  if k:
+    options[f'train.grad_accum_steps={k}'] = {
+        'train.batch_size': c.train.batch_size // k}
+  if len(options) > 1:
+    options['all of the above'] = {
+        key: value for changes in options.values()
+        for key, value in changes.items()}
+  buffer = report['trainable_params'] * 4 / GIB / (
+      mesh.shape['fsdp'] * mesh.shape['tensor'])
+  return {name: plan(_changed(c, changes), devices)['peak_gib'] + (
+      buffer if 'train.batch_size' in changes else 0.0)
+          for name, changes in options.items()}
+
+
+def _advise(c, report, limit_gib: float) -> list[str]:
+  """Lines saying that the peak does not fit, and what would make it."""
+  peak = report['peak_gib']
+  far = (f'far above any single accelerator (the largest hold about '
+         f'{LARGEST_DEVICE_GIB:.0f} GiB) and ' if peak > LARGEST_DEVICE_GIB
+         else '')
+  lines = [f'  peak {peak:.3g} GiB per device is {far}above this device\'s '
+           f'{limit_gib:.3g} GiB; settings that lower it, each compiled:']
+  report['suggestions_peak_gib'] = suggestions(c, report, limit_gib)
+  for name, gib in report['suggestions_peak_gib'].items():
+    flag = name if name.startswith('all') else f'--config.{name}'
+    lines.append(f'    {flag:<44} peak {gib:.3g} GiB')
+  lines.append('    (more devices: mesh.fsdp shards the parameters and '
+               'optimizer state over them)')
+  return lines
+
+
 def dry_run(c, workdir: str) -> dict:
   report = plan(c)
+  limit = device_memory_gib()
+  advice = _advise(c, report, limit) if report['peak_gib'] > limit else []
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'memory.json')
   with open(path, 'w') as f:
@@ -87,5 +179,7 @@ def dry_run(c, workdir: str) -> dict:
   print(f"  parameters: {report['trainable_params']:,} trainable, "
         f"{report['frozen_params']:,} frozen; "
         f"{report['flops_per_step']:.3e} FLOPs per step")
+  for line in advice:
+    print(line)
   print(f'  written to {path}')
   return report

@@ -389,7 +389,7 @@ class _StopSignal:
 # Keys a resumed run may change: they decide when to log, evaluate, save and
 # stop, not what is computed (nan_policy: see docs/reliability.md).
 RESUMABLE = ('nan_policy', 'log_every', 'eval_every', 'checkpoint_every',
-             'keep_checkpoints')
+             'keep_checkpoints', 'eval_at_start', 'tensorboard')
 
 
 def _check_writable(workdir: str) -> None:
@@ -544,8 +544,10 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
       state, _ = ckpt.restore(latest, target)
       say(f'resumed from {ckpt.directory} at step {latest}')
     start = int(state['step'])
-    log = metrics_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
-                                 resume_step=start) if is_main else None
+    log = metrics_lib.MetricsLog(
+        os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
+        tensorboard_dir=(os.path.join(workdir, 'tensorboard')
+                         if c.tensorboard else None)) if is_main else None
   except BaseException:
     if ckpt:
       ckpt.abandon()
@@ -555,9 +557,15 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval,
                                        jax.process_index(), jax.process_count())
 
+  say(f'workdir: {os.path.abspath(workdir)}')
+  for line in data_notes(c, train_data, len(eval_batches)):
+    say(line)
+
   def evaluate(state):
     total, count = 0.0, 0.0
-    for batch in eval_batches:
+    for batch in tqdm.tqdm(eval_batches, desc='evaluating', unit='batch',
+                           leave=False, dynamic_ncols=True,
+                           disable=not (progress and is_main)):
       s, n = steps.eval(state, _global_batch(batch, steps.batch_sharding))
       total, count = total + float(s), count + float(n)
     return total / count
@@ -575,8 +583,13 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   write = bar.write if is_main else (lambda *a, **k: None)
   failed = True
   try:
-    say(f'workdir: {os.path.abspath(workdir)}')
-    if start == 0 and c.eval_every:
+    write('compiling the train and eval steps')
+    _compile_ahead(c, steps, state)
+    at_start, why = eval_at_start(c, len(eval_batches))
+    if start == 0:
+      write(f'step 0: {"evaluating" if at_start else "not evaluating"} the '
+            f'initial model ({why})')
+    if start == 0 and at_start:
       first = evaluate(state)
       say(f'step 0: eval loss {first:.4f}, perplexity {math.exp(first):.2f}')
       log and log.write({'step': 0, 'eval_loss': first,
@@ -585,6 +598,7 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     # is read only at log steps and, with nan_policy='stop', before a save.
     reported = int(state['nonfinite'])
     warned = set()  # kinds of numerical warning given (each once a run)
+    _restart_clock(bar, start)
     last_time, last_step = time.perf_counter(), start
     step = start
     stop.in_loop = True
@@ -600,13 +614,18 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
       bar.update(1)
       last = step == c.train.steps
       log_due = step % c.log_every == 0 or last
+      if step == start + 1 and not log_due:
+        # The first call of a compiled step sets up its runtime: leave it
+        # out of the clocks as well.
+        jax.block_until_ready(m)
+        _restart_clock(bar, step)
+        last_time, last_step = time.perf_counter(), step
       nonfinite = int(state['nonfinite']) if log_due else None
       entry = {}
       if log_due:
         m = jax.device_get(m)
         now = time.perf_counter()
-        dt = (now - last_time) / (step - last_step)
-        last_time, last_step = now, step
+        dt = (now - last_time) / max(step - last_step, 1)
         entry.update(train_loss=float(m['train_loss']),
                      learning_rate=float(m['learning_rate']),
                      grad_norm=float(m['grad_norm']),
@@ -630,6 +649,8 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
               f'{entry["eval_ppl"]:.2f}')
       if entry and log:
         log.write({'step': step, **entry})
+      if log_due:  # tokens/s counts train steps, not evaluations or logging
+        last_time, last_step = time.perf_counter(), step
       faults.pause(step, stop)
       stopping = _agreed_stop(stop, log_due)
       save_due = (step % c.checkpoint_every == 0 or last or
@@ -676,6 +697,66 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     say(f'done: metrics in {os.path.join(workdir, "metrics.jsonl")}, '
         f'curves in {os.path.join(workdir, "loss.png")}')
   return exit_code
+
+
+def eval_at_start(c, num_batches: int) -> tuple[bool, str]:
+  """Whether to evaluate the initial model before step 1, and why.
+
+  config eval_at_start: 'always', 'never', or 'auto', which evaluates when
+  the run evaluates before its end (eval_every < train.steps) and one
+  evaluation costs at most eval_every steps (a forward pass is about a third
+  of a train step per token), so a shortened paper config with a 10 M-token
+  evaluation does not start with hours of it.
+  """
+  if c.eval_at_start != 'auto':
+    return c.eval_at_start == 'always', f'eval_at_start={c.eval_at_start}'
+  cost = num_batches / 3  # in train steps of the same batch
+  if c.eval_every >= c.train.steps:
+    why = 'the run evaluates only at its end'
+  elif cost > c.eval_every:
+    why = f'it costs about {cost:.0f} steps, more than eval_every'
+  else:
+    return True, (f'{num_batches} batches; eval_at_start=auto, '
+                  '--config.eval_at_start=never skips it')
+  return False, f'{why}; --config.eval_at_start=always evaluates it'
+
+
+def data_notes(c, train_data, num_eval_batches: int) -> list[str]:
+  """What the run will do with its data, when it is worth saying: training
+  data seen more than once, or fewer held-out tokens than eval_tokens."""
+  notes = []
+  epochs = c.train.steps * c.train.batch_size / train_data.num_examples
+  if epochs > 1:
+    notes.append(
+        f'data: {c.train.steps} steps x {c.train.batch_size} sequences read '
+        f'the {train_data.num_examples:,} training sequences {epochs:.1f} '
+        'times (more data, or fewer steps, for a single pass)')
+  held_out = num_eval_batches * c.train.batch_size * c.train.seq_len
+  if held_out < c.eval_tokens:
+    notes.append(
+        f'data: the held-out split has {held_out:,} tokens in whole batches, '
+        f'fewer than eval_tokens={c.eval_tokens:,}; every evaluation uses '
+        'those')
+  return notes
+
+
+def _compile_ahead(c, steps: CompiledSteps, state) -> None:
+  """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
+  executables), so that the clocks of tokens/s and of the time left, started
+  after this, leave compilation out."""
+  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
+                               jnp.int32, sharding=steps.batch_sharding)
+  steps.train.lower(state, batch).compile()
+  steps.eval.lower(state, batch).compile()
+  if c.optimizer.name == 'poet':
+    steps.diagnostics.lower(state).compile()
+
+
+def _restart_clock(bar, step: int) -> None:
+  """The progress bar's rate and time left from now on (not compilation)."""
+  bar.reset(total=bar.total)
+  bar.n = bar.initial = bar.last_print_n = step
+  bar.refresh()
 
 
 def _load_tokenizer(spec: str):

@@ -12,7 +12,7 @@ import jax
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import train
+from poet_jax import cli as train
 from poet_jax import config as config_lib
 from train_util import ROOT
 

@@ -1,6 +1,15 @@
-"""The README's Python example runs as written and does what it says."""
+"""The README's set-up commands, Python example and config-key table are
+what the project does."""
+import importlib
 import os
 import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from poet_jax import keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,10 +29,70 @@ def test_library_example_runs_and_learns(capsys):
   assert loss < 0.5 * 5.55  # log(256): it memorizes the batch
 
 
-def test_ci_runs_the_readme_test_command():
+def setup_commands():
+  """The indented command lines of the set-up section."""
+  section = readme().split('## Set up on a fresh machine')[1].split('\n## ')[0]
+  return [l.strip() for l in section.splitlines() if l.startswith('    ')]
+
+
+def test_readme_gives_two_setup_commands_that_install_the_package():
+  install, tests = setup_commands()
+  steps = install.split(' && ')
+  assert steps[:2] == ['python3 -m venv .venv', '. .venv/bin/activate']
+  assert 'pip install -r requirements.txt' in steps
+  assert steps.index('pip install -e .') > steps.index(
+      'pip install -r requirements.txt')
+  assert steps[-1] == 'poet-jax-train'
+  assert tests == '. .venv/bin/activate && python -m pytest -q tests'
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
   with open(os.path.join(ROOT, '.ci', 'run')) as f:
     ci = f.read()
-  command = re.search(r'\. \.venv/bin/activate && (python -m pytest[^\n]*)',
-                      readme()).group(1)
-  assert command in ci
-  assert 'pip install --quiet -r requirements.txt' in ci
+  install, tests = setup_commands()
+  assert tests.split(' && ')[1] in ci
+  for step in install.split(' && ')[:-1]:
+    quiet = step.replace('pip install', 'pip install --quiet')
+    assert step in ci or quiet in ci, step
+
+
+def pyproject():
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)
+
+
+def test_readme_states_the_supported_python():
+  required = pyproject()['project']['requires-python']  # '>=3.11'
+  version = required.removeprefix('>=')
+  assert f'Python {version} or newer' in readme()
+  assert sys.version_info[:2] >= tuple(map(int, version.split('.')))
+
+
+def test_config_key_table_is_generated_from_the_config():
+  assert keys.markdown_table() in readme()
+
+
+def test_entry_points_name_functions_that_exist():
+  scripts = pyproject()['project']['scripts']
+  for name in ('poet-jax-train', 'poet-jax-plot'):
+    module, function = scripts[name].split(':')
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_installed_package_imports_from_another_directory(tmp_path):
+  """Outside the checkout, `import poet_jax` is the installed package (not
+  the checkout folder as a namespace package) and finds its configs."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  script = ('import importlib.util, sys\n'
+            "if importlib.util.find_spec('poet_jax') is None: sys.exit(3)\n"
+            'import poet_jax, poet_jax.cli\n'
+            'print(poet_jax.LlamaConfig.__name__, poet_jax.cli.CONFIG_DIR)\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path,
+                          capture_output=True, text=True, env=env,
+                          timeout=300)
+  if result.returncode == 3:
+    pytest.skip('poet-jax is not installed here (pip install -e .)')
+  assert result.returncode == 0, result.stderr[-2000:]
+  name, config_dir = result.stdout.split()
+  assert name == 'LlamaConfig'
+  assert os.path.isfile(os.path.join(config_dir, 'llama_60m.py'))

@@ -23,7 +23,7 @@ import optax
 import pytest
 from flax import nnx
 
-import train
+from poet_jax import cli as train
 from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib

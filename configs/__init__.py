@@ -1,0 +1,1 @@
+"""The training configs, installed as the package poet_jax.configs."""
