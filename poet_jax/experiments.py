@@ -1,0 +1,568 @@
+"""The papers' ablations at a size a CPU can run (docs/reproduction.md).
+
+  python -m poet_jax.experiments                  # this machine: ~30 min
+  python -m poet_jax.experiments --scale=large    # a quiet machine: ~2 h
+  python -m poet_jax.experiments --studies=compare,spectrum --scale=smoke
+
+Every run is train_lib.train on the embedded corpus in its own work directory
+<root>/<run name>, named by the settings it varies, so a run shared by two
+studies (the best POET run is k = 3 of the Neumann study and T_m = 50 of the
+merge study) trains once. A run whose result.json exists is finished and
+skipped; an unfinished one resumes from its last checkpoint. The POET and
+AdamW learning rates are swept first; the ablations then use the best POET
+settings. Tables (tables.md, results.json) and PNG plots go to --out.
+
+Exit codes as train.py: 2 bad input (nothing written), 3 interrupted (run
+the same command to resume).
+"""
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import sys
+import time
+
+# The POET papers' numbers (spec sections 2, 5, 6, 9): validation perplexity
+# on C4. Table 2 at 60M / 130M, POET-BS b = 256.
+PAPER_COMPARE = {'adamw': {'60M': 26.68, '130M': 20.82},
+                 'poet': {'60M': 25.29, '130M': 19.88}}
+# Llama-130M, POET-FS b = 1/2; k = 0 diverges.
+PAPER_NEUMANN = {0: 'diverges', 1: 22.56, 2: 21.54, 3: 20.22, 4: 20.19}
+# Llama-60M, POET-FS b = 1/2.
+PAPER_MERGE = {5: 30.29, 25: 27.27, 50: 25.99, 200: 25.37, 400: 25.31,
+               1600: 25.58}
+PAPER_INIT = {'standard': 26.22, 'xavier': 25.79, 'uniform_spectrum': 27.29,
+              'normalized': 25.37}
+INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
+STUDIES = ('compare', 'neumann', 'merge', 'init', 'spectrum', 'orthogonality')
+
+_SMALL_MODEL = {'model.dim': 64, 'model.num_layers': 2, 'model.num_heads': 4,
+                'model.ffn_dim': 128, 'train.seq_len': 64}
+# base: config overrides of every run; adamw_lr, poet_lr: the sweeps;
+# base_lr: POET's base-group rates tried at the best poet.lr (the first is
+# the one the poet.lr sweep uses); merge_every: T_m (the first is the
+# default of the other studies).
+SCALES = {
+    'small': dict(
+        base={**_SMALL_MODEL, 'train.batch_size': 16, 'train.steps': 300,
+              'poet.block_size': 32.0, 'eval_tokens': 16384,
+              'eval_every': 100, 'log_every': 5, 'checkpoint_every': 100},
+        adamw_lr=(1e-3, 3e-3, 1e-2, 3e-2), poet_lr=(2e-3, 4e-3, 8e-3, 1.6e-2),
+        base_lr=(1e-2, 3e-3, 3e-2), merge_every=(50, 5, 10, 25, 100, 300)),
+    'large': dict(
+        base={'train.steps': 1200, 'poet.block_size': 32.0,
+              'eval_every': 200, 'log_every': 10, 'checkpoint_every': 200},
+        adamw_lr=(1e-3, 3e-3, 1e-2, 3e-2), poet_lr=(2e-3, 4e-3, 8e-3, 1.6e-2),
+        base_lr=(1e-2, 3e-3, 3e-2), merge_every=(200, 5, 25, 50, 400, 1200)),
+    'smoke': dict(
+        base={'model.dim': 32, 'model.num_layers': 2, 'model.num_heads': 2,
+              'model.ffn_dim': 64, 'poet.block_size': 8.0,
+              'train.batch_size': 4, 'train.seq_len': 32, 'train.steps': 4,
+              'eval_tokens': 256, 'eval_every': 4, 'log_every': 1,
+              'checkpoint_every': 4},
+        adamw_lr=(1e-2,), poet_lr=(1e-2,), base_lr=(1e-2,),
+        merge_every=(2, 1)),
+}
+# Every run: one device, one kept checkpoint.
+_COMMON = {'mesh.data': 1, 'keep_checkpoints': 1}
+
+
+class UsageError(ValueError):
+  """Bad command-line input; one line for the user."""
+
+
+# ------------------------------------------------------------------- runs
+
+
+def run_name(overrides: dict) -> str:
+  """The work directory name of a run: the method and the varied settings."""
+  o = overrides
+  if o['optimizer.name'] == 'adamw':
+    return f"adamw_lr{o['train.lr']:g}"
+  return (f"poet_lr{o['train.lr']:g}_plr{o['poet.lr']:g}"
+          f"_k{o['poet.neumann_terms']}_tm{o['poet.merge_every']}"
+          f"_{o['poet.init']}")
+
+
+def make_config(scale: dict, overrides: dict):
+  """base_config() with the scale's and the run's overrides, validated."""
+  from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.update_from_flattened_dict({**_COMMON, **scale['base'], **overrides})
+  config_lib.validate(c)
+  return c
+
+
+def poet_run(train_lr, poet_lr, k=3, merge_every=None, init='normalized',
+             scale=None) -> dict:
+  return {'optimizer.name': 'poet', 'train.lr': train_lr, 'poet.lr': poet_lr,
+          'poet.neumann_terms': k,
+          'poet.merge_every': merge_every or scale['merge_every'][0],
+          'poet.init': init}
+
+
+def adamw_run(lr) -> dict:
+  return {'optimizer.name': 'adamw', 'train.lr': lr}
+
+
+class Runner:
+  """Trains runs in <root>/<name>, each once; collects their results."""
+
+  def __init__(self, root: str, scale: dict, log=print):
+    self.root, self.scale, self.log = root, scale, log
+    self.results = {}
+
+  def workdir(self, overrides: dict) -> str:
+    return os.path.join(self.root, run_name(overrides))
+
+  def __call__(self, overrides: dict) -> dict:
+    """The result of a run (see _summarize), training it if unfinished."""
+    name = run_name(overrides)
+    if name in self.results:
+      return self.results[name]
+    workdir = self.workdir(overrides)
+    path = os.path.join(workdir, 'result.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+      self.log(f'{name}: finished earlier, skipped (eval perplexity '
+               f"{result['eval_ppl']:.3f})")
+    else:
+      result = self._train(name, overrides, workdir)
+    self.results[name] = result
+    return result
+
+  def _train(self, name: str, overrides: dict, workdir: str) -> dict:
+    from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+    c = make_config(self.scale, overrides)
+    self.log(f'{name}: training in {workdir}')
+    start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'train.log'), 'a') as out, \
+        contextlib.redirect_stdout(out):
+      code = train_lib.train(c, workdir, progress=False)
+    if code:
+      raise SystemExit(code)
+    result = _summarize(name, overrides, workdir,
+                        time.perf_counter() - start)
+    tmp = os.path.join(workdir, 'result.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, 'result.json'))
+    self.log(f"{name}: eval perplexity {result['eval_ppl']:.3f} "
+             f"({result['wall_s']:.0f} s)")
+    return result
+
+
+def _summarize(name: str, overrides: dict, workdir: str, wall: float):
+  """A finished run's figures from its metrics.jsonl.
+
+  diverged: the final evaluation is not finite, no better than the first,
+  or some update was dropped as non-finite.
+  """
+  from poet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  entries = metrics_lib.MetricsLog.read(os.path.join(workdir,
+                                                     'metrics.jsonl'))
+  evals = [e for e in entries if 'eval_loss' in e]
+  first, last = evals[0]['eval_loss'], evals[-1]['eval_loss']
+  nonfinite = max([e.get('nonfinite_steps', 0) for e in entries] + [0])
+  return {'name': name, 'overrides': overrides, 'eval_loss': last,
+          'eval_ppl': math.exp(min(last, 700)) if math.isfinite(last)
+                      else float('inf'),
+          'first_eval_ppl': math.exp(min(first, 700)),
+          'nonfinite_steps': nonfinite, 'wall_s': wall,
+          'diverged': not math.isfinite(last) or last >= first or
+                      nonfinite > 0}
+
+
+def best(results: list[dict]) -> dict:
+  """The run with the lowest final eval loss (non-finite counts as worst)."""
+  key = lambda r: r['eval_loss'] if math.isfinite(r['eval_loss']) else 1e30
+  return min(results, key=key)
+
+
+# ---------------------------------------------------------------- studies
+
+
+def study_compare(run: Runner, scale: dict) -> dict:
+  """POET-BS and AdamW, each at its best learning rate of a small sweep.
+
+  POET sweeps poet.lr at the first base-group rate, then the base-group rate
+  at the best poet.lr.
+  """
+  adamw = [run(adamw_run(lr)) for lr in scale['adamw_lr']]
+  base_lr = scale['base_lr'][0]
+  poet = [run(poet_run(base_lr, lr, scale=scale)) for lr in scale['poet_lr']]
+  poet_lr = best(poet)['overrides']['poet.lr']
+  poet += [run(poet_run(lr, poet_lr, scale=scale))
+           for lr in scale['base_lr'][1:]]
+  return {'adamw': adamw, 'poet': poet, 'best_adamw': best(adamw),
+          'best_poet': best(poet)}
+
+
+def _ablation(run: Runner, scale: dict, best_poet: dict, key: str, values):
+  o = best_poet['overrides']
+  settings = {'k': o['poet.neumann_terms'], 'init': o['poet.init'],
+              'merge_every': o['poet.merge_every']}
+  out = []
+  for value in values:
+    out.append(run(poet_run(o['train.lr'], o['poet.lr'], scale=scale,
+                            **{**settings, key: value})))
+  return out
+
+
+# --------------------------------------------------------------- reports
+
+
+def _table(headers, rows) -> str:
+  lines = ['| ' + ' | '.join(headers) + ' |',
+           '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def _ppl(result: dict) -> str:
+  text = f"{result['eval_ppl']:.3f}" if math.isfinite(
+      result['eval_ppl']) else 'inf'
+  return text + (' (diverged)' if result['diverged'] else '')
+
+
+def _metrics(run: Runner, result: dict) -> list[dict]:
+  from poet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  return metrics_lib.MetricsLog.read(os.path.join(
+      run.workdir(result['overrides']), 'metrics.jsonl'))
+
+
+def _figure(path: str, panels: int = 1):
+  """A matplotlib figure and its axes; saved and closed by _save."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8),
+                           squeeze=False)
+  fig.path = path
+  return fig, list(axes[0])
+
+
+def _save(fig) -> str:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  for ax in fig.axes:
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(fig.path, dpi=80)
+  plt.close(fig)
+  return os.path.basename(fig.path)
+
+
+def _curves(ax, run: Runner, results: list[dict], labels: list[str],
+            key: str = 'train_loss'):
+  for result, label in zip(results, labels):
+    points = [(e['step'], e[key]) for e in _metrics(run, result) if key in e]
+    ax.plot(*zip(*points), label=label,
+            marker='o' if key == 'eval_loss' else None, markersize=3)
+  ax.set_xlabel('step')
+  ax.set_ylabel(key.replace('_', ' ') + ' (nats/token)')
+
+
+def report_compare(run: Runner, res: dict, out: str) -> str:
+  rows = [('AdamW', f"{r['overrides']['train.lr']:g}", '-', _ppl(r))
+          for r in res['adamw']]
+  rows += [('POET-BS', f"{r['overrides']['train.lr']:g}",
+            f"{r['overrides']['poet.lr']:g}", _ppl(r)) for r in res['poet']]
+  a, p = res['best_adamw'], res['best_poet']
+  ratio = p['eval_ppl'] / a['eval_ppl']
+  paper = lambda m: PAPER_COMPARE[m]
+  summary = [
+      ('AdamW', a['name'], _ppl(a), '1', paper('adamw')['60M'],
+       paper('adamw')['130M']),
+      ('POET-BS', p['name'], _ppl(p), f'{ratio:.3f}', paper('poet')['60M'],
+       paper('poet')['130M'])]
+  fig, (left, right) = _figure(os.path.join(out, 'compare.png'), 2)
+  for method, results, key in (('AdamW', res['adamw'], 'train.lr'),
+                               ('POET-BS', res['poet'], 'poet.lr')):
+    base_lr = results[0]['overrides']['train.lr']
+    points = sorted((r['overrides'][key], r['eval_ppl']) for r in results
+                    if r['overrides']['train.lr'] == base_lr or
+                    method == 'AdamW')
+    left.plot(*zip(*points), marker='o', label=f'{method} ({key})')
+  left.set_xscale('log')
+  left.set_yscale('log')
+  left.set_xlabel('learning rate')
+  left.set_ylabel('final eval perplexity')
+  _curves(right, run, [a, p], ['AdamW (best lr)', 'POET-BS (best lr)'],
+          'eval_loss')
+  png = _save(fig)
+  return ('## POET-BS vs AdamW at equal steps\n\nLearning-rate sweep (final '
+          'eval perplexity):\n\n' +
+          _table(('method', 'train.lr', 'poet.lr', 'eval ppl'), rows) +
+          '\nEach at its best learning rate, with the paper (Table 2, C4):'
+          '\n\n' + _table(('method', 'run', 'eval ppl', 'ratio to AdamW',
+                           'paper 60M', 'paper 130M'), summary) +
+          f'\n![sweep and curves]({png})\n')
+
+
+def report_ablation(run: Runner, results: list[dict], out: str, key: str,
+                    title: str, paper: dict, label: str) -> str:
+  """Table (ours beside the paper's) and plot of a one-setting ablation."""
+  rows = []
+  for r in sorted(results, key=lambda r: r['overrides'][key]):
+    value = r['overrides'][key]
+    orth = max((e.get('orth_error_max', 0) for e in _metrics(run, r)),
+               default=0)
+    rows.append((value, _ppl(r), f'{orth:.2e}', paper.get(value, '-')))
+  name = key.split('.')[-1]
+  fig, (left, right) = _figure(os.path.join(out, f'{name}.png'), 2)
+  ordered = sorted(results, key=lambda r: r['overrides'][key])
+  labels = [f'{label} = {r["overrides"][key]}' for r in ordered]
+  _curves(left, run, ordered, labels)
+  left.set_ylim(top=min(left.get_ylim()[1], 6))
+  _curves(right, run, ordered, labels, 'eval_loss')
+  png = _save(fig)
+  return (f'## {title}\n\n' +
+          _table((label, 'eval ppl', 'max orth. error', 'paper ppl'), rows) +
+          f'\n![{title}]({png})\n')
+
+
+def _kernel(layer, index: int = 0):
+  """Layer `index` of a stacked (L, in, out) dense or POET kernel."""
+  from poet_jax import layers  # pylint: disable=g-import-not-at-top
+  if isinstance(layer, layers.POETLinear):
+    return layer.effective_weight()[index]
+  return layer.kernel[...][index]
+
+
+def layer_spectra(run: Runner, result: dict):
+  """Singular values of block 0's attention.q kernel at the start and end.
+
+  The start is rebuilt from the seed (init_state is deterministic); the end
+  is the run's last checkpoint. Returns two float64 numpy vectors.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from poet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  c = make_config(run.scale, result['overrides'])
+  vocab = (c.model.vocab_size or
+           tokenizer_lib.load_tokenizer(c.data.tokenizer).vocab_size)
+  setup, start = train_lib.init_state(c, vocab)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      train_lib.abstract_state(c, vocab)[1])
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(run.workdir(result['overrides']), 'checkpoints'))
+  try:
+    end, _ = ckpt.restore(ckpt.latest_step(), target)
+  finally:
+    ckpt.abandon()
+  spectra = []
+  for state in (start, end):
+    model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+    w = np.asarray(_kernel(model.blocks.attention.q), np.float64)
+    spectra.append(np.linalg.svd(w, compute_uv=False))
+  return spectra
+
+
+def report_spectrum(run: Runner, res: dict, out: str) -> str:
+  fig, axes = _figure(os.path.join(out, 'spectrum.png'), 2)
+  rows = []
+  for ax, (method, result) in zip(axes, (('POET-BS', res['best_poet']),
+                                         ('AdamW', res['best_adamw']))):
+    s0, s1 = layer_spectra(run, result)
+    change = float(max(abs(s1 - s0)) / max(s0))
+    rows.append((method, f'{s0.max():.4f} / {s0.min():.4f}',
+                 f'{s1.max():.4f} / {s1.min():.4f}', f'{change:.2e}'))
+    ax.plot(s0, label='start (W0 for POET)', linewidth=3, alpha=0.5)
+    ax.plot(s1, '--', label='end of training')
+    ax.set_title(f'{method}: block 0 attention.q')
+    ax.set_xlabel('index')
+    ax.set_ylabel('singular value')
+  png = _save(fig)
+  sv = [(e['step'], e['sv_rel_change_max']) for e in
+        _metrics(run, res['best_poet']) if 'sv_rel_change_max' in e]
+  return ('## Singular values of one layer over training\n\nBlock 0\'s '
+          'attention.q of the best POET and AdamW runs; POET\'s end is the '
+          'effective weight R W0 P. Largest change of a singular value '
+          'relative to the largest:\n\n' +
+          _table(('method', 'start max / min', 'end max / min',
+                  'max |change| / max'), rows) +
+          f'\nPOET during training (metrics.jsonl sv_rel_change_max, '
+          'against the current W0): largest '
+          f'{max(v for _, v in sv):.2e} over {len(sv)} logged steps.\n\n'
+          f'![spectra]({png})\n')
+
+
+def report_orthogonality(run: Runner, result: dict, out: str) -> str:
+  entries = [e for e in _metrics(run, result) if 'orth_error_max' in e]
+  period = result['overrides']['poet.merge_every']
+  fig, (ax,) = _figure(os.path.join(out, 'orthogonality.png'))
+  ax.plot([e['step'] for e in entries],
+          [max(e['orth_error_max'], 1e-9) for e in entries], marker='.')
+  steps = entries[-1]['step']
+  for merge in range(period, steps + 1, period):
+    ax.axvline(merge, color='gray', linestyle=':', linewidth=1)
+  ax.set_yscale('log')
+  ax.set_xlabel('step (dotted: merges)')
+  ax.set_ylabel('max ||G G^T - I|| / ||I||')
+  png = _save(fig)
+  rows = []
+  for start in range(0, steps, period):
+    cycle = [e['orth_error_max'] for e in entries
+             if start < e['step'] <= start + period]
+    before = [e['orth_error_max'] for e in entries
+              if start < e['step'] < start + period]
+    after = [e['orth_error_max'] for e in entries
+             if e['step'] == start + period]
+    rows.append((f'{start + 1}-{start + period}',
+                 f'{max(before or cycle):.2e}',
+                 f'{after[0]:.1e}' if after else '-'))
+  return ('## Orthogonality error over steps\n\nLargest error over all '
+          f'blocks of the best POET run (T_m = {period}), logged every '
+          f'{entries[1]["step"] - entries[0]["step"]} steps:\n\n' +
+          _table(('steps', 'largest before the merge', 'right after it'),
+                 rows) + f'\n![orthogonality]({png})\n')
+
+
+# ------------------------------------------------------------------ main
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    raise UsageError(message)
+
+
+def parse_args(argv):
+  """argv (without the program) -> namespace; UsageError for bad input."""
+  p = _Parser(prog='python -m poet_jax.experiments',
+              description=__doc__.split('\n')[0])
+  p.add_argument('--scale', default='small', choices=sorted(SCALES),
+                 help='model and run sizes (SCALES)')
+  p.add_argument('--studies', default=','.join(STUDIES),
+                 help=f'comma-separated subset of {",".join(STUDIES)}')
+  p.add_argument('--root', default=os.path.join('runs', 'reproduction'),
+                 help='work directories of the runs, one per run')
+  p.add_argument('--out', default=os.path.join('docs', 'reproduction'),
+                 help='where tables.md, results.json and the PNGs go')
+  p.add_argument('--fast_compile', default=True,
+                 action=argparse.BooleanOptionalAction,
+                 help='XLA:CPU backend optimization level 0 (compiles in '
+                 'about half the time; no effect on accelerators)')
+  args = p.parse_args(argv)
+  args.studies = [s.strip() for s in args.studies.split(',') if s.strip()]
+  unknown = sorted(set(args.studies) - set(STUDIES))
+  if unknown or not args.studies:
+    raise UsageError(f'--studies={",".join(unknown)}: choose from '
+                     f'{",".join(STUDIES)}')
+  scale = SCALES[args.scale]
+  # Every configuration the study can train, checked before anything runs.
+  lr = scale['poet_lr'][0]
+  planned = [adamw_run(x) for x in scale['adamw_lr']] + [
+      poet_run(b, lr, k, t, i, scale) for b in scale['base_lr']
+      for k in range(5) for t in scale['merge_every'] for i in INITS]
+  for overrides in planned[:len(scale['adamw_lr']) + 1] + planned[-1:]:
+    make_config(scale, overrides)
+  for path in (args.root, args.out):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UsageError(f'{path} exists and is not a directory; choose '
+                       'another --root / --out')
+  return args
+
+
+def _set_up_xla(args) -> None:
+  """Before JAX starts its backend: fast CPU compiles and a shared on-disk
+  cache of compiled steps (runs with the same shapes reuse eval steps)."""
+  accelerated = False
+  for plugin in ('jax-cuda12-plugin', 'jax-cuda13-plugin', 'libtpu',
+                 'jax-rocm7-plugin'):
+    try:
+      importlib.metadata.version(plugin)
+      accelerated = True
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  flags = os.environ.get('XLA_FLAGS', '')
+  if (args.fast_compile and not accelerated and
+      'xla_backend_optimization_level' not in flags):
+    os.environ['XLA_FLAGS'] = (flags +
+                               ' --xla_backend_optimization_level=0').strip()
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.abspath(os.path.join(args.root, 'xla_cache')))
+
+
+def run_studies(args, log=print) -> dict:
+  """Runs (or reuses) every run of the chosen studies; writes the report."""
+  scale = SCALES[args.scale]
+  run = Runner(args.root, scale, log)
+  start = time.perf_counter()
+  res = study_compare(run, scale)
+  os.makedirs(args.out, exist_ok=True)
+  sections = [report_compare(run, res, args.out)]
+  p = res['best_poet']
+  ablations = {
+      'neumann': ('poet.neumann_terms', 'k', range(5),
+                  'Neumann terms k', PAPER_NEUMANN, 'k'),
+      'merge': ('poet.merge_every', 'merge_every', scale['merge_every'],
+                'Merge interval T_m', PAPER_MERGE, 'T_m'),
+      'init': ('poet.init', 'init', INITS, 'W0 initialization', PAPER_INIT,
+               'init')}
+  for study, (key, arg, values, title, paper, label) in ablations.items():
+    if study in args.studies:
+      results = _ablation(run, scale, p, arg, values)
+      sections.append(report_ablation(run, results, args.out, key, title,
+                                      paper, label))
+  if 'spectrum' in args.studies:
+    sections.append(report_spectrum(run, res, args.out))
+  if 'orthogonality' in args.studies:
+    sections.append(report_orthogonality(run, p, args.out))
+  wall = time.perf_counter() - start
+  total = sum(r['wall_s'] for r in run.results.values())
+  header = (f'# Reproduction tables ({args.scale} scale)\n\nOverrides of '
+            f'every run: `{json.dumps({**_COMMON, **scale["base"]})}`.\n'
+            f'{len(run.results)} runs; training time {total / 60:.1f} min '
+            f'summed over runs, this invocation {wall / 60:.1f} min.\n')
+  with open(os.path.join(args.out, 'tables.md'), 'w') as f:
+    f.write('\n'.join([header] + sections))
+  summary = {'scale': args.scale, 'base': scale['base'],
+             'best_poet': p['name'], 'best_adamw': res['best_adamw']['name'],
+             'train_minutes': total / 60, 'wall_minutes': wall / 60,
+             'runs': run.results}
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  log(f'tables and plots in {os.path.abspath(args.out)}')
+  return summary
+
+
+def main(argv) -> int:
+  """The command line (argv without the program); returns the exit code."""
+  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    args = parse_args(argv)
+  except (UsageError, train_lib.USER_ERRORS) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 2
+  _set_up_xla(args)
+  try:
+    run_studies(args)
+  except train_lib.USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 2
+  except train_lib.Interrupted as e:
+    print(f'{e}: stopped; run the same command to resume', flush=True)
+    return train_lib.EXIT_INTERRUPTED
+  except SystemExit as e:  # a run's own exit code (3: interrupted, resumable)
+    print(f'a run stopped with exit code {e.code}; run the same command to '
+          'resume', file=sys.stderr, flush=True)
+    return int(e.code)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
