@@ -2,7 +2,11 @@
 from poet_jax.layers import FrozenWeight, Generator, Placement, POETLinear, init_w0
 from poet_jax.merge import merge_and_reset, merge_if_due, merge_key, merge_model, merge_states, poet_layers
 from poet_jax.model import Llama, LlamaConfig, POETConfig, next_token_loss
-from poet_jax.optim import ScaleByPoetState, poet, poet_param_labels, reset_poet_state, scale_by_poet
+from poet_jax.inject import layer_at, merge_with_placements, set_layer_at, set_poet_layer
+from poet_jax.poetize import BiasedPOETLinear, poetize
+from poet_jax.reparam import PoetKernelsState, poet_kernels, select_kernels
+from poet_jax.optim import (ScaleByPoetState, clip_by_global_norm, poet, poet_param_labels, post_merge_clip_ramp,
+                            reset_poet_state, scale_by_poet, scale_by_reference_adam)
 from poet_jax.orthogonal import (cayley_exact, cayley_neumann, orthogonal_blocks, orthogonality_error,
                                  params_from_skew, skew_from_params)
 

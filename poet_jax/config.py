@@ -93,6 +93,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.poet.lr = 1e-3
   c.poet.scale = 0.5
   c.poet.max_q_norm = 0.0        # 0 disables the guard on ||Q||_F
+  # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
+  # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
+  # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
+  c.poet.adam_convention = 'reference'
+  c.poet.eps = 1e-6              # Adam eps of both groups of a POET run
+  # Clipping threshold ramp after each merge (spec section 7): from 0.1x to
+  # 1x train.grad_clip over this many steps, during the first clip_ramp_until
+  # steps; 0 disables.
+  c.poet.clip_ramp_steps = 10
+  c.poet.clip_ramp_until = 2000
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # or a tfds name such as 'c4/en', or a dir
@@ -272,6 +282,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
           ('normalized', 'standard', 'xavier', 'uniform_spectrum'))
   _choice('poet.orthogonal_map', c.poet.orthogonal_map,
           ('neumann', 'taylor', 'exact'))
+  _choice('poet.adam_convention', c.poet.adam_convention,
+          ('reference', 'optax'))
+  _positive('poet.eps', c.poet.eps)
+  for key in ('poet.clip_ramp_steps', 'poet.clip_ramp_until'):
+    value = _get(c, key)
+    _check(isinstance(value, int) and value >= 0,
+           f'{key}={value!r} must be an integer >= 0 (0 disables the ramp)')
   _check(isinstance(c.poet.neumann_terms, int) and
          0 <= c.poet.neumann_terms <= 8,
          f'poet.neumann_terms={c.poet.neumann_terms!r} must be an integer '

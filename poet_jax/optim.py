@@ -1,11 +1,23 @@
-"""The POET optax transformation and the baselines.
+"""The POET optax transformations and the baselines' helpers.
 
 Built like optax.contrib.muon: `scale_by_poet` is the Adam step of the
 generator leaves, with a state type of its own so that a merge can find and
 reset it anywhere inside a chain, a partition or MultiSteps; `poet` routes
-generator leaves to it and every other trainable leaf to AdamW with
-optax.partition.
+generator leaves to it and every other trainable leaf to Adam with decoupled
+weight decay, with optax.partition.
+
+Two Adam conventions (docs/method.md has the table):
+  'reference'  the official POET-X code's (spec section 7): the uncorrected
+               first moment over sqrt(v) + eps, the bias correction
+               sqrt(1 - b2^t) / (1 - b1^t) on the step size (Kingma & Ba
+               2015, end of section 2, the form with epsilon-hat), and weight
+               decay p <- p - lr * wd * p applied after the Adam step;
+  'optax'      optax.scale_by_adam's: m_hat / (sqrt(v_hat) + eps), and
+               optax.adamw's decay lr * wd * p added to the step.
+They differ by an effective eps of eps / sqrt(1 - b2^t), which matters in
+the first steps after every merge, when the POET state restarts.
 """
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +27,8 @@ from flax import nnx
 
 from poet_jax import layers
 
+CONVENTIONS = ('reference', 'optax')
+
 
 class ScaleByPoetState(NamedTuple):
   """Adam moments of the generators; count restarts at every merge."""
@@ -23,45 +37,195 @@ class ScaleByPoetState(NamedTuple):
   nu: optax.Updates
 
 
-def scale_by_poet(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  scale: float = 1.0) -> optax.GradientTransformation:
-  """Adam (with bias correction) on generator leaves, times `scale`.
+def _one_minus_power(decay: float, count: jax.Array) -> jax.Array:
+  """1 - decay**count in float32 without the cancellation of computing the
+  power first (1 - 0.999**t loses 1e-5 relative at t = 1 that way)."""
+  return -jnp.expm1(count.astype(jnp.float32) * math.log(decay))
 
-  The reference implementation multiplies the POET learning rate by 0.5
-  (its `poet_scale`); `scale` makes that factor explicit.
+
+def adam_direction(mu, nu, count, b1: float, b2: float, eps: float,
+                   convention: str = 'reference'):
+  """The Adam step direction (before the learning rate) from the moments.
+
+  Args:
+    mu, nu: first and second moment pytrees, uncorrected (float32).
+    count: () int32, steps since the moments were last zeroed (>= 1).
+    b1, b2, eps: Adam's decays and epsilon.
+    convention: 'reference' gives sqrt(1-b2^t)/(1-b1^t) * mu/(sqrt(nu)+eps);
+      'optax' gives mu_hat/(sqrt(nu_hat)+eps) with the bias-corrected moments.
+
+  Raises:
+    ValueError: for an unknown convention.
   """
+  bc1, bc2 = _one_minus_power(b1, count), _one_minus_power(b2, count)
+  if convention == 'reference':
+    step = jnp.sqrt(bc2) / bc1
+    return jax.tree.map(lambda m, v: step * m / (jnp.sqrt(v) + eps), mu, nu)
+  if convention == 'optax':
+    return jax.tree.map(
+        lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu)
+  raise ValueError(f'unknown Adam convention {convention!r}; use one of '
+                   f'{CONVENTIONS}')
+
+
+def _adam(b1, b2, eps, convention, scale, state_type):
+  """Adam with moments in a state of `state_type` (count, mu, nu)."""
+  if convention not in CONVENTIONS:
+    raise ValueError(f'unknown Adam convention {convention!r}; use one of '
+                     f'{CONVENTIONS}')
 
   def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return ScaleByPoetState(jnp.zeros([], jnp.int32), zeros, zeros)
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+    return state_type(jnp.zeros([], jnp.int32), zeros, zeros)
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
-    out = jax.tree.map(lambda m, v: scale * m / (jnp.sqrt(v) + eps),
-                       mu_hat, nu_hat)
-    return out, ScaleByPoetState(count, mu, nu)
+    out = adam_direction(mu, nu, count, b1, b2, eps, convention)
+    out = jax.tree.map(lambda u, g: (scale * u).astype(g.dtype), out, updates)
+    return out, state_type(count, mu, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_poet(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                  scale: float = 1.0, convention: str = 'reference'
+                  ) -> optax.GradientTransformation:
+  """Adam (with bias correction) on generator leaves, times `scale`.
+
+  The state is a ScaleByPoetState, which `reset_poet_state` zeroes at every
+  merge (spec section 5, step 4). The reference implementation multiplies
+  the POET learning rate by 0.5 (its `poet_scale`); `scale` makes that
+  factor explicit. `convention` is 'reference' (default) or 'optax'; see
+  the module docstring.
+
+  Raises:
+    ValueError: for an unknown convention.
+  """
+  return _adam(b1, b2, eps, convention, scale, ScaleByPoetState)
+
+
+def scale_by_reference_adam(b1: float = 0.9, b2: float = 0.999,
+                            eps: float = 1e-6) -> optax.GradientTransformation:
+  """Adam in the reference's convention, for leaves a merge does not reset.
+
+  The state is an optax.ScaleByAdamState (count, mu, nu), so it is left
+  alone by `reset_poet_state`.
+  """
+  return _adam(b1, b2, eps, 'reference', 1.0, optax.ScaleByAdamState)
+
+
+def decay_after_step(weight_decay: float, learning_rate: optax.ScalarOrSchedule
+                     ) -> optax.GradientTransformation:
+  """Decoupled weight decay applied after the step: p <- p' - lr wd p'.
+
+  p' = p + u is the parameter after the (already scaled) update u, so the
+  update becomes u - lr * wd * (p + u); this is the reference's
+  `p.add_(p, alpha=-lr * wd)` after its Adam step. optax.adamw instead
+  decays the parameter before the step (u - lr * wd * p). Needs `params`.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    lr = (learning_rate(state.count) if callable(learning_rate)
+          else learning_rate)
+    out = jax.tree.map(
+        lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype),
+        updates, params)
+    return out, optax.ScaleByScheduleState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ClipByGlobalNormState(NamedTuple):
+  """Updates seen, for a scheduled clipping threshold."""
+  count: jax.Array
+
+
+def clip_by_global_norm(max_norm: optax.ScalarOrSchedule, eps: float = 1e-6
+                        ) -> optax.GradientTransformation:
+  """Scales the updates by min(1, max_norm / (||g|| + eps)).
+
+  Like optax.clip_by_global_norm, with two differences the reference's
+  torch.nn.utils.clip_grad_norm_ has: `eps` in the denominator, and
+  `max_norm` may be a schedule of the update count (for the post-merge
+  ramp, `post_merge_clip_ramp`). ||g|| is the L2 norm over all leaves.
+  """
+
+  def init_fn(params):
+    del params
+    return ClipByGlobalNormState(jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    limit = max_norm(state.count) if callable(max_norm) else max_norm
+    factor = jnp.minimum(1.0, limit / (optax.tree.norm(updates) + eps))
+    out = jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates)
+    return out, ClipByGlobalNormState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def post_merge_clip_ramp(max_norm: float, merge_every: int,
+                         ramp_steps: int = 10, min_ratio: float = 0.1,
+                         until_step: int = 2000) -> optax.Schedule:
+  """The reference's clipping threshold after each merge (spec section 7).
+
+  For update number `count` (0-based, the updates applied before this one):
+  after each merge, i.e. count = k * merge_every + j with k >= 1 and
+  j < ramp_steps, the threshold ramps linearly from min_ratio * max_norm
+  (j = 0) towards max_norm; before the first merge, after `until_step`
+  updates, and for j >= ramp_steps it is max_norm. ramp_steps = 0 gives
+  a constant max_norm.
+  """
+
+  def schedule(count):
+    j = count % merge_every
+    ramping = ((count >= merge_every) & (count <= until_step)
+               & (j < ramp_steps))
+    ratio = min_ratio + (1.0 - min_ratio) * j / max(1, ramp_steps)
+    return jnp.where(ramping, ratio * max_norm, max_norm).astype(jnp.float32)
+
+  return schedule
 
 
 def _is_poet_state(x) -> bool:
   return isinstance(x, ScaleByPoetState)
 
 
-def reset_poet_state(opt_state: Any) -> Any:
-  """Zero every ScaleByPoetState (moments and count) inside opt_state.
+def _is_reset_target(x) -> bool:
+  return isinstance(x, (ScaleByPoetState, optax.MultiStepsState))
 
-  Every other state (AdamW of the base parameters, schedules, MultiSteps
-  counters) is returned unchanged.
+
+def reset_poet_state(opt_state: Any) -> Any:
+  """The optimizer state as a merge leaves it (spec section 5, step 4).
+
+  Zeroes every ScaleByPoetState (moments and count) inside opt_state, and,
+  inside optax.MultiSteps, the generator gradients accumulated so far:
+  they were taken under the old W0 and permutations and would be applied
+  to the new generators otherwise. Everything else (the base group's Adam
+  state, schedules, clipping counts, MultiSteps counters, the base
+  gradients accumulated) is returned unchanged. Pure; jittable.
   """
-  return jax.tree.map(
-      lambda s: jax.tree.map(jnp.zeros_like, s) if _is_poet_state(s) else s,
-      opt_state, is_leaf=_is_poet_state)
+  def reset(s):
+    if isinstance(s, ScaleByPoetState):
+      return jax.tree.map(jnp.zeros_like, s)
+    if isinstance(s, optax.MultiStepsState):
+      labels = poet_param_labels(s.acc_grads)
+      acc = jax.tree.map(
+          lambda label, g: jnp.zeros_like(g) if label == 'poet' else g,
+          labels, s.acc_grads)
+      return s._replace(inner_opt_state=reset_poet_state(s.inner_opt_state),
+                        acc_grads=acc)
+    return s
+  return jax.tree.map(reset, opt_state, is_leaf=_is_reset_target)
 
 
 def poet_step_count(opt_state: Any) -> jax.Array:
@@ -102,29 +266,76 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
+def _base_adamw(learning_rate, b1, b2, eps, weight_decay, convention):
+  if convention == 'optax':
+    return optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay,
+                       mask=decay_mask)
+  return optax.chain(
+      scale_by_reference_adam(b1, b2, eps),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.masked(decay_after_step(weight_decay, learning_rate), decay_mask))
+
+
+def _require_poet_leaves(tx, param_labels):
+  """Refuses a model with no generator: poet() would quietly be AdamW."""
+
+  def init_fn(params):
+    labels = param_labels(params) if callable(param_labels) else param_labels
+    if 'poet' not in jax.tree.leaves(labels):
+      raise ValueError(
+          'poet(): no POET generator leaf (a variable named one of '
+          f'{layers.GENERATOR_NAMES}) among the {len(jax.tree.leaves(params))}'
+          ' parameters; build the model with POET layers, or use optax.adamw '
+          'for a dense model')
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
 def poet(learning_rate: optax.ScalarOrSchedule,
          poet_learning_rate: optax.ScalarOrSchedule,
          *, poet_scale: float = 0.5, b1: float = 0.9, b2: float = 0.999,
-         poet_eps: float = 1e-6, weight_decay: float = 0.01,
+         eps: float = 1e-6, weight_decay: float = 0.01,
+         poet_b1: float = 0.9, poet_b2: float = 0.999, poet_eps: float = 1e-6,
+         adam_convention: str = 'reference',
          param_labels=poet_param_labels) -> optax.GradientTransformation:
-  """POET: Adam on the generators, AdamW on the other trainable leaves.
+  """POET's optimizer: Adam on the generators, AdamW on the other leaves.
+
+  The defaults are the official POET-X code's (spec section 7; its
+  POETAdamW): eps 1e-6 in both groups, the 'reference' Adam convention (see
+  the module docstring), decay after the step on base tensors of 2+ dims,
+  none on generators. The generator group's state restarts at every merge
+  (`reset_poet_state`); the base group's does not.
 
   Args:
     learning_rate: base learning rate (embeddings, norms, output head).
     poet_learning_rate: learning rate of the generators (before poet_scale).
     poet_scale: explicit factor on the POET step (reference: 0.5).
-    weight_decay: AdamW decay of base tensors with 2+ dimensions.
+    b1, b2, eps: Adam hyperparameters of the base group.
+    weight_decay: decoupled decay of base tensors with 2+ dimensions.
+    poet_b1, poet_b2, poet_eps: Adam hyperparameters of the generators.
+    adam_convention: 'reference' (default) or 'optax' (optax.scale_by_adam
+      and optax.adamw).
     param_labels: pytree or callable giving 'poet' or 'base' per leaf.
+
+  Raises:
+    ValueError: for an unknown adam_convention, and at init when no leaf is
+      labelled 'poet'.
   """
-  return optax.partition(
+  if adam_convention not in CONVENTIONS:
+    raise ValueError(f'unknown adam_convention {adam_convention!r}; use one '
+                     f'of {CONVENTIONS}')
+  tx = optax.partition(
       {
           'poet': optax.chain(
-              scale_by_poet(b1, b2, poet_eps, poet_scale),
+              scale_by_poet(poet_b1, poet_b2, poet_eps, poet_scale,
+                            adam_convention),
               optax.scale_by_learning_rate(poet_learning_rate)),
-          'base': optax.adamw(learning_rate, b1, b2,
-                              weight_decay=weight_decay, mask=decay_mask),
+          'base': _base_adamw(learning_rate, b1, b2, eps, weight_decay,
+                              adam_convention),
       },
       param_labels)
+  return _require_poet_leaves(tx, param_labels)
 
 
 def clip_generator_norms(params, max_norm: float):

@@ -87,13 +87,28 @@ def _is_block_kernel(path, x) -> bool:
 
 
 def optimizer(c) -> optax.GradientTransformation:
-  """The configured method, after global gradient clipping."""
+  """The configured method, after global gradient clipping.
+
+  POET runs follow the official POET-X code by default (docs/method.md):
+  its Adam convention and eps in both groups, its clipping (eps 1e-6 in
+  the denominator) with the threshold ramp after each merge. Baselines use
+  optax's AdamW, GaLore and Muon, as their own references do.
+  """
   lr = schedule(c, c.train.lr)
   o, wd = c.optimizer, c.train.weight_decay
   if o.name == 'poet':
-    tx = optim.poet(lr, schedule(c, c.poet.lr), poet_scale=c.poet.scale,
-                    b1=o.b1, b2=o.b2, weight_decay=wd)
-  elif o.name == 'adamw':
+    p = c.poet
+    tx = optim.poet(lr, schedule(c, p.lr), poet_scale=p.scale, b1=o.b1,
+                    b2=o.b2, eps=p.eps, weight_decay=wd, poet_b1=o.b1,
+                    poet_b2=o.b2, poet_eps=p.eps,
+                    adam_convention=p.adam_convention)
+    if c.train.grad_clip:
+      limit = optim.post_merge_clip_ramp(
+          c.train.grad_clip, p.merge_every, ramp_steps=p.clip_ramp_steps,
+          until_step=p.clip_ramp_until)
+      tx = optax.chain(optim.clip_by_global_norm(limit), tx)
+    return tx
+  if o.name == 'adamw':
     tx = optax.adamw(lr, o.b1, o.b2, weight_decay=wd, mask=optim.decay_mask)
   elif o.name == 'muon':
     # Muon on the stacked block kernels (L, in, out); Adam on the rest.
