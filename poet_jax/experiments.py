@@ -27,29 +27,31 @@ import time
 from poet_jax import experiments_report as report
 
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
-STUDIES = ('compare', 'neumann', 'merge', 'init', 'spectrum', 'orthogonality')
+STUDIES = ('compare', 'seeds', 'neumann', 'merge', 'init', 'spectrum',
+           'orthogonality')
 
 _SMALL_MODEL = {'model.dim': 64, 'model.num_layers': 2, 'model.num_heads': 4,
                 'model.ffn_dim': 128, 'train.seq_len': 64}
 # base: config overrides of every run; adamw_lr, poet_lr: the sweeps;
 # base_lr: POET's base-group rates tried at the best poet.lr (the first is
 # the one the poet.lr sweep uses); merge_every: T_m (the first is the
-# default of the other studies).
+# default of the other studies); seeds: the best runs again at these seeds.
 SCALES = {
     # This session's machine (2 shared cores): about 30 min for 17 runs.
     'small': dict(
         base={**_SMALL_MODEL, 'train.batch_size': 16, 'train.steps': 200,
               'poet.block_size': 32.0, 'eval_tokens': 16384,
               'eval_every': 50, 'log_every': 5, 'checkpoint_every': 100},
-        adamw_lr=(1e-3, 3e-3, 1e-2), poet_lr=(3e-3, 6e-3, 1.2e-2),
-        base_lr=(1e-2, 3e-3), merge_every=(50, 5, 25, 100)),
+        adamw_lr=(1e-3, 3e-3, 1e-2), poet_lr=(3e-3, 6e-3, 1.2e-2, 2.4e-2),
+        base_lr=(1e-2, 3e-3), merge_every=(50, 5, 25, 100), seeds=(1, 2)),
     # The default tiny model (llama_tiny) and the papers' T_m: about 2 h on
     # 2 quiet cores.
     'large': dict(
         base={'train.steps': 1200, 'poet.block_size': 32.0,
               'eval_every': 200, 'log_every': 10, 'checkpoint_every': 200},
         adamw_lr=(1e-3, 3e-3, 1e-2, 3e-2), poet_lr=(2e-3, 4e-3, 8e-3, 1.6e-2),
-        base_lr=(1e-2, 3e-3), merge_every=(200, 5, 25, 50, 400, 1200)),
+        base_lr=(1e-2, 3e-3), merge_every=(200, 5, 25, 50, 400, 1200),
+        seeds=(1, 2)),
     'smoke': dict(
         base={'model.dim': 32, 'model.num_layers': 2, 'model.num_heads': 2,
               'model.ffn_dim': 64, 'poet.block_size': 8.0,
@@ -57,7 +59,7 @@ SCALES = {
               'eval_tokens': 256, 'eval_every': 4, 'log_every': 1,
               'checkpoint_every': 4},
         adamw_lr=(1e-2,), poet_lr=(1e-2,), base_lr=(1e-2,),
-        merge_every=(2, 1)),
+        merge_every=(2, 1), seeds=(1,)),
 }
 # Every run: one device, one kept checkpoint.
 _COMMON = {'mesh.data': 1, 'keep_checkpoints': 1}
@@ -73,11 +75,12 @@ class UsageError(ValueError):
 def run_name(overrides: dict) -> str:
   """The work directory name of a run: the method and the varied settings."""
   o = overrides
+  seed = f"_seed{o['seed']}" if o.get('seed') else ''
   if o['optimizer.name'] == 'adamw':
-    return f"adamw_lr{o['train.lr']:g}"
+    return f"adamw_lr{o['train.lr']:g}{seed}"
   return (f"poet_lr{o['train.lr']:g}_plr{o['poet.lr']:g}"
           f"_k{o['poet.neumann_terms']}_tm{o['poet.merge_every']}"
-          f"_{o['poet.init']}")
+          f"_{o['poet.init']}{seed}")
 
 
 def make_config(scale: dict, overrides: dict):
@@ -199,9 +202,9 @@ def study_compare(run: Runner, scale: dict) -> dict:
           'best_poet': best(poet)}
 
 
-def study_ablation(run: Runner, best_poet: dict, key: str, values) -> list:
-  """The best POET run with config `key` set to each of `values`."""
-  return [run({**best_poet['overrides'], key: value}) for value in values]
+def study_ablation(run: Runner, base: dict, key: str, values) -> list:
+  """`base` (a result) with config `key` set to each of `values`."""
+  return [run({**base['overrides'], key: value}) for value in values]
 
 
 # ------------------------------------------------------------------ main
@@ -288,6 +291,11 @@ def run_studies(args, log=print) -> dict:
     if study in args.studies:
       results = study_ablation(run, p, key, values)
       sections.append(report.report_ablation(run, results, args.out, key))
+  if 'seeds' in args.studies:
+    runs = {m: [res[f'best_{m}']] + study_ablation(
+        run, res[f'best_{m}'], 'seed', scale['seeds'])
+            for m in ('adamw', 'poet')}
+    sections.append(report.report_seeds(runs))
   if 'spectrum' in args.studies:
     sections.append(report.report_spectrum(run, res, args.out))
   if 'orthogonality' in args.studies:

@@ -68,10 +68,18 @@ def _save(fig) -> str:
 
 def _curves(ax, run, results: list[dict], labels: list[str],
             key: str = 'train_loss'):
+  """Curves of `key` against steps; the y range leaves out the first
+  quarter of the run, so that the differences at the end show."""
+  tail = []
   for result, label in zip(results, labels):
     points = [(e['step'], e[key]) for e in _metrics(run, result) if key in e]
     ax.plot(*zip(*points), label=label,
             marker='o' if key == 'eval_loss' else None, markersize=3)
+    tail += [y for x, y in points if x >= points[-1][0] / 4 and
+             math.isfinite(y)]
+  if tail:
+    pad = 0.05 * (max(tail) - min(tail) + 1e-3)
+    ax.set_ylim(min(tail) - pad, max(tail) + pad)
   ax.set_xlabel('step')
   ax.set_ylabel(key.replace('_', ' ') + ' (nats/token)')
 
@@ -98,7 +106,6 @@ def report_compare(run, res: dict, out: str) -> str:
                     method == 'AdamW')
     left.plot(*zip(*points), marker='o', label=f'{method} ({key})')
   left.set_xscale('log')
-  left.set_yscale('log')
   left.set_xlabel('learning rate')
   left.set_ylabel('final eval perplexity')
   _curves(right, run, [a, p], ['AdamW (best lr)', 'POET-BS (best lr)'],
@@ -113,25 +120,46 @@ def report_compare(run, res: dict, out: str) -> str:
           f'\n![sweep and curves]({png})\n')
 
 
+def report_seeds(runs: dict) -> str:
+  """The best AdamW and POET runs at other seeds: the noise of one figure."""
+  rows, means = [], {}
+  for method, results in runs.items():
+    ppl = [r['eval_ppl'] for r in results]
+    mean = sum(ppl) / len(ppl)
+    std = math.sqrt(sum((p - mean) ** 2 for p in ppl) / max(len(ppl) - 1, 1))
+    means[method] = mean
+    rows.append((method, results[0]['name'],
+                 ', '.join(f'{p:.3f}' for p in ppl), f'{mean:.3f}',
+                 f'{std:.3f}'))
+  ratio = means['poet'] / means['adamw']
+  return ('## Seed noise\n\nThe best AdamW and POET runs again with other '
+          'seeds (model init, data order, permutations); seed 0 first:\n\n' +
+          _table(('method', 'run', 'eval ppl by seed', 'mean', 'std'), rows) +
+          f'\nPOET / AdamW, mean over seeds: {ratio:.3f}.\n')
+
+
 def report_ablation(run, results: list[dict], out: str, key: str) -> str:
   """Table (ours beside the paper's) and plot of a one-setting ablation."""
   title, label, paper = ABLATIONS[key]
   rows = []
   for r in sorted(results, key=lambda r: r['overrides'][key]):
     value = r['overrides'][key]
-    orth = max((e.get('orth_error_max', 0) for e in _metrics(run, r)),
-               default=0)
-    rows.append((value, _ppl(r), f'{orth:.2e}', paper.get(value, '-')))
+    period = r['overrides']['poet.merge_every']
+    # Logged right after a merge the error is 0: leave those steps out.
+    orth = [e['orth_error_max'] for e in _metrics(run, r)
+            if 'orth_error_max' in e and e['step'] % period]
+    rows.append((value, _ppl(r), f'{max(orth):.2e}' if orth else '-',
+                 paper.get(value, '-')))
   name = key.split('.')[-1]
   fig, (left, right) = _figure(os.path.join(out, f'{name}.png'), 2)
   ordered = sorted(results, key=lambda r: r['overrides'][key])
   labels = [f'{label} = {r["overrides"][key]}' for r in ordered]
   _curves(left, run, ordered, labels)
-  left.set_ylim(top=min(left.get_ylim()[1], 6))
   _curves(right, run, ordered, labels, 'eval_loss')
   png = _save(fig)
   return (f'## {title}\n\n' +
-          _table((label, 'eval ppl', 'max orth. error', 'paper ppl'), rows) +
+          _table((label, 'eval ppl', 'max orth. error (between merges)',
+                  'paper ppl'), rows) +
           f'\n![{title}]({png})\n')
 
 
