@@ -110,6 +110,7 @@ class Runner:
   def __init__(self, root: str, scale: dict, log=print):
     self.root, self.scale, self.log = root, scale, log
     self.results = {}
+    self.trained = []  # names of the runs this invocation trained
 
   def workdir(self, overrides: dict) -> str:
     return os.path.join(self.root, run_name(overrides))
@@ -131,6 +132,7 @@ class Runner:
                f"{result['eval_ppl']:.3f})")
     else:
       result = self._train(name, overrides, workdir)
+      self.trained.append(name)
     self.results[name] = result
     return result
 
@@ -304,8 +306,9 @@ def run_studies(args, log=print) -> dict:
   total = sum(r['wall_s'] for r in run.results.values())
   header = (f'# Reproduction tables ({args.scale} scale)\n\nOverrides of '
             f'every run: `{json.dumps({**_COMMON, **scale["base"]})}`.\n'
-            f'{len(run.results)} runs; training time {total / 60:.1f} min '
-            f'summed over runs, this invocation {wall / 60:.1f} min.\n')
+            f'{len(run.results)} runs; their training took {total / 60:.1f} '
+            f'min in all. The last invocation trained {len(run.trained)} of '
+            f'them and took {wall / 60:.1f} min.\n')
   with open(os.path.join(args.out, 'tables.md'), 'w') as f:
     f.write('\n'.join([header] + sections))
   summary = {'scale': args.scale, 'base': scale['base'],

@@ -128,14 +128,18 @@ def report_seeds(runs: dict) -> str:
     mean = sum(ppl) / len(ppl)
     std = math.sqrt(sum((p - mean) ** 2 for p in ppl) / max(len(ppl) - 1, 1))
     means[method] = mean
-    rows.append((method, results[0]['name'],
+    rows.append(({'adamw': 'AdamW', 'poet': 'POET-BS'}[method],
+                 results[0]['name'],
                  ', '.join(f'{p:.3f}' for p in ppl), f'{mean:.3f}',
                  f'{std:.3f}'))
   ratio = means['poet'] / means['adamw']
+  paired = ', '.join(f"{p['eval_ppl'] / a['eval_ppl']:.3f}"
+                     for p, a in zip(runs['poet'], runs['adamw']))
   return ('## Seed noise\n\nThe best AdamW and POET runs again with other '
           'seeds (model init, data order, permutations); seed 0 first:\n\n' +
           _table(('method', 'run', 'eval ppl by seed', 'mean', 'std'), rows) +
-          f'\nPOET / AdamW, mean over seeds: {ratio:.3f}.\n')
+          f'\nPOET / AdamW: {paired} at the same seed (same data order), '
+          f'{ratio:.3f} between the means.\n')
 
 
 def report_ablation(run, results: list[dict], out: str, key: str) -> str:
@@ -227,7 +231,7 @@ def report_spectrum(run, res: dict, out: str) -> str:
           'effective weight R W0 P. Largest change of a singular value '
           'relative to the largest:\n\n' +
           _table(('method', 'start max / min', 'end max / min',
-                  'max |change| / max'), rows) +
+                  'max abs change / max'), rows) +
           f'\nPOET during training (metrics.jsonl sv_rel_change_max, '
           'against the current W0): largest '
           f'{max(v for _, v in sv):.2e} over {len(sv)} logged steps.\n\n'
