@@ -294,10 +294,16 @@ def run_studies(args, log=print) -> dict:
       results = study_ablation(run, p, key, values)
       sections.append(report.report_ablation(run, results, args.out, key))
   if 'seeds' in args.studies:
-    runs = {m: [res[f'best_{m}']] + study_ablation(
-        run, res[f'best_{m}'], 'seed', scale['seeds'])
-            for m in ('adamw', 'poet')}
-    sections.append(report.report_seeds(runs))
+    repeat = lambda result: [result] + study_ablation(run, result, 'seed',
+                                                      scale['seeds'])
+    groups = {'AdamW': repeat(res['best_adamw']), 'POET-BS': repeat(p)}
+    against = {'POET-BS': 'AdamW'}
+    if 'neumann' in args.studies:  # the Neumann terms the papers single out
+      for k in (1, 0):
+        groups[f'POET-BS k={k}'] = repeat(
+            run({**p['overrides'], 'poet.neumann_terms': k}))
+        against[f'POET-BS k={k}'] = 'POET-BS'
+    sections.append(report.report_seeds(groups, against))
   if 'spectrum' in args.studies:
     sections.append(report.report_spectrum(run, res, args.out))
   if 'orthogonality' in args.studies:
