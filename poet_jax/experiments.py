@@ -24,7 +24,14 @@ import os
 import sys
 import time
 
+# Importing JAX does not start its backend: _set_up_xla still can set the
+# XLA flags before the first computation.
+import jax
+
+from poet_jax import config as config_lib
 from poet_jax import experiments_report as report
+from poet_jax import metrics as metrics_lib
+from poet_jax import train_lib
 
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
 STUDIES = ('compare', 'seeds', 'neumann', 'merge', 'init', 'spectrum',
@@ -85,7 +92,6 @@ def run_name(overrides: dict) -> str:
 
 def make_config(scale: dict, overrides: dict):
   """base_config() with the scale's and the run's overrides, validated."""
-  from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.update_from_flattened_dict({**_COMMON, **scale['base'], **overrides})
   config_lib.validate(c)
@@ -137,7 +143,6 @@ class Runner:
     return result
 
   def _train(self, name: str, overrides: dict, workdir: str) -> dict:
-    from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
     c = self.config(overrides)
     self.log(f'{name}: training in {workdir}')
     start = time.perf_counter()
@@ -164,7 +169,6 @@ def _summarize(name: str, overrides: dict, workdir: str, wall: float):
   diverged: the final evaluation is not finite, no better than the first,
   or some update was dropped as non-finite.
   """
-  from poet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   entries = metrics_lib.MetricsLog.read(os.path.join(workdir,
                                                      'metrics.jsonl'))
   evals = [e for e in entries if 'eval_loss' in e]
@@ -271,7 +275,6 @@ def _set_up_xla(args) -> None:
       'xla_backend_optimization_level' not in flags):
     os.environ['XLA_FLAGS'] = (flags +
                                ' --xla_backend_optimization_level=0').strip()
-  import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.abspath(os.path.join(args.root, 'xla_cache')))
@@ -329,7 +332,6 @@ def run_studies(args, log=print) -> dict:
 
 def main(argv) -> int:
   """The command line (argv without the program); returns the exit code."""
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
   try:
     args = parse_args(argv)
   except (UsageError,) + train_lib.USER_ERRORS as e:

@@ -7,6 +7,17 @@ Every report takes the study's runner (`workdir(overrides)` and
 import math
 import os
 
+import jax
+import numpy as np
+from flax import nnx
+from matplotlib import figure
+
+from poet_jax import checkpoint as checkpoint_lib
+from poet_jax import layers
+from poet_jax import metrics as metrics_lib
+from poet_jax import tokenizer as tokenizer_lib
+from poet_jax import train_lib
+
 # The POET papers' numbers (spec sections 2, 5, 6, 9): validation perplexity
 # on C4. Table 2 at 60M / 130M, POET-BS b = 256.
 PAPER_COMPARE = {'adamw': {'60M': 26.68, '130M': 20.82},
@@ -38,32 +49,27 @@ def _ppl(result: dict) -> str:
 
 
 def _metrics(run, result: dict) -> list[dict]:
-  from poet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   return metrics_lib.MetricsLog.read(os.path.join(
       run.workdir(result['overrides']), 'metrics.jsonl'))
 
 
-def _figure(path: str, panels: int = 1):
-  """A matplotlib figure and its axes; saved and closed by _save."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8),
-                           squeeze=False)
-  fig.path = path
+def _figure(panels: int = 1):
+  """A matplotlib figure (no pyplot, no global state) and its axes; _save
+  writes it."""
+  fig = figure.Figure(figsize=(5.5 * panels, 3.8))
+  axes = fig.subplots(1, panels, squeeze=False)
   return fig, list(axes[0])
 
 
-def _save(fig) -> str:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+def _save(fig, out: str, name: str) -> str:
+  """Writes out/name (PNG) and returns name, for a Markdown link."""
   for ax in fig.axes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(fig.path, dpi=80)
-  plt.close(fig)
-  return os.path.basename(fig.path)
+  fig.savefig(os.path.join(out, name), dpi=80)
+  return name
 
 
 def _curves(ax, run, results: list[dict], labels: list[str],
@@ -97,7 +103,7 @@ def report_compare(run, res: dict, out: str) -> str:
        paper('adamw')['130M']),
       ('POET-BS', p['name'], _ppl(p), f'{ratio:.3f}', paper('poet')['60M'],
        paper('poet')['130M'])]
-  fig, (left, right) = _figure(os.path.join(out, 'compare.png'), 2)
+  fig, (left, right) = _figure(2)
   for method, results, key in (('AdamW', res['adamw'], 'train.lr'),
                                ('POET-BS', res['poet'], 'poet.lr')):
     base_lr = results[0]['overrides']['train.lr']
@@ -110,7 +116,7 @@ def report_compare(run, res: dict, out: str) -> str:
   left.set_ylabel('final eval perplexity')
   _curves(right, run, [a, p], ['AdamW (best lr)', 'POET-BS (best lr)'],
           'eval_loss')
-  png = _save(fig)
+  png = _save(fig, out, 'compare.png')
   return ('## POET-BS vs AdamW at equal steps\n\nLearning-rate sweep (final '
           'eval perplexity):\n\n' +
           _table(('method', 'train.lr', 'poet.lr', 'eval ppl'), rows) +
@@ -159,12 +165,12 @@ def report_ablation(run, results: list[dict], out: str, key: str) -> str:
     rows.append((value, _ppl(r), f'{max(orth):.2e}' if orth else '-',
                  paper.get(value, '-')))
   name = key.split('.')[-1]
-  fig, (left, right) = _figure(os.path.join(out, f'{name}.png'), 2)
+  fig, (left, right) = _figure(2)
   ordered = sorted(results, key=lambda r: r['overrides'][key])
   labels = [f'{label} = {r["overrides"][key]}' for r in ordered]
   _curves(left, run, ordered, labels)
   _curves(right, run, ordered, labels, 'eval_loss')
-  png = _save(fig)
+  png = _save(fig, out, f'{name}.png')
   return (f'## {title}\n\n' +
           _table((label, 'eval ppl', 'max orth. error (between merges)',
                   'paper ppl'), rows) +
@@ -173,7 +179,6 @@ def report_ablation(run, results: list[dict], out: str, key: str) -> str:
 
 def _kernel(layer, index: int = 0):
   """Layer `index` of a stacked (L, in, out) dense or POET kernel."""
-  from poet_jax import layers  # pylint: disable=g-import-not-at-top
   if isinstance(layer, layers.POETLinear):
     return layer.effective_weight()[index]
   return layer.kernel[...][index]
@@ -185,12 +190,6 @@ def layer_spectra(run, result: dict):
   The start is rebuilt from the seed (init_state is deterministic); the end
   is the run's last checkpoint. Returns two float64 numpy vectors.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from poet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
   c = run.config(result['overrides'])
   vocab = (c.model.vocab_size or
            tokenizer_lib.load_tokenizer(c.data.tokenizer).vocab_size)
@@ -214,7 +213,7 @@ def layer_spectra(run, result: dict):
 
 
 def report_spectrum(run, res: dict, out: str) -> str:
-  fig, axes = _figure(os.path.join(out, 'spectrum.png'), 2)
+  fig, axes = _figure(2)
   rows = []
   for ax, (method, result) in zip(axes, (('POET-BS', res['best_poet']),
                                          ('AdamW', res['best_adamw']))):
@@ -227,7 +226,7 @@ def report_spectrum(run, res: dict, out: str) -> str:
     ax.set_title(f'{method}: block 0 attention.q')
     ax.set_xlabel('index')
     ax.set_ylabel('singular value')
-  png = _save(fig)
+  png = _save(fig, out, 'spectrum.png')
   sv = [(e['step'], e['sv_rel_change_max']) for e in
         _metrics(run, res['best_poet']) if 'sv_rel_change_max' in e]
   return ('## Singular values of one layer over training\n\nBlock 0\'s '
@@ -245,7 +244,7 @@ def report_spectrum(run, res: dict, out: str) -> str:
 def report_orthogonality(run, result: dict, out: str) -> str:
   entries = [e for e in _metrics(run, result) if 'orth_error_max' in e]
   period = result['overrides']['poet.merge_every']
-  fig, (ax,) = _figure(os.path.join(out, 'orthogonality.png'))
+  fig, (ax,) = _figure()
   ax.plot([e['step'] for e in entries],
           [max(e['orth_error_max'], 1e-9) for e in entries], marker='.')
   steps = entries[-1]['step']
@@ -254,7 +253,7 @@ def report_orthogonality(run, result: dict, out: str) -> str:
   ax.set_yscale('log')
   ax.set_xlabel('step (dotted: merges)')
   ax.set_ylabel('max ||G G^T - I|| / ||I||')
-  png = _save(fig)
+  png = _save(fig, out, 'orthogonality.png')
   rows = []
   for start in range(0, steps, period):
     cycle = [e['orth_error_max'] for e in entries

@@ -1,5 +1,5 @@
 """The reproduction study (python -m poet_jax.experiments) at its smoke scale:
-three runs of 4 steps, in subprocesses as a user runs it."""
+five runs of 4 steps, in subprocesses as a user runs it."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 from train_util import ROOT, train_env
 
-STUDIES = 'compare,merge,spectrum,orthogonality'
+STUDIES = 'compare,seeds,merge,spectrum,orthogonality'
 
 
 def run_experiments(root, out, *extra):
@@ -46,16 +46,16 @@ def test_writes_tables_and_plots(study):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
   with open(os.path.join(out, 'tables.md')) as f:
     tables = f.read()
-  for heading in ('POET-BS vs AdamW', 'Merge interval T_m',
+  for heading in ('POET-BS vs AdamW', 'Seed noise', 'Merge interval T_m',
                   'Singular values', 'Orthogonality error'):
     assert f'## {heading}' in tables
   with open(os.path.join(out, 'results.json')) as f:
     results = json.load(f)
   runs = results['runs']
-  # AdamW, POET at T_m = 2 (the default and best), POET at T_m = 1.
+  # AdamW and POET (T_m = 2) at seeds 0 and 1, POET at T_m = 1.
   assert sorted(runs) == sorted(d for d in os.listdir(root)
                                 if d != 'xla_cache')
-  assert len(runs) == 3
+  assert len(runs) == 5
   for run in runs.values():
     assert run['eval_ppl'] < run['first_eval_ppl'], run
     assert os.path.exists(os.path.join(root, run['name'], 'result.json'))
@@ -67,8 +67,9 @@ def test_writes_tables_and_plots(study):
 def test_poet_keeps_the_spectrum_and_adamw_does_not(study):
   _, out, _ = study
   with open(os.path.join(out, 'tables.md')) as f:
-    rows = [l for l in f if l.startswith(('| POET-BS |', '| AdamW |'))
-            and '/' in l]
+    section = f.read().split('## Singular values')[1].split('\n## ')[0]
+  rows = [l for l in section.splitlines()
+          if l.startswith(('| POET-BS |', '| AdamW |'))]
   change = {l.split('|')[1].strip(): float(l.split('|')[-2]) for l in rows}
   assert change['POET-BS'] < 1e-4 < change['AdamW'], change
 
@@ -78,7 +79,7 @@ def test_rerun_skips_finished_runs(study):
   before = _snapshot(root)
   again = run_experiments(root, out, f'--studies={STUDIES}')
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count('finished earlier, skipped') == 3, again.stdout
+  assert again.stdout.count('finished earlier, skipped') == 5, again.stdout
   assert 'training in' not in again.stdout
   assert _snapshot(root) == before
 
