@@ -1,6 +1,6 @@
 """The papers' ablations at a size a CPU can run (docs/reproduction.md).
 
-  python -m poet_jax.experiments                  # this machine: ~30 min
+  python -m poet_jax.experiments                  # a loaded 2-core CPU: ~27 min
   python -m poet_jax.experiments --scale=large    # a quiet machine: ~2 h
   python -m poet_jax.experiments --studies=compare,spectrum --scale=smoke
 
@@ -100,6 +100,7 @@ def make_config(scale: dict, overrides: dict):
 
 def poet_run(train_lr, poet_lr, k=3, merge_every=None, init='normalized',
              scale=None) -> dict:
+  """Config overrides of a POET-BS run (merge_every None: the scale's)."""
   return {'optimizer.name': 'poet', 'train.lr': train_lr, 'poet.lr': poet_lr,
           'poet.neumann_terms': k,
           'poet.merge_every': merge_every or scale['merge_every'][0],
@@ -107,6 +108,7 @@ def poet_run(train_lr, poet_lr, k=3, merge_every=None, init='normalized',
 
 
 def adamw_run(lr) -> dict:
+  """Config overrides of an AdamW run (dense layers)."""
   return {'optimizer.name': 'adamw', 'train.lr': lr}
 
 
@@ -114,6 +116,7 @@ class Runner:
   """Trains runs in <root>/<name>, each once; collects their results."""
 
   def __init__(self, root: str, scale: dict, log=print):
+    """root: parent of the work directories; scale: one of SCALES."""
     self.root, self.scale, self.log = root, scale, log
     self.results = {}
     self.trained = []  # names of the runs this invocation trained
@@ -167,7 +170,8 @@ def _summarize(name: str, overrides: dict, workdir: str, wall: float):
   """A finished run's figures from its metrics.jsonl.
 
   diverged: the final evaluation is not finite, no better than the first,
-  or some update was dropped as non-finite.
+  or some update was dropped as non-finite. wall_s: the time of the
+  invocation that finished the run (of its last part, if it was resumed).
   """
   entries = metrics_lib.MetricsLog.read(os.path.join(workdir,
                                                      'metrics.jsonl'))
@@ -229,15 +233,16 @@ def parse_args(argv):
   p.add_argument('--scale', default='small', choices=sorted(SCALES),
                  help='model and run sizes (SCALES)')
   p.add_argument('--studies', default=','.join(STUDIES),
-                 help=f'comma-separated subset of {",".join(STUDIES)}')
+                 help=f'comma-separated subset of {",".join(STUDIES)}; '
+                 'compare always runs (the others start from its best runs)')
   p.add_argument('--root', default=os.path.join('runs', 'reproduction'),
                  help='work directories of the runs, one per run')
   p.add_argument('--out', default=os.path.join('docs', 'reproduction'),
                  help='where tables.md, results.json and the PNGs go')
   p.add_argument('--fast_compile', default=True,
                  action=argparse.BooleanOptionalAction,
-                 help='XLA:CPU backend optimization level 0 (compiles in '
-                 'about half the time; no effect on accelerators)')
+                 help='XLA:CPU backend optimization level 0: faster '
+                 'compiles (off when an accelerator plugin is installed)')
   args = p.parse_args(argv)
   args.studies = [s.strip() for s in args.studies.split(',') if s.strip()]
   unknown = sorted(set(args.studies) - set(STUDIES))
