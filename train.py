@@ -151,7 +151,8 @@ def parse_command_line(argv, devices=None):
     from poet_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     try:
       mesh = sharding_lib.make_mesh(c.mesh, devices)
-      sharding_lib.check_batch(mesh, c.train.batch_size)
+      sharding_lib.check_batch(mesh, c.train.batch_size,
+                               c.train.grad_accum_steps)
     except sharding_lib.MeshError as e:
       return _one_line(e)
   workdir = flag_values.workdir

@@ -22,7 +22,9 @@ is against a baseline measured in the same run. Sections:
   ref     the same model at the reference's setting, batch 8 x 256
   wide    the llama_1b width with 2 layers, batch 4 x 256
   memory  the dry-run planner's peak per device for llama_1b/3b/8b/13b at
-          batch 1 and sequence 512/1024/2048, next to the POET-X paper
+          batch 1 and sequence 512/1024/2048, next to the POET-X paper;
+          POET-XQ (poetxq-mem: W0 in 8 bits, model.w0_dtype=int8) next to
+          POET-X mem with a bfloat16 W0
 
 Timings are medians of many runs after warm-up, with the compared variants
 interleaved (round-robin, the order rotated each round) so that load from
@@ -56,7 +58,7 @@ from poet_jax import train_lib
 
 SECTIONS = ('matmul', 'layer', 'breakdown', 'step', 'ref', 'wide', 'memory')
 METHODS = ('adamw', 'galore', 'muon', 'poet-fast', 'poet-mem',
-           'poet-materialize', 'poet-auto')
+           'poet-materialize', 'poet-auto', 'poetxq-mem')
 LAYER_PATHS = ('dense', 'materialize', 'fast', 'mem', 'auto')
 POET_PATHS = ('fast', 'mem', 'materialize', 'auto')
 GIB = 1024 ** 3
@@ -354,8 +356,13 @@ def step_config(size: str, method: str, compute: str, batch: tuple,
   if num_layers:
     c.model.num_layers = num_layers
   c.train.batch_size, c.train.seq_len = batch
+  if method == 'poetxq':  # POET-XQ: POET with an 8-bit W0
+    method, c.model.w0_dtype = 'poet', 'int8'
   c.optimizer.name = method
   c.poet.compute = compute
+  # The largest group of at most the default 256 rows that fits every width.
+  c.model.w0_group_size = math.gcd(c.model.w0_group_size, c.model.dim,
+                                   config_lib.ffn_dim(c))
   c.mesh.data = 1
   return c
 
@@ -430,7 +437,7 @@ def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
                                 jax.devices()[:1])
   built, failed = {}, []
   for method, compute in methods:
-    name = method if method != 'poet' else f'poet-{compute}'
+    name = f'{method}-{compute}' if method.startswith('poet') else method
     log(f'{section}: compiling {name} ({size}, batch {batch[0]} x '
         f'{batch[1]})')
     try:
@@ -524,11 +531,14 @@ def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
   rows = []
   for size in sizes.memory_sizes:
     for seq in sizes.memory_seqs:
-      adamw = None
+      adamw = mem = None
       for method, compute in methods:
         c = step_config(size, method, compute, (1, seq))
-        c.model.dtype = c.model.w0_dtype = dtype
-        name = method if method != 'poet' else compute
+        c.model.dtype = dtype
+        if c.model.w0_dtype != 'int8':
+          c.model.w0_dtype = dtype
+        name = {'poet': compute, 'poetxq': f'xq {compute}'}.get(method,
+                                                                method)
         log(f'memory: {size} seq {seq} {name}')
         try:
           report = planner.plan(c, jax.devices()[:1])
@@ -540,11 +550,14 @@ def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
           continue
         peak = report['peak_gib']
         adamw = peak if method == 'adamw' else adamw or math.nan
+        mem = peak if name == 'mem' else mem  # POET-X mem, if measured
         paper = PAPER_MEMORY_GB.get((size, seq, name), 'n/a')
         rows.append({'section': 'memory', 'model': size, 'seq_len': seq,
                      'batch': 1, 'dtype': dtype, 'method': name,
+                     'w0_dtype': report['w0_dtype'],
                      'peak_gib': peak, 'peak_gb': peak * GIB / 1e9,
                      'ratio_to_adamw': peak / adamw,
+                     'minus_mem_gib': None if mem is None else peak - mem,
                      'temp_gib': report['temp_gib'],
                      'argument_gib': report['argument_gib'],
                      'paper_gb': 'does not fit' if paper is None else paper})
@@ -643,15 +656,17 @@ def print_tables(report: dict, out=None) -> None:
   if by('memory'):
     print(f"\n## dry-run peak memory per device, batch 1, "
           f"{by('memory')[0]['dtype']} (ours GiB; paper GB, H100)", file=out)
-    print('| model | seq | method | peak GiB | x AdamW | paper GB |', file=out)
-    print('|---|---|---|---|---|---|', file=out)
+    print('| model | seq | method | W0 | peak GiB | x AdamW | - POET-X mem '
+          'GiB | paper GB |', file=out)
+    print('|---|---|---|---|---|---|---|---|', file=out)
     for r in by('memory'):
       if 'error' in r:
-        print(f"| {r['model']} | {r['seq_len']} | {r['method']} | failed: "
-              f"{r['error'][:100]} | | |", file=out)
+        print(f"| {r['model']} | {r['seq_len']} | {r['method']} | | failed: "
+              f"{r['error'][:100]} | | | |", file=out)
         continue
       print(f"| {r['model']} | {r['seq_len']} | {r['method']} | "
-            f"{_fmt(r['peak_gib'])} | {_fmt(r['ratio_to_adamw'])} | "
+            f"{r['w0_dtype'] or ''} | {_fmt(r['peak_gib'])} | "
+            f"{_fmt(r['ratio_to_adamw'])} | {_fmt(r['minus_mem_gib'])} | "
             f"{r['paper_gb']} |", file=out)
 
 
@@ -693,7 +708,7 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
   if 'memory' in sections:
     memory = [m for m in methods if m in ('adamw', 'galore',
                                           'poet-materialize', 'poet-fast',
-                                          'poet-mem')]
+                                          'poet-mem', 'poetxq-mem')]
     rows += bench_memory(sizes, memory_dtype, _pairs(memory))
   report['machine']['load_average_at_end'] = list(os.getloadavg())
   return report
@@ -715,6 +730,12 @@ def main(argv=None) -> int:
                       choices=config_lib.DTYPES,
                       help='model.dtype and model.w0_dtype of the memory '
                       'section (the paper trains in bf16)')
+  parser.add_argument('--memory_sizes', default='',
+                      help='comma-separated models of the memory section '
+                      f"(default {','.join(FULL.memory_sizes)})")
+  parser.add_argument('--memory_seqs', default='',
+                      help='comma-separated sequence lengths of the memory '
+                      f"section (default {','.join(map(str, FULL.memory_seqs))})")
   parser.add_argument('--methods', default=','.join(METHODS),
                       help=f'comma-separated methods of the train-step and '
                       f'memory sections, of {METHODS}')
@@ -733,7 +754,14 @@ def main(argv=None) -> int:
   if set(methods) - set(METHODS):
     parser.error(f'unknown methods {sorted(set(methods) - set(METHODS))}; '
                  f'choose from {METHODS}')
-  report = run(sections, TINY if args.tiny else FULL, args.reps,
+  sizes = TINY if args.tiny else FULL
+  if args.memory_sizes:
+    sizes = dataclasses.replace(
+        sizes, memory_sizes=tuple(args.memory_sizes.split(',')))
+  if args.memory_seqs:
+    sizes = dataclasses.replace(sizes, memory_seqs=tuple(
+        int(s) for s in args.memory_seqs.split(',')))
+  report = run(sections, sizes, args.reps,
                args.memory_dtype, methods, args.step_reps, args.profile)
   print_tables(report)
   with open(args.json, 'w') as f:

@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
+W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -47,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_tokens = 32 * 1024      # held-out tokens per evaluation
   c.nan_policy = 'skip'          # 'skip' the update or 'stop' the run
+  # A Hugging Face Llama checkpoint directory to start from (poet_jax/
+  # hf_import.py): a dense run takes its weights, a POET run its linear
+  # weights as W0. '': a random init.
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 128
@@ -57,12 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim_dense = 384    # the spec's AdamW / POET-FS width
   c.model.vocab_size = 0         # 0: the tokenizer's vocabulary
   c.model.dtype = 'float32'      # compute dtype; parameters stay float32
-  c.model.w0_dtype = 'float32'   # storage of POET's frozen W0
+  c.model.w0_dtype = 'float32'   # storage of POET's frozen W0; int8: POET-XQ
+  c.model.w0_group_size = 256    # W0 rows per 8-bit group (w0_dtype=int8)
   c.model.remat = False
+  c.model.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300
   c.train.batch_size = 16        # global, in sequences
+  c.train.grad_accum_steps = 1   # micro-batches per optimizer step
   c.train.seq_len = 128
   c.train.lr = 1e-2              # base learning rate (AdamW group)
   c.train.warmup_steps = 0
@@ -92,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.poet.init = 'normalized'
   c.poet.lr = 1e-3
   c.poet.scale = 0.5
-  c.poet.max_q_norm = 0.0        # 0 disables the guard on ||Q||_F
+  c.poet.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
   # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
   # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
   # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
@@ -240,6 +248,9 @@ def _check_paths(c) -> None:
     path = os.path.expanduser(c.data.data_dir)
     _check(not os.path.exists(path) or os.path.isdir(path),
            f'data.data_dir={_show(c.data.data_dir)} is not a directory')
+  if c.init_from:  # sizes included: before train.py writes anything
+    from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
+    hf_import.check_init_from(c)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -248,7 +259,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ('log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'eval_tokens', 'model.dim',
               'model.num_layers', 'model.num_heads', 'train.steps',
-              'train.batch_size', 'train.seq_len', 'poet.merge_every'):
+              'train.batch_size', 'train.seq_len', 'poet.merge_every',
+              'train.grad_accum_steps'):
     value = _get(c, key)
     _check(isinstance(value, int) and not isinstance(value, bool) and
            value > 0, f'{key}={value!r} must be a positive integer')
@@ -256,6 +268,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive(key, _get(c, key))
   for key in ('train.grad_clip', 'train.weight_decay', 'poet.max_q_norm'):
     _positive(key, _get(c, key), allow_zero=True)
+  _check(c.train.batch_size % c.train.grad_accum_steps == 0,
+         f'train.batch_size={c.train.batch_size} is not divisible by '
+         f'train.grad_accum_steps={c.train.grad_accum_steps}; the batch is '
+         'split into that many equal micro-batches')
   _check(isinstance(c.poet.auto_memory_budget, int) and
          not isinstance(c.poet.auto_memory_budget, bool) and
          c.poet.auto_memory_budget >= 0,
@@ -274,7 +290,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('optimizer.name', c.optimizer.name, METHODS)
   _choice('nan_policy', c.nan_policy, ('skip', 'stop'))
   _choice('model.dtype', c.model.dtype, DTYPES)
-  _choice('model.w0_dtype', c.model.w0_dtype, DTYPES)
+  _choice('model.w0_dtype', c.model.w0_dtype, W0_DTYPES)
   _choice('poet.variant', c.poet.variant, ('block', 'full'))
   _choice('poet.compute', c.poet.compute,
           ('fast', 'mem', 'materialize', 'auto'))
@@ -306,6 +322,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'model.ffn_dim={width!r} must be a positive integer (or -1)')
   if c.optimizer.name == 'poet':
     _check_poet_sizes(c, width)
+    if c.model.w0_dtype == 'int8':
+      _check_w0_groups(c, width)
   for key in ('data.name', 'data.tokenizer'):
     _check(isinstance(_get(c, key), str) and _get(c, key),
            f'{key} must be a non-empty string')
@@ -333,6 +351,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(_get(c, key) > 0, f'{key}={_get(c, key)!r} must be a positive '
            'integer')
   _positive('optimizer.galore_scale', c.optimizer.galore_scale)
+  _check(c.model.loss_chunk_tokens >= 0,
+         f'model.loss_chunk_tokens={c.model.loss_chunk_tokens!r} must be an '
+         'integer >= 0 (0: the whole batch at once)')
   _check(c.model.ffn_dim == -1 or c.model.ffn_dim > 0,
          f'model.ffn_dim={c.model.ffn_dim!r} must be a positive integer or -1')
   _check_paths(c)
@@ -366,6 +387,20 @@ def _check_poet_sizes(c, width: int) -> None:
         isinstance(b, int) and 0 < b <= min(c.model.dim, width))
     _check(ok, f'poet.block_size={b!r} must be a fraction in (0, 1] or an '
            "integer no larger than the smallest width for poet.variant='full'")
+
+
+def _check_w0_groups(c, width: int) -> None:
+  """The 8-bit groups of W0 run along every POET layer's input dimension."""
+  g = c.model.w0_group_size
+  _check(isinstance(g, int) and g > 0,
+         f'model.w0_group_size={g!r} must be a positive integer')
+  common = math.gcd(c.model.dim, width)
+  hint = max(d for d in range(1, min(g, common) + 1) if common % d == 0)
+  for name, size in (('model.dim', c.model.dim), ('FFN width', width)):
+    _check(size % g == 0,
+           f'model.w0_group_size={g} does not divide {name}={size} (the '
+           'input width of POET layers); choose a group size that divides '
+           f'both widths, such as {hint}')
 
 
 def _get(c, dotted: str):

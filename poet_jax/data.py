@@ -99,17 +99,49 @@ def _bucket(relpath: str) -> int:
   return int.from_bytes(digest[:8], 'big') % _HASH_BUCKETS
 
 
-def split_files(files: Sequence[tuple[str, str]]
-                ) -> dict[str, list[tuple[str, str]]]:
-  """{'train': [...], 'validation': [...]}, each in the given order."""
-  buckets = {rel: _bucket(rel) for rel, _ in files}
-  held_out = {rel for rel, b in buckets.items() if b < _VALIDATION_BUCKETS}
-  if not held_out and files:
+def _held_out(buckets: dict[str, int], candidates) -> set[str]:
+  held_out = {rel for rel in candidates if buckets[rel] < _VALIDATION_BUCKETS}
+  if not held_out and candidates:
     # A handful of files may all miss the 5%: hold out the one nearest the
     # cut so that both splits exist, still independent of the other files.
-    held_out = {min(buckets, key=buckets.get)}
+    held_out = {min(candidates, key=buckets.get)}
+  return held_out
+
+
+def split_files(files: Sequence[tuple[str, str]]
+                ) -> dict[str, list[tuple[str, str]]]:
+  """{'train': [...], 'validation': [...]}, each in the given order.
+
+  A file is held out when the hash of its relative path falls in the first
+  5% of buckets. Empty files are never held out: a held-out split of empty
+  files could not be evaluated on.
+  """
+  buckets = {rel: _bucket(rel) for rel, _ in files}
+  held_out = _held_out(buckets, [rel for rel, path in files
+                                 if os.path.getsize(path)])
   return {'train': [f for f in files if f[0] not in held_out],
           'validation': [f for f in files if f[0] in held_out]}
+
+
+def _held_out_an_empty_file(files: Sequence[tuple[str, str]]) -> bool:
+  """Whether the split before empty files were kept in training (datasets
+  prepared then are not reused) held out an empty file."""
+  buckets = {rel: _bucket(rel) for rel, _ in files}
+  old = _held_out(buckets, list(buckets))
+  return any(not os.path.getsize(path) for rel, path in files if rel in old)
+
+
+def split_sources(name: str, split: str) -> list[tuple[str, int]] | None:
+  """(relative path, bytes) of the files of one split of a local corpus
+  ('python_stdlib' or a directory); None for a tfds dataset."""
+  path = os.path.expanduser(name)
+  if name == STDLIB:
+    files = stdlib_files()
+  elif os.path.isdir(path):
+    files = text_files(path)
+  else:
+    return None
+  return [(rel, os.path.getsize(p)) for rel, p in split_files(files)[split]]
 
 
 def _directory_fingerprint(files: Sequence[tuple[str, str]]) -> str:
@@ -179,13 +211,15 @@ def _text_dir_config(directory: str) -> TextCorpusConfig:
   """
   directory = os.path.abspath(directory)
   files = text_files(directory)
-  if len(files) < 2:
+  nonempty = sum(1 for _, path in files if os.path.getsize(path))
+  if nonempty < 2:
     raise DataError(
-        f'directory {directory} has {len(files)} .txt file(s); it needs at '
-        'least 2 (one is held out as the validation split)')
+        f'directory {directory} has {nonempty} non-empty .txt file(s); it '
+        'needs at least 2 (one is held out as the validation split)')
   path_hash = hashlib.sha256(directory.encode('utf-8')).hexdigest()[:10]
+  rule = '_e' if _held_out_an_empty_file(files) else ''
   return TextCorpusConfig(
-      name=f'dir_{path_hash}_{_directory_fingerprint(files)}',
+      name=f'dir_{path_hash}_{_directory_fingerprint(files)}{rule}',
       directory=directory,
       description=f'.txt files under {directory}')
 
@@ -573,6 +607,39 @@ class TokenStream:
     return [self.examples(b * batch_size + process_index * local
                           + np.arange(local))
             for b in range(num_batches)]
+
+
+def check_one_batch(stream: TokenStream, batch_size: int, name: str = '',
+                    split: str = '', max_tokens: int = 0) -> None:
+  """DataError unless the stream holds one batch of batch_size examples.
+
+  For a local corpus `name` the message names the files of `split`, and it
+  says which settings would make the batch fit. Cheap: run it before any
+  model is built.
+  """
+  if stream.num_examples >= batch_size:
+    return
+  sources = split_sources(name, split) if name else None
+  tokens, width = len(stream.tokens), stream.seq_len + 1
+  fixes = []
+  if tokens // batch_size >= 2:
+    fixes.append(f'train.seq_len to at most {tokens // batch_size - 1}')
+  if stream.num_examples:
+    fixes.append(f'train.batch_size to at most {stream.num_examples}')
+  fix = ('lower ' + ' or '.join(fixes) + ', or ') if fixes else ''
+  more = 'add text to these files or more .txt files' if sources else (
+      'use more data')
+  if max_tokens:
+    more = f'raise data.max_tokens={max_tokens}'
+  where = ''
+  if sources is not None:
+    shown = ', '.join(f'{rel} ({size} bytes)' for rel, size in sources[:5])
+    where = (f' from {len(sources)} file(s): {shown}'
+             f'{", ..." if len(sources) > 5 else ""}')
+  raise DataError(
+      f'{stream.name} has {tokens} tokens{where}, {stream.num_examples} '
+      f'example(s) of {width} tokens: fewer than one batch of {batch_size} '
+      f'({batch_size * width} tokens); {fix}{more}')
 
 
 def open_token_stream(name: str, split: str, data_dir: str | None,

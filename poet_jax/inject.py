@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from poet_jax import layers
+from poet_jax import quant
 from poet_jax import spo
 
 
@@ -21,10 +22,13 @@ def _vmapped(fn, lead: int):
   return fn
 
 
-def _check_float_w0(layer: layers.POETLinear) -> None:
-  if not jnp.issubdtype(layer.w0[...].dtype, jnp.floating):
-    raise TypeError(f'inject: W0 stored as {layer.w0[...].dtype} is not '
-                    'supported; set a floating-point W0')
+def _store_w0(layer: layers.POETLinear, w) -> None:
+  """W0 as the layer stores it: cast, or 8-bit codes (POET-XQ)."""
+  if layer.w0_quantized:
+    q = quant.quantize(w, layer.w0_group_size)
+    layer.w0[...], layer.w0_scale[...], layer.w0_zero[...] = q
+  else:
+    layer.w0[...] = w.astype(layer.w0[...].dtype)
 
 
 def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
@@ -39,10 +43,9 @@ def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
       variant='block' (spec section 3.1: x[..., in_place] feeds the input
       blocks, the output blocks' result is gathered by out_place), or index
       sets (..., b_in), (..., b_out) for variant='full' (section 3.2).
-  The generators are set to zero. Raises ValueError on shapes that do not
-  match the layer, TypeError for a non-float (quantized) W0.
+  The generators are set to zero. An 8-bit W0 (POET-XQ) stores the
+  kernel's codes. Raises ValueError on shapes that do not match the layer.
   """
-  _check_float_w0(layer)
   kernel = jnp.asarray(kernel)
   in_place = jnp.asarray(in_place, jnp.int32)
   out_place = jnp.asarray(out_place, jnp.int32)
@@ -56,7 +59,7 @@ def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
   lead = kernel.ndim - 2
   if layer.variant == 'block':
     kernel = _vmapped(spo.to_block_frame, lead)(kernel, in_place, out_place)
-  layer.w0[...] = kernel.astype(layer.w0[...].dtype)
+  _store_w0(layer, kernel)
   layer.in_place[...] = in_place
   layer.out_place[...] = out_place
   layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
@@ -72,9 +75,8 @@ def merge_with_placements(layer: layers.POETLinear, new_in_place,
   (shapes as in `set_poet_layer`). The optimizer state is not touched:
   follow with `poet_jax.reset_poet_state`.
   """
-  _check_float_w0(layer)
-  w0 = layer.w0[...]
-  dtype = jnp.promote_types(w0.dtype, jnp.float32)
+  dtype = layer.work_dtype
+  w0 = quant.dense(layer.stored_w0(), dtype)
   g_in, g_out = layer.orthogonal_blocks()
   new_in = jnp.asarray(new_in_place, jnp.int32)
   new_out = jnp.asarray(new_out_place, jnp.int32)
@@ -82,13 +84,13 @@ def merge_with_placements(layer: layers.POETLinear, new_in_place,
   lead = w0.ndim - 2
   if layer.variant == 'block':
     w = _vmapped(spo.block_merge, lead)(
-        w0.astype(dtype), g_in.astype(dtype), g_out.astype(dtype), *old,
+        w0, g_in.astype(dtype), g_out.astype(dtype), *old,
         new_in, new_out)
   else:
     w = _vmapped(spo.full_kernel, lead)(
-        w0.astype(dtype), g_in[..., 0, :, :].astype(dtype),
+        w0, g_in[..., 0, :, :].astype(dtype),
         g_out[..., 0, :, :].astype(dtype), *old)
-  layer.w0[...] = w.astype(w0.dtype)
+  _store_w0(layer, w)
   layer.in_place[...] = new_in
   layer.out_place[...] = new_out
   layer.q_in[...] = jnp.zeros_like(layer.q_in[...])

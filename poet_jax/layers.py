@@ -2,7 +2,10 @@
 
 Variables of a POETLinear:
   w0        FrozenWeight  the fixed matrix (stored in the permutation frame for
-                          the block variant); no gradient, no optimizer state
+                          the block variant); no gradient, no optimizer state.
+                          With w0_dtype='int8' (POET-XQ) its uint8 codes, and
+  w0_scale, w0_zero       FrozenWeight per-group scale and zero point
+                          (poet_jax/quant.py)
   q_in/out  Generator     strict upper triangles of the skew blocks (trainable)
   in_*/out_* Placement    permutations (block) or index sets (full); integer
                           state re-drawn at every merge
@@ -14,8 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from poet_jax import orthogonal
+from poet_jax import quant
 from poet_jax import spo
 
 VARIANTS = ('block', 'full')
@@ -201,7 +206,12 @@ class POETLinear(nnx.Module):
     neumann_terms: terms of the Cayley–Neumann series.
     orthogonal_map: 'neumann' (paper), 'taylor' or 'exact'.
     dtype: compute dtype (None: the input's).
-    w0_dtype: storage dtype of W0 (float32 by default; bfloat16 halves it).
+    w0_dtype: storage of W0: a float dtype (float32 by default; bfloat16
+      halves it) or 'int8' (POET-XQ: uint8 codes with a float32 scale and
+      zero point per group, dequantized to the compute dtype inside each
+      call and requantized at every merge; see poet_jax/quant.py).
+    w0_group_size: rows of W0 (input features) per quantization group for
+      w0_dtype='int8'; must divide in_features.
     memory_budget: for compute='auto', the most elements the layer may keep
       for its backward (0: no limit); see choose_compute.
     name: used in error messages.
@@ -212,6 +222,7 @@ class POETLinear(nnx.Module):
                compute: str = 'fast', init: str = 'normalized',
                neumann_terms: int = 3, orthogonal_map: str = 'neumann',
                dtype: Any = None, w0_dtype: Any = jnp.float32,
+               w0_group_size: int = quant.DEFAULT_GROUP_SIZE,
                memory_budget: int = 0, name: str = 'POETLinear',
                rngs: nnx.Rngs):
     self.in_block, self.out_block = resolve_block_sizes(
@@ -226,6 +237,10 @@ class POETLinear(nnx.Module):
     self.neumann_terms, self.orthogonal_map = neumann_terms, orthogonal_map
     self.dtype = dtype
     self.memory_budget = memory_budget
+    self.w0_quantized = isinstance(w0_dtype, str) and w0_dtype == quant.DTYPE
+    if self.w0_quantized:
+      quant.check_group_size(in_features, w0_group_size, name)
+    self.w0_group_size = w0_group_size
 
     key_w, key_in, key_out = jax.random.split(rngs.params(), 3)
     w0 = init_w0(key_w, in_features, out_features, init)
@@ -238,7 +253,13 @@ class POETLinear(nnx.Module):
       in_place = spo.draw_index_set(key_in, in_features, self.in_block)
       out_place = spo.draw_index_set(key_out, out_features, self.out_block)
       num_in = num_out = 1
-    self.w0 = FrozenWeight(w0.astype(w0_dtype))
+    if self.w0_quantized:
+      codes, scale, zero = quant.quantize(w0, w0_group_size)
+      self.w0 = FrozenWeight(codes)
+      self.w0_scale = FrozenWeight(scale)
+      self.w0_zero = FrozenWeight(zero)
+    else:
+      self.w0 = FrozenWeight(w0.astype(w0_dtype))
     self.in_place = Placement(in_place)
     self.out_place = Placement(out_place)
     self.q_in = Generator(jnp.zeros(
@@ -253,14 +274,35 @@ class POETLinear(nnx.Module):
     """The orthogonal blocks (k, b, b) of the input and output side."""
     return _blocks(self, self.q_in[...], self.q_out[...])
 
+  def stored_w0(self):
+    """W0 as stored: an array, or a quant.Quantized for w0_dtype='int8'."""
+    if self.w0_quantized:
+      return quant.Quantized(self.w0[...], self.w0_scale[...],
+                             self.w0_zero[...])
+    return self.w0[...]
+
+  @property
+  def work_dtype(self):
+    """Dtype of merges and dense kernels: W0's float type promoted with
+    float32 (float32 for bfloat16 and int8 W0, float64 for float64)."""
+    return jnp.promote_types(quant.storage_dtype(self.stored_w0()),
+                             jnp.float32)
+
   def _arrays(self, dtype):
     g_in, g_out = self.orthogonal_blocks()
     if self.variant == 'full':
       g_in, g_out = g_in[0], g_out[0]
-    return (self.w0[...].astype(dtype), g_in.astype(dtype),
-            g_out.astype(dtype), self.in_place[...], self.out_place[...])
+    # W0 goes in as stored: the forward casts or dequantizes it inside its
+    # checkpoint, so the backward recomputes that copy instead of keeping it.
+    return (self.stored_w0(), g_in.astype(dtype), g_out.astype(dtype),
+            self.in_place[...], self.out_place[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self._lead:
+      raise ValueError(
+          f'this POETLinear is a stack of {self.w0[...].shape[0]} layers (as '
+          "the Llama's scanned blocks); call one layer: poet_jax.layer_at("
+          'model.blocks, i)')
     dtype = self.dtype or jnp.result_type(x)
     args = (jnp.asarray(x, dtype),) + self._arrays(dtype)
     return _FORWARD[self.variant, self.resolved_compute(x.shape)](*args)
@@ -282,13 +324,14 @@ class POETLinear(nnx.Module):
     g_in, g_out = self.orthogonal_blocks()
     if self.variant == 'full':
       g_in, g_out = g_in[..., 0, :, :], g_out[..., 0, :, :]
+    dtype = self.work_dtype
     return _over_leading_axes(kernel, self._lead)(
-        self.w0[...].astype(jnp.float32), g_in, g_out, self.in_place[...],
-        self.out_place[...])
+        quant.dense(self.stored_w0(), dtype), g_in.astype(dtype),
+        g_out.astype(dtype), self.in_place[...], self.out_place[...])
 
   def base_weight(self) -> jax.Array:
     """W0 in the layer's own frame: the kernel at R = P = I."""
-    w0 = self.w0[...].astype(jnp.float32)
+    w0 = quant.dense(self.stored_w0(), self.work_dtype)
     if self.variant == 'full':
       return w0
     unframe = lambda w, p_in, p_out: w[jnp.argsort(p_in)][:, p_out]
@@ -315,10 +358,13 @@ class POETLinear(nnx.Module):
       # working copy of W0 then costs one layer's size, not the model's.
       fn = lambda *args, f=fn: jax.lax.map(lambda a: f(*a), args)
     keys = jax.random.split(key, lead) if lead else key
-    w0, in_place, out_place = fn(self.w0[...], self.q_in[...],
+    w0, in_place, out_place = fn(self.stored_w0(), self.q_in[...],
                                  self.q_out[...], self.in_place[...],
                                  self.out_place[...], keys)
-    self.w0[...] = w0
+    if self.w0_quantized:
+      self.w0[...], self.w0_scale[...], self.w0_zero[...] = w0
+    else:
+      self.w0[...] = w0
     self.in_place[...] = in_place
     self.out_place[...] = out_place
     self.q_in[...] = jnp.zeros_like(self.q_in[...])
@@ -340,9 +386,15 @@ def _blocks(layer: POETLinear, q_in, q_out):
 
 def _merge_arrays(layer: POETLinear, w0, q_in, q_out, in_place, out_place,
                   key):
-  """Pure merge of one (unstacked) layer; computed in float32."""
+  """Pure merge of one (unstacked) layer.
+
+  Computed in W0's float type promoted with float32; an 8-bit W0 is
+  dequantized to float32 and the result requantized (spec, section 4).
+  """
   g_in, g_out = _blocks(layer, q_in, q_out)
-  w = w0.astype(jnp.float32)
+  dtype = jnp.promote_types(quant.storage_dtype(w0), jnp.float32)
+  g_in, g_out = g_in.astype(dtype), g_out.astype(dtype)
+  w = quant.dense(w0, dtype)
   key_in, key_out = jax.random.split(key)
   if layer.variant == 'block':
     new_in = spo.draw_permutation(key_in, layer.in_features)
@@ -352,25 +404,43 @@ def _merge_arrays(layer: POETLinear, w0, q_in, q_out, in_place, out_place,
     new_in = spo.draw_index_set(key_in, layer.in_features, layer.in_block)
     new_out = spo.draw_index_set(key_out, layer.out_features, layer.out_block)
     w = spo.full_kernel(w, g_in[0], g_out[0], in_place, out_place)
+  if isinstance(w0, quant.Quantized):
+    return quant.quantize(w, w0.group_size), new_in, new_out
   return w.astype(w0.dtype), new_in, new_out
 
 
-def _recompute_in_backward(fn):
-  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+# Name of W0 as the forward multiplies it (cast or dequantized): never kept
+# for the backward, which recomputes it from the stored W0.
+DENSE_W0 = 'poet_dense_w0'
 
 
+def _on_dense_w0(forward):
+  """forward(x, w0, ...) taking W0 as stored; made dense in x's dtype."""
+  def fn(x, w0, *rest):
+    return forward(x, checkpoint_name(quant.dense(w0, x.dtype), DENSE_W0),
+                   *rest)
+  return fn
+
+
+def _checkpointed(forward, policy):
+  return jax.checkpoint(_on_dense_w0(forward), policy=policy)
+
+
+_policies = jax.checkpoint_policies
 # 'fast' keeps only the W0 product's output for the backward; the gathered
 # input it also needs (for the input blocks' gradient) is one cheap gather of
 # x away, and x is kept anyway, often shared by several layers (q, k, v).
-_block_fast = jax.checkpoint(
-    spo.block_forward,
-    policy=jax.checkpoint_policies.save_only_these_names(spo.SAVED_ACTIVATION))
+_KEEP_H = _policies.save_only_these_names(spo.SAVED_ACTIVATION)
+_KEEP_NOTHING = _policies.nothing_saveable
+_KEEP_ALL_BUT_W0 = _policies.save_anything_except_these_names(DENSE_W0)
 
 _FORWARD = {
-    ('block', 'fast'): _block_fast,
-    ('block', 'mem'): _recompute_in_backward(spo.block_forward),
-    ('block', 'materialize'): spo.block_materialized_forward,
-    ('full', 'fast'): spo.full_forward,
-    ('full', 'mem'): _recompute_in_backward(spo.full_forward),
-    ('full', 'materialize'): spo.full_materialized_forward,
+    ('block', 'fast'): _checkpointed(spo.block_forward, _KEEP_H),
+    ('block', 'mem'): _checkpointed(spo.block_forward, _KEEP_NOTHING),
+    ('block', 'materialize'): _checkpointed(spo.block_materialized_forward,
+                                            _KEEP_ALL_BUT_W0),
+    ('full', 'fast'): _checkpointed(spo.full_forward, _KEEP_ALL_BUT_W0),
+    ('full', 'mem'): _checkpointed(spo.full_forward, _KEEP_NOTHING),
+    ('full', 'materialize'): _checkpointed(spo.full_materialized_forward,
+                                           _KEEP_ALL_BUT_W0),
 }

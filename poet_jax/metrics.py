@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from poet_jax import merge
@@ -83,6 +84,73 @@ def poet_diagnostics(model: nnx.Module) -> dict:
   return {'orth_error_max': jnp.max(jnp.stack(orth)),
           'q_norm_max': jnp.max(jnp.stack(qnorm)),
           'sv_rel_change_max': jnp.max(jnp.abs(s - s0) / s0.max())}
+
+
+# Thresholds of the warnings (docs/reliability.md). The Cayley–Neumann
+# series converges while ||Q||_2 < 1; ||Q||_F bounds ||Q||_2. Under the
+# default guard ||Q||_F <= 0.9 the 3-term series' orthogonality error is at
+# most sqrt(2/b) (1 - (1 - s^4)^2) with s = 0.9/sqrt(2) (all of the norm in
+# one rotation plane): 0.21 at b = 4, 0.15 at b = 8, 0.075 at b = 32
+# (measured: 0.127 and 0.058). Above 0.25 no block of 4 or more is in range.
+Q_NORM_LIMIT = 1.0
+ORTH_ERROR_LIMIT = 0.25
+
+
+def poet_layer_names(model: nnx.Module) -> list[str]:
+  """One name per POET layer, in poet_layer_health's order: the module
+  path, with the index in a stack of layers ('blocks.mlp.up[3]')."""
+  names = []
+  for path, layer in merge.poet_layers(model):
+    lead = layer.q_in.get_value().shape[:-2]
+    base = '.'.join(map(str, path))
+    names += ([f'{base}[{i}]' for i in range(int(np.prod(lead)))] if lead
+              else [base])
+  return names
+
+
+def poet_layer_health(model: nnx.Module) -> dict:
+  """Per POET layer (poet_layer_names' order), the largest ||Q||_F and the
+  largest orthogonality error of its blocks: {'q_norm', 'orth_error'},
+  each (num_layers,) float32. Jittable."""
+  q_norm, orth = [], []
+  for _, layer in merge.poet_layers(model):
+    lead = layer.q_in.get_value().shape[:-2]
+    per_layer = lambda x: x.reshape(lead + (-1,)).max(-1).reshape(-1)
+    q_norm.append(jnp.maximum(*[
+        per_layer(jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1))
+        for u in (layer.q_in[...], layer.q_out[...])]))
+    orth.append(jnp.maximum(*[
+        per_layer(orthogonal.orthogonality_error(g))
+        for g in layer.orthogonal_blocks()]))
+  return {'q_norm': jnp.concatenate(q_norm),
+          'orth_error': jnp.concatenate(orth)}
+
+
+def numerical_warnings(step: int, names: list[str], health: dict,
+                       warned: set) -> list[str]:
+  """Warnings for blocks past Q_NORM_LIMIT or ORTH_ERROR_LIMIT, each kind
+  once (kinds already in `warned` are skipped; new ones are added)."""
+  kinds = {
+      'q_norm': (Q_NORM_LIMIT, '||Q||_F', 'passed 1, beyond which the '
+                 'Cayley-Neumann series may diverge'),
+      'orth_error': (ORTH_ERROR_LIMIT, 'orthogonality error',
+                     f'passed {ORTH_ERROR_LIMIT}: R and P are no longer '
+                     "orthogonal and the weights' spectrum drifts from W0's"),
+  }
+  out = []
+  for key, (limit, what, why) in kinds.items():
+    values = np.asarray(health[key], np.float64)
+    bad = np.flatnonzero(~(values <= limit))  # NaN counts as bad
+    if key in warned or not bad.size:
+      continue
+    warned.add(key)
+    worst = bad[np.argmax(np.nan_to_num(values[bad], nan=np.inf))]
+    out.append(
+        f'warning: at step {step} a block of {names[worst]} has {what} '
+        f'{values[worst]:.3g} ({bad.size} layer(s) past {limit}); it {why}. '
+        'Lower poet.lr, or keep poet.max_q_norm below 1 (default 0.9); see '
+        'docs/reliability.md (warned once)')
+  return out
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:

@@ -3,6 +3,8 @@
 RMSNorm, rotary embeddings, SwiGLU MLP, multi-head causal attention and an
 untied output head. The layer stack is created with nnx.vmap and run with
 nnx.scan, so it is traced and compiled once however deep the model is.
+`Llama.decode` is the inference path: the same blocks with a key/value cache
+(`init_cache`), for generation one token at a time.
 """
 import dataclasses
 import functools
@@ -10,10 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from poet_jax import layers
+from poet_jax import loss as loss_lib
 
 BLOCK_LINEARS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
@@ -26,7 +28,8 @@ class POETConfig:
   init: str = 'normalized'
   neumann_terms: int = 3
   orthogonal_map: str = 'neumann'
-  w0_dtype: Any = jnp.float32
+  w0_dtype: Any = jnp.float32  # a float dtype, or 'int8' (POET-XQ)
+  w0_group_size: int = 256     # W0 rows per 8-bit group, for 'int8'
   memory_budget: int = 0       # for compute='auto'; see layers.choose_compute
 
 
@@ -43,6 +46,7 @@ class LlamaConfig:
   linear: str = 'poet'              # 'poet' or 'dense'
   poet: POETConfig = POETConfig()
   remat: bool = False               # recompute each block in the backward
+  loss_chunk_tokens: int = 8192     # tokens per chunk of the loss; 0: one
 
   @property
   def head_dim(self) -> int:
@@ -58,8 +62,8 @@ def make_linear(cfg: LlamaConfig, in_features: int, out_features: int,
         in_features, out_features, block_size=p.block_size,
         variant=p.variant, compute=p.compute, init=p.init,
         neumann_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
-        dtype=cfg.dtype, w0_dtype=p.w0_dtype, memory_budget=p.memory_budget,
-        name=name, rngs=rngs)
+        dtype=cfg.dtype, w0_dtype=p.w0_dtype, w0_group_size=p.w0_group_size,
+        memory_budget=p.memory_budget, name=name, rngs=rngs)
   if cfg.linear == 'dense':
     return nnx.Linear(in_features, out_features, use_bias=False,
                       dtype=cfg.dtype,
@@ -104,6 +108,30 @@ class Attention(nnx.Module):
     out = _attention(q, k, heads(self.v(x)))
     return self.o(out.reshape(b, t, self.cfg.dim))
 
+  def decode(self, x, positions, k_cache, v_cache):
+    """Attention of new tokens over themselves and the cached ones.
+
+    x (B, T, D) sits at `positions` (B, T), consecutive and the same in every
+    row; their keys and values are written into the caches (B, S, H, d) at
+    those slots, and each token attends to slots up to its own position.
+    Returns (output (B, T, D), k_cache, v_cache).
+    """
+    b, t, _ = x.shape
+    heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
+    q = rotary(heads(self.q(x)), positions, self.cfg.rope_theta)
+    k = rotary(heads(self.k(x)), positions, self.cfg.rope_theta)
+    start = positions[0, 0]
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), start, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        v_cache, heads(self.v(x)).astype(v_cache.dtype), start, axis=1)
+    # Slots after a token's position are empty or in its future.
+    visible = jnp.arange(k_cache.shape[1]) <= positions[:, :, None]
+    out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype),
+                                       v_cache.astype(q.dtype),
+                                       mask=visible[:, None])
+    return self.o(out.reshape(b, t, self.cfg.dim)), k_cache, v_cache
+
 
 class MLP(nnx.Module):
 
@@ -130,6 +158,13 @@ class Block(nnx.Module):
     x = x + self.attention(self.attention_norm(x), positions)
     return x + self.mlp(self.mlp_norm(x))
 
+  def decode(self, x, positions, k_cache, v_cache):
+    """__call__ with a key/value cache; see Attention.decode."""
+    h, k_cache, v_cache = self.attention.decode(self.attention_norm(x),
+                                                positions, k_cache, v_cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+
 
 class Llama(nnx.Module):
 
@@ -154,6 +189,11 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int -> logits (B, T, vocab) float32."""
+    return self.lm_head(self.features(tokens)).astype(jnp.float32)
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, T) int -> the final norm's output (B, T, dim), the
+    output head's input."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
 
@@ -168,16 +208,61 @@ class Llama(nnx.Module):
     if self.cfg.remat:
       run_block = jax.checkpoint(run_block)
     x, _ = jax.lax.scan(run_block, x, stacked)
-    return self.lm_head(self.norm(x)).astype(jnp.float32)
+    return self.norm(x)
+
+  def decode(self, tokens: jax.Array, cache: dict, start
+             ) -> tuple[jax.Array, dict]:
+    """The forward pass of new tokens, reusing the keys/values of earlier ones.
+
+    Args:
+      tokens: (B, T) int, the tokens at positions start .. start + T - 1 of
+        every row (T = the prompt's length to prefill, then 1 per step).
+      cache: from init_cache, holding positions 0 .. start - 1.
+      start: int scalar (may be traced), the position of tokens[:, 0].
+    Returns:
+      logits (B, T, vocab) float32, equal (to rounding) to those of
+      __call__ on the whole sequence at these positions, and the cache with
+      these tokens added.
+    """
+    positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]),
+                                 tokens.shape)
+    x = self.embed(tokens)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def run_block(x, layer):
+      block_state, k_cache, v_cache = layer
+      x, k_cache, v_cache = nnx.merge(graphdef, block_state).decode(
+          x, positions, k_cache, v_cache)
+      return x, (k_cache, v_cache)
+
+    x, (k, v) = jax.lax.scan(run_block, x, (stacked, cache['k'], cache['v']))
+    return self.lm_head(self.norm(x)).astype(jnp.float32), {'k': k, 'v': v}
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int) -> dict:
+  """An empty key/value cache for Llama.decode.
+
+  {'k', 'v'}: zeros (num_layers, batch_size, max_length, num_heads,
+  head_dim) of the compute dtype; max_length bounds prompt + generated
+  tokens.
+  """
+  shape = (cfg.num_layers, batch_size, max_length, cfg.num_heads,
+           cfg.head_dim)
+  return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
 
 
 def next_token_loss(model: Llama, tokens: jax.Array,
                     mask: jax.Array | None = None) -> jax.Array:
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
-  logits = model(tokens[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           tokens[:, 1:])
-  if mask is None:
-    return losses.mean()
-  mask = mask[:, 1:].astype(losses.dtype)
-  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
+
+  The head and the cross-entropy run in chunks of cfg.loss_chunk_tokens
+  tokens (poet_jax.loss): the whole batch's logits never exist at once.
+  """
+  hidden = model.features(tokens[:, :-1])
+  weights = None if mask is None else mask[:, 1:].astype(jnp.float32)
+  total = loss_lib.cross_entropy_sum(
+      hidden, model.lm_head.kernel[...], tokens[:, 1:], weights,
+      chunk_tokens=model.cfg.loss_chunk_tokens, dtype=model.cfg.dtype)
+  count = (jnp.asarray(tokens[:, 1:].size, jnp.float32) if mask is None
+           else jnp.maximum(weights.sum(), 1.0))
+  return total / count

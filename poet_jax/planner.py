@@ -26,7 +26,7 @@ def vocab_size(c) -> int:
 def plan(c, devices=None) -> dict:
   """Per-device memory (GiB), parameter counts and FLOPs of one train step."""
   mesh = sharding_lib.make_mesh(c.mesh, devices)
-  sharding_lib.check_batch(mesh, c.train.batch_size)
+  sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   setup, abstract = train_lib.abstract_state(c, vocab_size(c))
   steps = train_lib.compile_steps(setup, abstract, mesh)
   state = jax.tree.map(
@@ -48,9 +48,13 @@ def plan(c, devices=None) -> dict:
   return {
       'config_method': c.optimizer.name,
       'compute': c.poet.compute if c.optimizer.name == 'poet' else 'dense',
+      'w0_dtype': c.model.w0_dtype if c.optimizer.name == 'poet' else None,
       'num_devices': mesh.size,
       'mesh': dict(mesh.shape),
       'batch_size': c.train.batch_size,
+      # The step scans over micro-batches: its temporaries are one's.
+      'grad_accum_steps': c.train.grad_accum_steps,
+      'micro_batch_size': c.train.batch_size // c.train.grad_accum_steps,
       'seq_len': c.train.seq_len,
       'argument_gib': argument / GIB,
       'output_gib': output / GIB,
@@ -69,9 +73,14 @@ def dry_run(c, workdir: str) -> dict:
   path = os.path.join(workdir, 'memory.json')
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
-  print(f"{report['config_method']} ({report['compute']}), "
+  w0 = f", W0 {report['w0_dtype']}" if report['w0_dtype'] else ''
+  print(f"{report['config_method']} ({report['compute']}{w0}), "
         f"{report['num_devices']} device(s), batch {report['batch_size']} x "
         f"{report['seq_len']}")
+  if report['grad_accum_steps'] > 1:
+    print(f"  in {report['grad_accum_steps']} micro-batches of "
+          f"{report['micro_batch_size']}: the memory below is one "
+          "micro-batch's")
   print(f"  per device: arguments {report['argument_gib']:.2f} GiB, outputs "
         f"{report['output_gib']:.2f} GiB, temporaries "
         f"{report['temp_gib']:.2f} GiB, peak {report['peak_gib']:.2f} GiB")

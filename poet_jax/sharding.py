@@ -83,11 +83,19 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-def check_batch(mesh, batch_size: int) -> None:
+def check_batch(mesh, batch_size: int, grad_accum_steps: int = 1) -> None:
+  """Each micro-batch (batch_size / grad_accum_steps sequences) splits evenly
+  over the data x fsdp devices; MeshError otherwise."""
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if batch_size % n:
     raise MeshError(f'train.batch_size={batch_size} is not divisible by '
                     f'mesh data x fsdp = {n}; choose a multiple of {n}')
+  if grad_accum_steps > 1 and (batch_size // grad_accum_steps) % n:
+    raise MeshError(
+        f'the micro-batch train.batch_size / train.grad_accum_steps = '
+        f'{batch_size} / {grad_accum_steps} is not divisible by mesh data x '
+        f'fsdp = {n}; choose a batch size that is a multiple of '
+        f'{n * grad_accum_steps}')
 
 
 def leaf_spec(shape, fsdp: int, name: str = 'a parameter') -> P:

@@ -57,13 +57,16 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
       vocab_size=vocab_size, dim=c.model.dim, num_layers=c.model.num_layers,
       num_heads=c.model.num_heads, ffn_dim=config_lib.ffn_dim(c),
       dtype=dtypes[c.model.dtype], remat=c.model.remat,
+      loss_chunk_tokens=c.model.loss_chunk_tokens,
       linear='poet' if c.optimizer.name == 'poet' else 'dense',
       poet=model_lib.POETConfig(
           variant=c.poet.variant, block_size=config_lib.block_size(c),
           compute=c.poet.compute, init=c.poet.init,
           neumann_terms=c.poet.neumann_terms,
           orthogonal_map=c.poet.orthogonal_map,
-          w0_dtype=dtypes[c.model.w0_dtype],
+          # 'int8' passes through: POET-XQ's 8-bit W0 (poet_jax/quant.py).
+          w0_dtype=dtypes.get(c.model.w0_dtype, c.model.w0_dtype),
+          w0_group_size=c.model.w0_group_size,
           memory_budget=c.poet.auto_memory_budget))
 
 
@@ -115,8 +118,9 @@ def optimizer(c) -> optax.GradientTransformation:
     dims = lambda params: jax.tree_util.tree_map_with_path(
         lambda p, x: optax.contrib.MuonDimensionNumbers(1, 2)
         if _is_block_kernel(p, x) else None, params)
+    # Decay on both parts, unmasked, as the reference trainer's Muon groups.
     tx = optax.contrib.muon(lr, beta=o.muon_beta, weight_decay=wd,
-                            adam_b1=o.b1, adam_b2=o.b2,
+                            adam_weight_decay=wd, adam_b1=o.b1, adam_b2=o.b2,
                             muon_weight_dimension_numbers=dims)
   elif o.name == 'galore':
     # GaLore on each layer's block kernels, AdamW on embeddings, norms and
@@ -186,7 +190,11 @@ def count_params(state) -> tuple[int, int]:
   size = lambda tree: sum(int(np.prod(np.shape(x))) for x in
                           jax.tree.leaves(tree)
                           if jnp.issubdtype(x.dtype, jnp.floating))
-  return size(state['params']), size(state['frozen'])
+  # W0 by name: an 8-bit W0 is uint8 codes plus float scales and zero points.
+  w0 = jax.tree_util.tree_leaves_with_path(state['frozen'])
+  frozen = sum(int(np.prod(np.shape(x))) for p, x in w0
+               if str(getattr(p[-1], 'key', '')) == 'w0')
+  return size(state['params']), frozen
 
 
 # ------------------------------------------------------------------- steps
@@ -196,15 +204,63 @@ def _where(pred, new, old):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _micro_batches(batch: jax.Array, k: int) -> jax.Array:
+  """(B, T+1) -> (k, B/k, T+1); micro-batch j holds rows j, j+k, j+2k, ...
+
+  Strided rows keep every micro-batch split over the batch devices as the
+  batch is (the row axis stays the sharded one), so nothing moves.
+  """
+  return batch.reshape(batch.shape[0] // k, k, -1).swapaxes(0, 1)
+
+
+def _accumulate(fn, params, batch: jax.Array, k: int):
+  """The sum of fn(params, micro_batch) over k micro-batches (float32).
+
+  A lax.scan: the compiled step keeps one micro-batch's activations.
+  """
+  if k == 1:
+    return fn(params, batch)
+  micro = _micro_batches(batch, k)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(fn, params, micro[0]))
+
+  def body(total, tokens):
+    out = jax.tree.map(lambda x: x.astype(jnp.float32), fn(params, tokens))
+    return jax.tree.map(jnp.add, total, out), None
+
+  return jax.lax.scan(body, zeros, micro)[0]
+
+
+def applied_rates(c, applied: jax.Array) -> dict:
+  """The learning rates of the update after `applied` applied updates.
+
+  optax counts (and schedules by) the updates it applied; a dropped
+  non-finite update rolls its state back, so this is the global step less
+  the dropped steps, never the global step (docs/reliability.md).
+  """
+  rates = {'learning_rate': schedule(c, c.train.lr)(applied)}
+  if c.optimizer.name == 'poet':
+    rates['poet_learning_rate'] = (schedule(c, c.poet.lr)(applied)
+                                   * c.poet.scale)
+  return rates
+
+
 def train_step(setup: Setup, state: dict, batch: jax.Array):
-  """One optimizer step, the generator guard, and a merge when due."""
+  """One optimizer step over train.grad_accum_steps micro-batches, the
+  generator guard, and a merge when due (after the step, on its count)."""
   c = setup.config
 
-  def loss_fn(params):
+  def loss_fn(params, tokens):
     model = nnx.merge(setup.graphdef, params, state['frozen'])
-    return model_lib.next_token_loss(model, batch)
+    return model_lib.next_token_loss(model, tokens)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  k = c.train.grad_accum_steps
+  loss, grads = _accumulate(jax.value_and_grad(loss_fn), state['params'],
+                            batch, k)
+  if k > 1:
+    # Equal micro-batches: the mean of their mean losses and gradients is
+    # the whole batch's, to float32 rounding.
+    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = setup.tx.update(grads, state['opt_state'],
                                        state['params'])
@@ -227,23 +283,30 @@ def train_step(setup: Setup, state: dict, batch: jax.Array):
                'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
                'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
                                            step)}
-  metrics = {'train_loss': loss, 'grad_norm': grad_norm,
-             'learning_rate': setup.lr(state['step']), 'finite': finite}
+  metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+             **applied_rates(c, state['step'] - state['nonfinite'])}
   return new_state, metrics
 
 
 def eval_step(setup: Setup, state: dict, batch: jax.Array):
-  """Summed token loss and token count of one evaluation batch."""
+  """Summed token loss and token count of one evaluation batch (taken in
+  train.grad_accum_steps micro-batches, like the train step)."""
   model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
-  logits = model(batch[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           batch[:, 1:])
-  return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  def summed(_, tokens):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        model(tokens[:, :-1]), tokens[:, 1:])
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  return _accumulate(summed, None, batch, setup.config.train.grad_accum_steps)
 
 
 def diagnostics(setup: Setup, state: dict) -> dict:
+  """metrics_lib.poet_diagnostics, and under 'layers' the per-layer
+  metrics_lib.poet_layer_health behind the numerical warnings."""
   model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
-  return metrics_lib.poet_diagnostics(model)
+  return {**metrics_lib.poet_diagnostics(model),
+          'layers': metrics_lib.poet_layer_health(model)}
 
 
 @dataclasses.dataclass
@@ -332,12 +395,23 @@ RESUMABLE = ('nan_policy', 'log_every', 'eval_every', 'checkpoint_every',
 def _check_writable(workdir: str) -> None:
   """The work directory (and its checkpoints) can be written, or WorkdirError.
 
-  Checked first, so a bad --workdir costs nothing and changes nothing.
+  Checked first and without creating anything: a work directory that does
+  not exist yet is made only once every check has passed. A probe file in
+  the directory (or, for a new one, its nearest existing parent) is
+  created and removed again.
   """
+  probes = [workdir, os.path.join(workdir, 'checkpoints')]
+  if not os.path.lexists(workdir):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.lexists(parent):
+      parent = os.path.dirname(parent)
+    probes = [parent]
   try:
-    os.makedirs(workdir, exist_ok=True)
-    for directory in (workdir, os.path.join(workdir, 'checkpoints')):
-      if os.path.lexists(directory) or directory == workdir:
+    for directory in probes:
+      if directory == probes[0] or os.path.lexists(directory):
+        if not os.path.isdir(directory):
+          raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                   directory)
         with tempfile.NamedTemporaryFile(dir=directory, prefix='.probe'):
           pass
   except OSError as e:
@@ -348,31 +422,36 @@ def _check_writable(workdir: str) -> None:
         'permissions') from None
 
 
-def _check_config_matches(workdir: str, c, write: bool = True) -> None:
-  """A work directory belongs to one configuration: refuse another."""
+def _check_config_matches(workdir: str, c, has_checkpoint: bool) -> None:
+  """A work directory that holds a checkpoint belongs to one configuration:
+  refuse another. Without a checkpoint there is no run to protect."""
   path = os.path.join(workdir, 'config.json')
+  if not (has_checkpoint and os.path.exists(path)):
+    return
+  with open(path) as f:
+    saved = f.read()
   current = c.to_json(sort_keys=True, indent=1)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = f.read()
-    if saved != current:
-      old, new = (config_lib.flatten(s) for s in (saved, current))
-      # The mesh and the processes may change between a stop and a resume,
-      # and so may the keys that do not change what is computed (RESUMABLE).
-      keys = sorted(k for k in old.keys() | new.keys()
-                    if old.get(k) != new.get(k) and k not in RESUMABLE
-                    and not k.startswith(('mesh.', 'distributed.')))
-      if keys:
-        raise config_lib.ConfigError(
-            f'{workdir} holds a run with a different config ({", ".join(keys)}'
-            '); use a new --workdir or the same settings to resume')
+  if saved == current:
     return
-  if not write:
-    return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(current)
-  os.replace(tmp, path)
+  old, new = (config_lib.flatten(s) for s in (saved, current))
+  # The mesh and the processes may change between a stop and a resume, and
+  # so may the keys that do not change what is computed (RESUMABLE).
+  keys = sorted(k for k in old.keys() | new.keys()
+                if old.get(k) != new.get(k) and k not in RESUMABLE
+                and not k.startswith(('mesh.', 'distributed.')))
+  if keys:
+    raise config_lib.ConfigError(
+        f'{workdir} holds a run with a different config ({", ".join(keys)}'
+        '); use a new --workdir or the same settings to resume')
+
+
+def write_config(workdir: str, c) -> None:
+  """<workdir>/config.json (atomically), creating the work directory."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(c.to_json(sort_keys=True, indent=1))
+  os.replace(path + '.tmp', path)
 
 
 def train(c, workdir: str, progress: bool = True) -> int:
@@ -397,46 +476,67 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
   error = ((lambda m: print(f'error: {m}', file=sys.stderr, flush=True))
            if is_main else (lambda m: None))
   faults = _Faults(os.environ)
+  # Everything that can refuse the run (exit 2) is checked before anything
+  # is written to the work directory and before any compile.
   _check_writable(workdir)
-  _check_config_matches(workdir, c, write=is_main)
   mesh = sharding_lib.make_mesh(c.mesh)
-  sharding_lib.check_batch(mesh, c.train.batch_size)
-
+  sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   tokenizer = _load_tokenizer(c.data.tokenizer)
   vocab = c.model.vocab_size or tokenizer.vocab_size
   if vocab < tokenizer.vocab_size:
     raise config_lib.ConfigError(
         f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary '
         f'({tokenizer.vocab_size}); set it to 0 or at least that')
-  ckpt = checkpoint_lib.Checkpointer(
+  open_checkpoints = lambda: checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
       before_commit=faults.before_commit)
+  # Opening creates the directory: only an existing one is opened now.
+  ckpt = (open_checkpoints()
+          if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
   try:
-    latest = ckpt.latest_step()
+    latest = ckpt.latest_step() if ckpt else None
+    _check_config_matches(workdir, c, has_checkpoint=latest is not None)
     # What the checkpoint was trained on must be what is at hand: checked
     # for the tokenizer before the data is tokenized with it.
     trained_on = ckpt.read_meta(latest) if latest is not None else {}
     _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
+    data_dir = c.data.data_dir or config_lib.default_data_dir()
     train_data, eval_data = data_lib.open_train_and_eval(
-        c.data.name, c.data.data_dir or config_lib.default_data_dir(),
-        tokenizer, c.train.seq_len, c.data.max_tokens or None,
-        progress=progress and is_main)
+        c.data.name, data_dir, tokenizer, c.train.seq_len,
+        c.data.max_tokens or None, progress=progress and is_main)
     inputs = {'tokenizer': tokenizer.identity,
               'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
     _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
+    for split, stream in zip(data_lib.SPLITS, (train_data, eval_data)):
+      data_lib.check_one_batch(stream, c.train.batch_size, c.data.name,
+                               split, c.data.max_tokens)
+    # Nothing refused the run: from here on it writes.
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      write_config(workdir, c)
+    ckpt = ckpt or open_checkpoints()
 
     setup, abstract = abstract_state(c, vocab)
     steps = compile_steps(setup, abstract, mesh)
     trainable, frozen = count_params(abstract)
+    layer_names = metrics_lib.poet_layer_names(
+        nnx.merge(setup.graphdef, abstract['params'], abstract['frozen']))
     say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen '
         f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
     if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
       model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
-      say(layers.describe_choices(model, c.train.batch_size * c.train.seq_len))
+      say(layers.describe_choices(
+          model, c.train.batch_size // c.train.grad_accum_steps
+          * c.train.seq_len))
     faults.signal_at(0)
     if latest is None:
       state = jax.jit(lambda: init_state(c, vocab)[1],
                       out_shardings=steps.state_sharding)()
+      if c.init_from:  # a pretrained Hugging Face Llama (hf_import.py)
+        from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
+        state = hf_import.init_state_from(c.init_from, setup, state,
+                                          steps.state_sharding)
+        say(f'initialized from {c.init_from}')
     else:
       target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -447,7 +547,8 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     log = metrics_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
                                  resume_step=start) if is_main else None
   except BaseException:
-    ckpt.abandon()
+    if ckpt:
+      ckpt.abandon()
     raise
 
   num_eval = max(1, c.eval_tokens // c.train.seq_len)
@@ -483,6 +584,7 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
     # Non-finite steps are counted on device (state['nonfinite']); the count
     # is read only at log steps and, with nan_policy='stop', before a save.
     reported = int(state['nonfinite'])
+    warned = set()  # kinds of numerical warning given (each once a run)
     last_time, last_step = time.perf_counter(), start
     step = start
     stop.in_loop = True
@@ -512,8 +614,13 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
                      tokens_per_s=tokens_per_step / dt,
                      nonfinite_steps=nonfinite)
         if c.optimizer.name == 'poet':
-          entry.update({k: float(v) for k, v in
-                        jax.device_get(steps.diagnostics(state)).items()})
+          entry['poet_learning_rate'] = float(m['poet_learning_rate'])
+          diag = jax.device_get(steps.diagnostics(state))
+          health = diag.pop('layers')
+          entry.update({k: float(v) for k, v in diag.items()})
+          for line in metrics_lib.numerical_warnings(step, layer_names,
+                                                     health, warned):
+            write(line)
         bar.set_postfix(loss=f'{entry["train_loss"]:.3f}',
                         tok_s=f'{entry["tokens_per_s"]:.0f}')
       if step % c.eval_every == 0 or last:

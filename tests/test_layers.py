@@ -176,6 +176,22 @@ def test_merge_preserves_function_and_redraws_placement(variant):
   assert not np.array_equal(layer.out_place[...], old_out)
 
 
+@pytest.mark.parametrize('variant', ['block', 'full'])
+def test_float64_layer_keeps_its_output_across_a_merge_to_float64(variant):
+  # jax.enable_x64 as a context: float64 for this test only.
+  with jax.enable_x64(True):
+    layer = make(variant, w0_dtype=jnp.float64)
+    x = inputs().astype(jnp.float64)
+    before = layer(x)
+    assert before.dtype == jnp.float64
+    assert layer.effective_weight().dtype == jnp.float64
+    assert rel_err(before, x @ layer.effective_weight()) < 1e-12
+    layer.merge(jax.random.key(7))
+    assert layer.w0.dtype == jnp.float64
+    # A float32 merge would change the output by ~1e-7.
+    assert rel_err(layer(x), before) < 1e-12
+
+
 def test_bfloat16_w0_and_compute():
   layer = make(dtype=jnp.bfloat16, w0_dtype=jnp.bfloat16)
   assert layer.w0.dtype == jnp.bfloat16

@@ -1,4 +1,4 @@
-"""poetize on a user's NNX model; stacked layers as ordinary modules."""
+"""poetize on a user's NNX model."""
 import logging
 
 import jax
@@ -68,25 +68,3 @@ def test_poetized_model_trains_with_poet():
 
   losses = [float(step(model, optimizer)) for _ in range(20)]
   assert losses[-1] < 0.8 * losses[0], losses
-
-
-def test_a_stacked_llama_layer_as_an_ordinary_module():
-  cfg = poet_jax.LlamaConfig(vocab_size=32, dim=16, num_layers=3,
-                             num_heads=2, ffn_dim=32,
-                             poet=poet_jax.POETConfig(block_size=8))
-  model = poet_jax.Llama(cfg, rngs=nnx.Rngs(0))
-  block = poet_jax.layer_at(model.blocks, 1)
-  q = block.attention.q
-  assert q.w0[...].ndim == 2
-  np.testing.assert_allclose(q.effective_weight(),
-                             model.blocks.attention.q.effective_weight()[1])
-  x = jax.random.normal(jax.random.key(1), (4, 16))
-  np.testing.assert_allclose(q(x), x @ q.effective_weight(), rtol=1e-5,
-                             atol=1e-6)
-  q.q_in[...] = jnp.full_like(q.q_in[...], 0.01)
-  poet_jax.set_layer_at(model.blocks, 1, block)
-  stacked = model.blocks.attention.q.q_in[...]
-  assert float(stacked[1].min()) == pytest.approx(0.01)
-  assert float(jnp.abs(stacked[0]).max()) == 0.0
-  with pytest.raises(IndexError):
-    poet_jax.layer_at(model.blocks, 3)

@@ -1,0 +1,228 @@
+"""Start a run from a Hugging Face Llama checkpoint: --config.init_from=DIR.
+
+DIR holds config.json and model.safetensors (or a sharded
+model.safetensors.index.json), as export.py writes and transformers saves.
+A dense run (adamw, galore, muon) starts from all its weights. A POET run
+takes each linear layer's weight as its W0, kept as is, with R = P = I:
+training then learns only orthogonal factors of the pretrained weights (the
+orthogonal finetuning use of POET); embeddings, norms and the head are its
+initial values, trained as usual. Sizes must match the run's; everything is
+checked from the files' headers before any work (`check_init_from`).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from poet_jax import config as config_lib
+from poet_jax import export
+from poet_jax import layers
+from poet_jax import model as model_lib
+from poet_jax import restore
+from poet_jax import spo
+from poet_jax import tokenizer as tokenizer_lib
+from poet_jax import train_lib
+
+INDEX_FILE = 'model.safetensors.index.json'
+
+
+def _fail(path: str, what: str) -> config_lib.ConfigError:
+  return config_lib.ConfigError(f'init_from={path}: {what}')
+
+
+def read_hf_config(path: str) -> dict:
+  """config.json of a Llama checkpoint directory, or ConfigError."""
+  file = os.path.join(path, 'config.json')
+  if not os.path.isdir(path):
+    raise _fail(path, 'no such directory; give a Hugging Face Llama '
+                'checkpoint directory (python -m poet_jax.export writes one)')
+  try:
+    with open(file) as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise _fail(path, f'config.json cannot be read ({e}); is it a Hugging '
+                'Face checkpoint directory?') from None
+  if (not isinstance(hf, dict) or hf.get('model_type') != 'llama' or
+      'LlamaForCausalLM' not in hf.get('architectures', ['LlamaForCausalLM'])):
+    kind = hf.get('model_type') if isinstance(hf, dict) else None
+    raise _fail(path, f'not a Llama checkpoint (model_type={kind!r}); only '
+                'LlamaForCausalLM checkpoints can be imported')
+  return hf
+
+
+def _rope_theta(hf: dict) -> float:
+  params = hf.get('rope_parameters') or {}
+  return float(hf.get('rope_theta') or params.get('rope_theta') or 10000.0)
+
+
+def _split_head_dim(hf: dict):
+  hidden, heads = hf.get('hidden_size'), hf.get('num_attention_heads')
+  ints = all(isinstance(v, int) and v > 0 for v in (hidden, heads))
+  return hidden // heads if ints else None
+
+
+def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
+  """The checkpoint's architecture and sizes are the run's; else ConfigError
+  naming each difference and the config key that fixes it."""
+  sizes = [('hidden_size', cfg.dim, 'model.dim'),
+           ('intermediate_size', cfg.ffn_dim, 'model.ffn_dim'),
+           ('num_hidden_layers', cfg.num_layers, 'model.num_layers'),
+           ('num_attention_heads', cfg.num_heads, 'model.num_heads'),
+           ('vocab_size', cfg.vocab_size, 'model.vocab_size')]
+  wrong = [f'{key}={hf.get(key)} but {ours}={value} (set '
+           f'--config.{ours}={hf.get(key)})'
+           for key, value, ours in sizes if hf.get(key) != value]
+  if wrong:
+    raise _fail(path, f'sizes do not match the run: {"; ".join(wrong)}')
+  scaling = hf.get('rope_scaling') or {}
+  rope_type = scaling.get('rope_type', scaling.get('type')) or (
+      hf.get('rope_parameters') or {}).get('rope_type', 'default')
+  unsupported = [
+      (hf.get('hidden_act', 'silu') != 'silu', 'hidden_act is not silu'),
+      (hf.get('attention_bias') or hf.get('mlp_bias'), 'it has biases'),
+      (hf.get('num_key_value_heads', cfg.num_heads) !=
+       hf.get('num_attention_heads'), 'grouped-query attention'),
+      (hf.get('head_dim') not in (None, _split_head_dim(hf)),
+       'head_dim is not hidden_size / num_attention_heads'),
+      (rope_type != 'default', f'rope scaling {rope_type!r}'),
+      (_rope_theta(hf) != cfg.rope_theta, f'rope_theta={_rope_theta(hf)}, '
+       f'poet_jax uses {cfg.rope_theta}'),
+      (hf.get('rms_norm_eps', cfg.norm_eps) != cfg.norm_eps,
+       f'rms_norm_eps={hf.get("rms_norm_eps")}, poet_jax uses '
+       f'{cfg.norm_eps}')]
+  bad = [why for flag, why in unsupported if flag]
+  if bad:
+    raise _fail(path, f'unsupported Llama variant: {"; ".join(bad)}')
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """Tensor name -> the safetensors file holding it."""
+  single = os.path.join(path, export.WEIGHTS_FILE)
+  index = os.path.join(path, INDEX_FILE)
+  try:
+    if os.path.isfile(single):
+      with safe_open(single, framework='numpy') as f:
+        return {name: single for name in f.keys()}
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+      return {k: os.path.join(path, v) for k, v in weight_map.items()}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _fail(path, f'the safetensors files cannot be read ({e})') from None
+  raise _fail(path, f'no {export.WEIGHTS_FILE} or {INDEX_FILE}; only '
+              'safetensors checkpoints can be imported')
+
+
+def _shapes(files: dict[str, str], path: str) -> dict[str, tuple]:
+  shapes = {}
+  try:
+    for file in sorted(set(files.values())):
+      with safe_open(file, framework='numpy') as f:
+        for name in f.keys():
+          shapes[name] = tuple(f.get_slice(name).get_shape())
+  except (OSError, ValueError) as e:
+    raise _fail(path, f'the safetensors files cannot be read ({e})') from None
+  return shapes
+
+
+def check_tensors(path: str, hf: dict, cfg: model_lib.LlamaConfig) -> None:
+  """Every tensor a Llama of cfg's sizes needs is there, with its shape."""
+  shapes = _shapes(_tensor_files(path), path)
+  expected = export.expected_shapes(cfg)
+  if hf.get('tie_word_embeddings'):
+    expected.pop('lm_head.weight')
+  missing = sorted(expected.keys() - shapes.keys())
+  if missing:
+    raise _fail(path, f'{len(missing)} tensors are missing, such as '
+                f'{missing[0]}')
+  wrong = [f'{n} is {shapes[n]}, expected {s}'
+           for n, s in expected.items() if shapes[n] != s]
+  if wrong:
+    raise _fail(path, f'tensor shapes do not match: {wrong[0]}')
+
+
+def run_model_config(c) -> model_lib.LlamaConfig:
+  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
+  return train_lib.model_config(c, c.model.vocab_size or tokenizer.vocab_size)
+
+
+def check_init_from(c) -> None:
+  """config.validate's check of init_from: reads headers only, no weights.
+
+  Raises ConfigError (one line) if the directory is not a Llama checkpoint
+  of the run's sizes.
+  """
+  path = os.path.expanduser(c.init_from)
+  hf = read_hf_config(path)
+  cfg = run_model_config(c)
+  check_compatible(hf, cfg, path)
+  check_tensors(path, hf, cfg)
+
+
+def load_weights(path: str, cfg: model_lib.LlamaConfig) -> dict:
+  """The checkpoint's weights as float32 arrays keyed as dense_weights."""
+  path = os.path.expanduser(path)
+  hf = read_hf_config(path)
+  check_compatible(hf, cfg, path)
+  check_tensors(path, hf, cfg)
+  files = _tensor_files(path)
+  tensors = {}
+  for name in export.expected_shapes(cfg):
+    if name not in files:   # the tied head
+      continue
+    # framework='flax' reads bfloat16 too; float32 is copied exactly.
+    with safe_open(files[name], framework='flax') as f:
+      tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+  if 'lm_head.weight' not in tensors:
+    tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']
+  return export.weights_from_hf(tensors, cfg)
+
+
+def _set_kernel(layer, kernel: jax.Array) -> None:
+  """The layer computes x @ kernel: a dense kernel, or a POET layer's W0
+  (in its frame) with R = P = I."""
+  if not isinstance(layer, layers.POETLinear):
+    layer.kernel[...] = kernel
+    return
+  if layer.variant == 'block':
+    frame = spo.to_block_frame
+    for _ in range(kernel.ndim - 2):  # the stack of layers
+      frame = jax.vmap(frame)
+    kernel = frame(kernel, layer.in_place[...], layer.out_place[...])
+  layer.w0[...] = kernel.astype(layer.w0[...].dtype)
+  layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
+  layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
+
+
+def init_state_from(path: str, setup: train_lib.Setup, state: dict,
+                    shardings) -> dict:
+  """A fresh train state with the checkpoint's weights (see module doc).
+
+  The optimizer state is initialized again for the new parameters; the
+  result has `shardings`. Raises ConfigError for an unusable checkpoint.
+  """
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  weights = load_weights(path, model.cfg)
+
+  def build(state, weights):
+    model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+    blocks = model.blocks
+    model.embed.embedding[...] = weights['embed']
+    blocks.attention_norm.scale[...] = weights['attention_norm']
+    blocks.mlp_norm.scale[...] = weights['mlp_norm']
+    model.norm.scale[...] = weights['norm']
+    model.lm_head.kernel[...] = weights['lm_head']
+    for name in restore.ATTENTION:
+      _set_kernel(getattr(blocks.attention, name), weights[name])
+    for name in restore.MLP:
+      _set_kernel(getattr(blocks.mlp, name), weights[name])
+    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    params, frozen = nnx.as_pure(params), nnx.as_pure(frozen)
+    return {**state, 'params': params, 'frozen': frozen,
+            'opt_state': setup.tx.init(params)}
+
+  return jax.jit(build, out_shardings=shardings)(state, weights)

@@ -1,0 +1,250 @@
+"""Hugging Face Llama export and import (--config.init_from).
+
+The exported file is checked against a NumPy forward pass written here from
+transformers' modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
+rotate_half, eager attention, LlamaMLP), independent of poet_jax.model; and,
+when transformers and torch are installed, against transformers itself:
+
+  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  pip install transformers
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+import train
+from poet_jax import export
+from poet_jax import hf_import
+from poet_jax import restore
+from poet_jax import train_lib
+from trained_runs import trained_run
+from train_util import read_metrics, run_train
+
+BATCH = np.random.default_rng(0).integers(0, 257, (2, 16)).astype(np.int32)
+
+
+@pytest.fixture(scope='module', params=['poet', 'adamw'])
+def exported(request, tmp_path_factory):
+  """(restored run, its export directory) for each kind of run."""
+  run = restore.load_run(trained_run(tmp_path_factory, request.param)[0])
+  out = str(tmp_path_factory.mktemp(f'hf_{request.param}'))
+  assert export.main(['export', f'--workdir={run.workdir}',
+                      f'--out={out}']) == 0
+  return run, out
+
+
+# ------------------------------------------- NumPy Llama from transformers'
+
+
+def rms_norm(x, weight, eps):
+  variance = np.mean(x ** 2, axis=-1, keepdims=True)
+  return weight * (x / np.sqrt(variance + eps))
+
+
+def rotate_half(x):
+  half = x.shape[-1] // 2
+  return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def hf_llama_logits(hf, t, ids):
+  """LlamaForCausalLM.forward(ids).logits in float64 NumPy; t: state dict."""
+  heads, dim = hf['num_attention_heads'], hf['hidden_size']
+  head_dim, eps = dim // heads, hf['rms_norm_eps']
+  batch, seq = ids.shape
+  inv_freq = 1.0 / hf['rope_theta'] ** (np.arange(0, head_dim, 2) / head_dim)
+  freqs = np.arange(seq)[:, None] * inv_freq[None]
+  emb = np.concatenate([freqs, freqs], axis=-1)
+  cos, sin = np.cos(emb), np.sin(emb)                       # (seq, head_dim)
+  causal = np.tril(np.ones((seq, seq), bool))
+  x = t['model.embed_tokens.weight'][ids]
+  for i in range(hf['num_hidden_layers']):
+    p = lambda name: t[f'model.layers.{i}.{name}.weight']
+    h = rms_norm(x, p('input_layernorm'), eps)
+    split = lambda y: y.reshape(batch, seq, heads, head_dim).transpose(
+        0, 2, 1, 3)
+    q, k, v = (split(h @ p(f'self_attn.{n}_proj').T) for n in 'qkv')
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attn = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    x = x + attn @ p('self_attn.o_proj').T
+    h = rms_norm(x, p('post_attention_layernorm'), eps)
+    gate = h @ p('mlp.gate_proj').T
+    x = x + ((gate / (1 + np.exp(-gate))) * (h @ p('mlp.up_proj').T)) @ (
+        p('mlp.down_proj').T)
+  x = rms_norm(x, t['model.norm.weight'], eps)
+  return x @ t['lm_head.weight'].T
+
+
+def read_export(out):
+  with open(os.path.join(out, 'config.json')) as f:
+    hf = json.load(f)
+  tensors = safetensors.numpy.load_file(os.path.join(out,
+                                                     'model.safetensors'))
+  return hf, tensors
+
+
+def poet_jax_logits(run, ids):
+  return np.asarray(nnx.jit(lambda m, x: m(x))(run.model, jnp.asarray(ids)))
+
+
+def test_export_has_transformers_names_shapes_and_logits(exported):
+  run, out = exported
+  hf, tensors = read_export(out)
+  c = run.config.model
+  assert hf['architectures'] == ['LlamaForCausalLM']
+  assert (hf['hidden_size'], hf['num_hidden_layers'],
+          hf['num_attention_heads'], hf['intermediate_size'],
+          hf['vocab_size']) == (c.dim, c.num_layers, c.num_heads, c.ffn_dim,
+                                257)
+  assert hf['tie_word_embeddings'] is False
+  d, f = c.dim, c.ffn_dim
+  expected = {'model.embed_tokens.weight': (257, d),
+              'model.norm.weight': (d,), 'lm_head.weight': (257, d)}
+  for i in range(c.num_layers):
+    layer = f'model.layers.{i}.'
+    expected.update({layer + 'input_layernorm.weight': (d,),
+                     layer + 'post_attention_layernorm.weight': (d,),
+                     layer + 'mlp.gate_proj.weight': (f, d),
+                     layer + 'mlp.up_proj.weight': (f, d),
+                     layer + 'mlp.down_proj.weight': (d, f)})
+    for n in 'qkvo':
+      expected[f'{layer}self_attn.{n}_proj.weight'] = (d, d)
+  assert {k: v.shape for k, v in tensors.items()} == expected
+  assert all(v.dtype == np.float32 for v in tensors.values())
+  reference = hf_llama_logits(hf, {k: v.astype(np.float64)
+                                   for k, v in tensors.items()}, BATCH)
+  np.testing.assert_allclose(poet_jax_logits(run, BATCH), reference,
+                             atol=1e-4, rtol=0)
+
+
+def test_transformers_loads_the_export_with_the_same_logits(exported):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  run, out = exported
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation='eager')
+  assert type(model).__name__ == 'LlamaForCausalLM'
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(BATCH.astype(np.int64))).logits.numpy()
+  ours = poet_jax_logits(run, BATCH)
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4,
+                             atol=1e-4 * np.abs(ours).max())
+
+
+def files(out):
+  return {name: open(os.path.join(out, name), 'rb').read()
+          for name in ('config.json', 'model.safetensors')}
+
+
+def test_export_import_export_is_bit_identical(exported, tmp_path):
+  """Import into a fresh run of the same config (a POET run takes the merged
+  weights as W0), export again: the same bytes."""
+  run, out = exported
+  c = run.config
+  c.init_from = out
+  setup, state = train_lib.init_state(c, run.model.cfg.vocab_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = hf_import.init_state_from(out, setup, state,
+                                    jax.tree.map(lambda _: device, state))
+  again = restore.Run(c, '', 0, {}, run.tokenizer, setup, state)
+  export.export_run(again, str(tmp_path))
+  assert files(str(tmp_path)) == files(out)
+
+
+def test_training_from_an_export_starts_where_the_run_ended(tmp_path_factory):
+  """A POET run from the POET export: its step-0 evaluation is the source
+  run's last (W0 = merged weights, R = P = I)."""
+  workdir, _ = trained_run(tmp_path_factory, 'poet')
+  out = str(tmp_path_factory.mktemp('hf_for_init'))
+  assert export.main(['export', f'--workdir={workdir}', f'--out={out}']) == 0
+  new = str(tmp_path_factory.mktemp('from_hf'))
+  result = run_train(new, '--config.train.steps=1', f'--config.init_from={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'initialized from {out}' in result.stdout
+  source = [e['eval_loss'] for e in read_metrics(workdir) if 'eval_loss' in e]
+  start = [e for e in read_metrics(new) if 'eval_loss' in e][0]
+  assert start['step'] == 0
+  # Folded (export) and unfolded (the source run) compute differ by rounding.
+  assert start['eval_loss'] == pytest.approx(source[-1], rel=1e-5)
+
+
+def write_config(directory, **changes):
+  hf = export.hf_config(restore.dense_config(
+      train_lib.model_config(train.parse_command_line(
+          ['train.py', *TINY_FLAGS]).config, 257)), 256, 32)
+  hf.update(changes)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(hf, f)
+  return str(directory)
+
+
+TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
+              '--config.model.num_heads=2', '--config.model.ffn_dim=64',
+              '--config.poet.block_size=8')
+
+
+@pytest.mark.parametrize('case,expected', [
+    ('missing', 'no such directory'),
+    ('gpt2', "not a Llama checkpoint (model_type='gpt2')"),
+    ('sizes', 'hidden_size=64 but model.dim=32'),
+    ('gqa', 'unsupported Llama variant: grouped-query attention'),
+    ('no_weights', 'no model.safetensors'),
+])
+def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
+                                                          tmp_path, capsys):
+  source = {'missing': lambda: str(tmp_path / 'nothing'),
+            'gpt2': lambda: write_config(tmp_path / 'hf', model_type='gpt2'),
+            'sizes': lambda: write_config(tmp_path / 'hf', hidden_size=64),
+            'gqa': lambda: write_config(tmp_path / 'hf',
+                                        num_key_value_heads=1),
+            'no_weights': lambda: write_config(tmp_path / 'hf')}[case]()
+  workdir = tmp_path / 'run'
+  code = train.main(['train.py', f'--workdir={workdir}', *TINY_FLAGS,
+                     f'--config.init_from={source}'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and expected in err[0], err
+  assert not workdir.exists()
+
+
+def test_bad_export_is_one_line_and_changes_nothing(tmp_path_factory,
+                                                    tmp_path, capsys):
+  workdir, _ = trained_run(tmp_path_factory, 'poet')
+  before = sorted(os.walk(workdir))
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  for args, expected in [
+      ((f'--workdir={tmp_path}', f'--out={tmp_path / "o"}'), 'no config'),
+      ((f'--workdir={workdir}', f'--out={blocker / "o"}'), 'cannot be written'),
+  ]:
+    assert export.main(['export', *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+  assert sorted(os.listdir(tmp_path)) == ['file']
+  assert sorted(os.walk(workdir)) == before
+
+
+def test_a_sentencepiece_tokenizer_is_exported_beside_the_model(exported,
+                                                                tmp_path):
+  run, _ = exported
+  model = tmp_path / 'spiece.model'
+  model.write_bytes(b'a SentencePiece model proto')
+  weights = jax.device_get(nnx.jit(restore.dense_weights)(run.model))
+  export.write_checkpoint(str(tmp_path / 'out'), run.model.cfg, weights, 256,
+                          32, tokenizer_path=str(model))
+  assert (tmp_path / 'out' / 'tokenizer.model').read_bytes() == (
+      model.read_bytes())
+  tokenizer_config = json.loads(
+      (tmp_path / 'out' / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['tokenizer_class'] == 'LlamaTokenizer'

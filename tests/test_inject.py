@@ -1,0 +1,60 @@
+"""inject: a POET layer's W0, placements and merges set from outside."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import poet_jax
+
+
+def test_an_8_bit_layer_takes_a_kernel_and_a_given_merge():
+  kernel = jax.random.normal(jax.random.key(0), (16, 24)) / 4
+  layer = poet_jax.POETLinear(16, 24, block_size=8, w0_dtype='int8',
+                              w0_group_size=8, rngs=nnx.Rngs(1))
+  in_place = jax.random.permutation(jax.random.key(2), 16)
+  out_place = jax.random.permutation(jax.random.key(3), 24)
+  poet_jax.set_poet_layer(layer, kernel, in_place, out_place)
+  assert layer.w0[...].dtype == jnp.uint8
+  np.testing.assert_array_equal(layer.in_place[...], in_place)
+  step = float(jnp.abs(kernel).max()) * 2 / 255   # one quantization step
+  np.testing.assert_allclose(layer.base_weight(), kernel, atol=step)
+  layer.q_in[...] = jnp.full_like(layer.q_in[...], 0.02)
+  before = layer.effective_weight()
+  new_in = jax.random.permutation(jax.random.key(4), 16)
+  new_out = jax.random.permutation(jax.random.key(5), 24)
+  poet_jax.merge_with_placements(layer, new_in, new_out)
+  np.testing.assert_array_equal(layer.out_place[...], new_out)
+  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
+  np.testing.assert_allclose(layer.effective_weight(), before, atol=step)
+
+
+def test_shapes_that_do_not_match_are_refused():
+  layer = poet_jax.POETLinear(16, 24, block_size=8, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match='does not match'):
+    poet_jax.set_poet_layer(layer, jnp.ones((24, 16)), jnp.arange(16),
+                            jnp.arange(24))
+
+
+def test_a_stacked_llama_layer_as_an_ordinary_module():
+  cfg = poet_jax.LlamaConfig(vocab_size=32, dim=16, num_layers=3,
+                             num_heads=2, ffn_dim=32,
+                             poet=poet_jax.POETConfig(block_size=8))
+  model = poet_jax.Llama(cfg, rngs=nnx.Rngs(0))
+  block = poet_jax.layer_at(model.blocks, 1)
+  q = block.attention.q
+  assert q.w0[...].ndim == 2
+  np.testing.assert_allclose(q.effective_weight(),
+                             model.blocks.attention.q.effective_weight()[1])
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  np.testing.assert_allclose(q(x), x @ q.effective_weight(), rtol=1e-5,
+                             atol=1e-6)
+  q.q_in[...] = jnp.full_like(q.q_in[...], 0.01)
+  poet_jax.set_layer_at(model.blocks, 1, block)
+  stacked = model.blocks.attention.q.q_in[...]
+  assert float(stacked[1].min()) == pytest.approx(0.01)
+  assert float(jnp.abs(stacked[0]).max()) == 0.0
+  with pytest.raises(IndexError):
+    poet_jax.layer_at(model.blocks, 3)
+  with pytest.raises(ValueError, match='stack of 3 layers.*layer_at'):
+    model.blocks.attention.q(x)
