@@ -288,3 +288,14 @@ def test_dry_run_names_settings_with_their_compiled_peaks(tmp_path,
       for v, r in variants]
   assert figures['train.grad_accum_steps=8'] < base['peak_gib']
   assert figures['all of the above'] < base['peak_gib']
+
+
+def test_the_persistent_compilation_cache_flag(monkeypatch):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  assert cli.compilation_cache_dir(None) == os.path.expanduser(
+      cli.DEFAULT_COMPILATION_CACHE)
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/tmp/elsewhere')
+  assert cli.compilation_cache_dir(None) == '/tmp/elsewhere'
+  assert cli.compilation_cache_dir('') == ''
+  command = cli.parse_command_line(['train.py', '--compilation_cache=/tmp/c'])
+  assert command.compilation_cache == '/tmp/c'
