@@ -96,3 +96,14 @@ def test_installed_package_imports_from_another_directory(tmp_path):
   name, config_dir = result.stdout.split()
   assert name == 'LlamaConfig'
   assert os.path.isfile(os.path.join(config_dir, 'llama_60m.py'))
+
+
+@pytest.mark.parametrize('index, says', [(1, 'poetized MLP'),
+                                         (2, 'linen MLP through optax')])
+def test_each_route_example_runs_as_written(index, says, capsys):
+  """The README's other ```python blocks: poetize, and optax only."""
+  blocks = re.findall(r'```python\n(.*?)```', readme(), re.S)
+  exec(compile(blocks[index], f'README block {index}', 'exec'), {})
+  out = capsys.readouterr().out
+  assert says in out
+  assert float(out.split('loss ')[1].split(',')[0].split()[0]) < 0.3
