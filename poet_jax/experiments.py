@@ -69,7 +69,9 @@ SCALES = {
         merge_every=(2, 1), seeds=(1,)),
 }
 # Every run: one device, one kept checkpoint.
-_COMMON = {'mesh.data': 1, 'keep_checkpoints': 1}
+# The papers' method has no guard on ||Q||: the study runs without the
+# trainer's default poet.max_q_norm (docs/reproduction.md).
+_COMMON = {'mesh.data': 1, 'keep_checkpoints': 1, 'poet.max_q_norm': 0.0}
 
 
 class UsageError(ValueError):
