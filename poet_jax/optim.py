@@ -39,7 +39,10 @@ class ScaleByPoetState(NamedTuple):
 
 def _one_minus_power(decay: float, count: jax.Array) -> jax.Array:
   """1 - decay**count in float32 without the cancellation of computing the
-  power first (1 - 0.999**t loses 1e-5 relative at t = 1 that way)."""
+  power first (1 - 0.999**t loses 1e-5 relative at t = 1 that way); count
+  >= 1, so decay 0 (no averaging) gives 1."""
+  if decay == 0:
+    return jnp.ones([], jnp.float32)
   return -jnp.expm1(count.astype(jnp.float32) * math.log(decay))
 
 
