@@ -82,6 +82,19 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _tokens_major(x: jax.Array) -> jax.Array:
+  """(B, T, D) -> (B * T, D) on CPU, unchanged elsewhere.
+
+  XLA:CPU transposes the weight gradient of a product over a 3-D input
+  through a strided copy that also recomputes the producer's elementwise
+  backward (SwiGLU's most of all): a flat 2-D input keeps that gradient a
+  plain product. Same arithmetic either way (issue 15, docs/benchmarks.md).
+  """
+  if jax.default_backend() != 'cpu':
+    return x
+  return x.reshape(-1, x.shape[-1])
+
+
 # Causal attention whose backward recomputes the (T x T) probabilities from
 # q, k, v instead of keeping them per layer, as flash attention does: at
 # sequence 1024 the kept probabilities would outweigh a POET model's weights.
@@ -101,12 +114,13 @@ class Attention(nnx.Module):
     self.o = make_linear(cfg, d, d, 'attention.o', rngs)
 
   def __call__(self, x, positions):
-    b, t, _ = x.shape
+    b, t, d = x.shape
     heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
-    q = rotary(heads(self.q(x)), positions, self.cfg.rope_theta)
-    k = rotary(heads(self.k(x)), positions, self.cfg.rope_theta)
-    out = _attention(q, k, heads(self.v(x)))
-    return self.o(out.reshape(b, t, self.cfg.dim))
+    flat = _tokens_major(x)
+    q = rotary(heads(self.q(flat)), positions, self.cfg.rope_theta)
+    k = rotary(heads(self.k(flat)), positions, self.cfg.rope_theta)
+    out = _attention(q, k, heads(self.v(flat)))
+    return self.o(_tokens_major(out.reshape(b, t, d))).reshape(b, t, d)
 
   def decode(self, x, positions, k_cache, v_cache):
     """Attention of new tokens over themselves and the cached ones.
@@ -141,7 +155,9 @@ class MLP(nnx.Module):
     self.down = make_linear(cfg, cfg.ffn_dim, cfg.dim, 'mlp.down', rngs)
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    flat = _tokens_major(x)
+    out = self.down(jax.nn.silu(self.gate(flat)) * self.up(flat))
+    return out.reshape(x.shape)
 
 
 class Block(nnx.Module):

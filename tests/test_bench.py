@@ -38,3 +38,18 @@ def test_every_section_runs_and_every_row_has_finite_numbers(tmp_path,
   out = capsys.readouterr().out
   assert 'machine:' in out and 'command: python -m poet_jax.bench' in out
   assert '| 64 x 160 | 64 | auto |' in out
+
+
+def test_matmul_flops_counts_a_scan_body_times_its_length():
+  import jax
+  import jax.numpy as jnp
+
+  def layers(w, x):  # 3 layers of (5 x 4) @ (4 x 4) in a scan
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, w)[0]
+
+  args = (jnp.ones((3, 4, 4)), jnp.ones((5, 4)))
+  one = 2 * 5 * 4 * 4
+  assert bench.matmul_flops(jax.jit(layers).trace(*args).jaxpr) == 3 * one
+  # Forward, then the input and the weight gradients: 3 products per layer.
+  grad = jax.jit(jax.grad(lambda w, x: layers(w, x).sum()))
+  assert bench.matmul_flops(grad.trace(*args).jaxpr) == 3 * 3 * one
