@@ -1,7 +1,7 @@
 """Train a Llama with POET (or a baseline) from the command line.
 
   poet-jax-train                                   # tiny default, embedded data
-  poet-jax-train --config=configs/llama_60m.py --workdir=runs/60m \
+  poet-jax-train --config=configs/llama_60m.py --workdir=runs/60m \\
       --config.poet.block_size=128
 
 (`python train.py` in a checkout is the same command.) --config takes a
