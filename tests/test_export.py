@@ -18,7 +18,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-import train
+from poet_jax import cli as train
 from poet_jax import export
 from poet_jax import hf_import
 from poet_jax import restore
@@ -168,7 +168,8 @@ def test_training_from_an_export_starts_where_the_run_ended(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('hf_for_init'))
   assert export.main(['export', f'--workdir={workdir}', f'--out={out}']) == 0
   new = str(tmp_path_factory.mktemp('from_hf'))
-  result = run_train(new, '--config.train.steps=1', f'--config.init_from={out}')
+  result = run_train(new, '--config.train.steps=1', f'--config.init_from={out}',
+                     '--config.eval_at_start=always')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'initialized from {out}' in result.stdout
   source = [e['eval_loss'] for e in read_metrics(workdir) if 'eval_loss' in e]
