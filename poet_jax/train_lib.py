@@ -676,7 +676,7 @@ def _train(c, workdir: str, progress: bool, stop: _StopSignal) -> int:
               f'was skipped (nan_policy=skip, {nonfinite} so far)')
       if save_due:
         save(state, step)
-      faults.after_save(step)
+      faults.after_save(step, ckpt)
       if stopping:
         ckpt.wait()
         write(f'{stopping}: checkpoint at step {step} written; run the '
@@ -818,7 +818,8 @@ class _Faults:
     pause@N      after step N, wait up to 120 s for a signal from outside
     nan@N        step N's batch holds an out-of-vocabulary token: its loss
                  is NaN, as with corrupt data
-  POET_JAX_KILL_AT_STEP=N: SIGKILL after step N and the start of its save.
+  POET_JAX_KILL_AT_STEP=N: SIGKILL after step N, once every save started
+               so far (step N's included) is committed.
   """
 
   def __init__(self, environ):
@@ -857,8 +858,12 @@ class _Faults:
       while not stop.received and time.monotonic() < deadline:
         time.sleep(0.01)
 
-  def after_save(self, step: int) -> None:
+  def after_save(self, step: int, ckpt) -> None:
     if self.at('kill_after_save', step):
+      # Every save started so far commits first: the kill lands between
+      # checkpoints whatever the machine's speed (kill_save covers a kill
+      # inside a save).
+      ckpt.wait()
       self._kill()
 
   def _before_commit(self, step: int) -> None:
