@@ -81,6 +81,7 @@ class SentencePieceTokenizer:
       raise TokenizerError(f'tokenizer file {path} is not a SentencePiece '
                            f'model: {reason}') from None
     self.path = path
+    self.num_threads = os.cpu_count() or 1  # encode_batch's
     pieces = self._sp.get_piece_size()
     own_eos = self._sp.eos_id()
     self.eos_id = own_eos if own_eos >= 0 else pieces
@@ -94,8 +95,18 @@ class SentencePieceTokenizer:
     return np.asarray(self._sp.encode(text), np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    ids = self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    ids = self._sp.encode(list(texts), num_threads=self.num_threads)
     return [np.asarray(i, np.int32) for i in ids]
+
+  def __getstate__(self):
+    # The model's bytes, not its path: a worker process gets this model even
+    # if the file changes meanwhile.
+    return {**self.__dict__, '_sp': self._sp.serialized_model_proto()}
+
+  def __setstate__(self, state):
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+    self.__dict__.update(state)
+    self._sp = sentencepiece.SentencePieceProcessor(model_proto=state['_sp'])
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in np.asarray(ids).ravel() if i != self.eos_id]

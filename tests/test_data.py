@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from poet_jax import data
+from poet_jax import tokenize_shards
 from poet_jax import tokenizer as tokenizer_lib
 
 BYTES = tokenizer_lib.ByteTokenizer()
@@ -258,7 +259,12 @@ def test_token_dtype_follows_vocab_size():
   assert data.token_dtype(65537) == np.uint32
 
 
-def test_interrupted_build_leaves_nothing(corpus, tmp_path, monkeypatch):
+def _shard_files(cache):
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs
+                if f.startswith('shard-') and f.endswith('.npy'))
+
+
+def test_interrupted_build_keeps_only_whole_shards(corpus, tmp_path):
   directory, _, data_dir = corpus
 
   class Killed(Exception):
@@ -273,35 +279,132 @@ def test_interrupted_build_leaves_nothing(corpus, tmp_path, monkeypatch):
         raise Killed()
       return super().encode_batch(texts)
 
-  monkeypatch.setattr(data, '_BUILD_CHUNK', 2)
-  cache = tmp_path / 'cache'
+  cache = str(tmp_path / 'cache')
   with pytest.raises(Killed):
     data.open_token_stream(directory, 'train', data_dir, DiesMidway(), 8,
-                           cache_dir=str(cache))
-  assert os.listdir(cache) == []
+                           cache_dir=cache, workers=1, shard_docs=2)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+  # The first shard is complete; no manifest, no temporary file.
+  assert sorted(os.path.basename(f) for f in files) == [
+      'shard-000000.json', 'shard-000000.npy']
+  first = os.stat(_shard_files(cache)[0]).st_mtime_ns
   stream = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
-                                  cache_dir=str(cache))
-  assert stream.num_examples > 0
+                                  cache_dir=cache, workers=1, shard_docs=2)
+  whole = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                                 cache_dir=str(tmp_path / 'other'), workers=1)
+  np.testing.assert_array_equal(np.asarray(stream.tokens), whole.tokens)
+  assert os.stat(_shard_files(cache)[0]).st_mtime_ns == first  # Reused.
 
 
 def test_truncated_cache_is_reported(corpus, tmp_path):
   directory, _, data_dir = corpus
   cache = str(tmp_path / 'cache')
   stream = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
-                                  cache_dir=cache)
-  (path,) = [os.path.join(cache, f) for f in os.listdir(cache)
-             if f.endswith('.npy')]
+                                  cache_dir=cache, shard_docs=3, workers=1)
+  path = _shard_files(cache)[1]
   size = os.path.getsize(path)
   del stream
   with open(path, 'r+b') as f:
     f.truncate(size - 10)
   with pytest.raises(data.DataError, match='truncated or corrupt') as e:
     data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
-                           cache_dir=cache)
+                           cache_dir=cache, shard_docs=3)
   assert path in str(e.value) and 'delete it' in str(e.value)
   os.remove(path[:-len('.npy')] + '.json')
-  with pytest.raises(data.DataError, match='no valid sidecar'):
+  with pytest.raises(data.DataError, match='no valid'):
     data.load_stream(path)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizing in parallel shards.
+
+
+def test_parallel_shards_make_the_one_process_stream(corpus, tmp_path):
+  directory, _, data_dir = corpus
+  one = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                               cache_dir=str(tmp_path / 'one'), workers=1)
+  two = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                               cache_dir=str(tmp_path / 'two'), workers=2,
+                               shard_docs=2)
+  assert len(_shard_files(tmp_path / 'two')) > 2
+  assert isinstance(two.tokens, data.ShardedTokens)
+  np.testing.assert_array_equal(np.asarray(two.tokens), one.tokens)
+  for step in range(3):
+    np.testing.assert_array_equal(two.train_batch(step, 4, seed=1),
+                                  one.train_batch(step, 4, seed=1))
+
+
+def test_max_tokens_tokenizes_only_the_shards_it_needs(corpus, tmp_path):
+  directory, _, data_dir = corpus
+  cache = str(tmp_path / 'cache')
+  capped = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                                  max_tokens=3000, cache_dir=cache,
+                                  workers=1, shard_docs=2)
+  sizes = [len(data.load_stream(p)) for p in _shard_files(cache)]
+  assert len(sizes) > 1 and sum(sizes[:-1]) < 3000 <= sum(sizes)  # Stopped at the cap.
+  full = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                                cache_dir=cache, workers=1, shard_docs=2)
+  assert len(capped.tokens) == 3000
+  np.testing.assert_array_equal(np.asarray(capped.tokens),
+                                np.asarray(full.tokens)[:3000])
+
+
+def test_sharded_tokens_index_like_one_array():
+  rng = np.random.default_rng(0)
+  parts = [rng.integers(0, 9, n).astype(np.uint16) for n in (5, 1, 7)]
+  whole = np.concatenate(parts)[:12]
+  tokens = data.ShardedTokens(parts, 12)
+  assert len(tokens) == 12
+  index = rng.integers(0, 12, (4, 3))
+  np.testing.assert_array_equal(tokens[index], whole[index])
+  np.testing.assert_array_equal(tokens[3:11], whole[3:11])
+  np.testing.assert_array_equal(np.asarray(tokens), whole)
+  with pytest.raises(IndexError):
+    tokens[np.array([12])]
+
+
+def test_each_host_takes_its_own_shards_first():
+  order = tokenize_shards.shard_order(12, 1, 3, lag=2)
+  own = [i for i in range(12) if i % 3 == 1]
+  assert sorted(order) == list(range(12))
+  assert order[:2] == own[:2]  # Others' shards only `lag` own ones later.
+  assert order.index(0) == 2 and order[-1] == 11
+
+
+def test_a_shard_another_host_wrote_is_not_redone(corpus, tmp_path,
+                                                  monkeypatch):
+  directory, _, data_dir = corpus
+  cache = str(tmp_path / 'cache')
+  host0 = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                                 cache_dir=cache, workers=1, shard_docs=2)
+  for f in os.listdir(os.path.dirname(_shard_files(cache)[0])):
+    if f.startswith('stream-'):  # As if host 1 came first to the manifest.
+      os.remove(os.path.join(os.path.dirname(_shard_files(cache)[0]), f))
+  made = []
+  real = tokenize_shards._make_shard
+  monkeypatch.setattr(tokenize_shards, '_make_shard',
+                      lambda *a: made.append(a) or real(*a))
+  docs = data.open_documents(directory, 'train', data_dir)
+  path = data.stream_path(docs, BYTES, None, cache, 2)
+  data.build_stream(docs, BYTES, path, workers=1, shard_docs=2,
+                    process_index=1, process_count=2)
+  assert not made
+  np.testing.assert_array_equal(np.asarray(data.load_manifest(path)),
+                                np.asarray(host0.tokens))
+
+
+def test_progress_reports_rates(corpus, tmp_path, capsys):
+  directory, _, data_dir = corpus
+  data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                         cache_dir=str(tmp_path / 'a'), workers=1,
+                         shard_docs=2, progress=True)
+  err = capsys.readouterr().err
+  assert 'tokenizing' in err and 'tok/s' in err and 'doc/s' in err
+  data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                         max_tokens=500, cache_dir=str(tmp_path / 'b'),
+                         workers=1, shard_docs=2, progress=True)
+  err = capsys.readouterr().err
+  assert '100%' in err and '500/500' in err
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,391 @@
+"""Corpora: which documents a corpus name means, stored by tfds as ArrayRecord.
+
+A corpus is one of
+
+  'python_stdlib'  the .py files of this interpreter's standard library,
+                   prepared on first use (nothing is downloaded);
+  a directory      its .txt files, one document per file, prepared on first
+                   use;
+  a tfds name      a dataset already prepared as ArrayRecord in data_dir, such
+                   as 'c4/en' (its 'text' feature).
+
+Documents are read by random access (`as_data_source`), so no TensorFlow is
+needed. See docs/data.md.
+"""
+import collections.abc
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import sys
+import sysconfig
+from typing import Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+STDLIB = 'python_stdlib'
+SPLITS = ('train', 'validation')
+
+# A document is held out when the hash of its relative path falls in the
+# first 5% of buckets: stable across machines, runs and file additions.
+_HASH_BUCKETS = 10_000
+_VALIDATION_BUCKETS = 500
+
+# Documents per batched read.
+_READ_CHUNK = 512
+
+
+class DataError(ValueError):
+  """Unusable data or data settings; its message is one line for the user."""
+
+
+def default_data_dir() -> str:
+  return os.path.join(os.path.expanduser('~'), '.cache', 'poet_jax',
+                      'tensorflow_datasets')
+
+
+# ---------------------------------------------------------------------------
+# Source files and the held-out split.
+
+
+def _files_under(root: str, suffix: str,
+                 skip_dirs: frozenset[str] = frozenset()
+                 ) -> list[tuple[str, str]]:
+  """Sorted (posix relative path, path) of files under root ending in suffix.
+
+  Hidden files and directories are skipped (editor and notebook droppings).
+  """
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames
+                   if d not in skip_dirs and not d.startswith('.')]
+    for name in filenames:
+      if name.endswith(suffix) and not name.startswith('.'):
+        path = os.path.join(dirpath, name)
+        found.append((os.path.relpath(path, root).replace(os.sep, '/'), path))
+  return sorted(found)
+
+
+def stdlib_files() -> list[tuple[str, str]]:
+  """The standard library's .py files, tests included, without site-packages.
+
+  Tests stay in: they are ordinary Python and nearly double the corpus.
+  """
+  root = sysconfig.get_paths()['stdlib']
+  return _files_under(root, '.py', frozenset(
+      {'site-packages', 'dist-packages', '__pycache__'}))
+
+
+def text_files(directory: str) -> list[tuple[str, str]]:
+  return _files_under(directory, '.txt')
+
+
+def _bucket(relpath: str) -> int:
+  digest = hashlib.sha256(relpath.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') % _HASH_BUCKETS
+
+
+def _held_out(buckets: dict[str, int], candidates) -> set[str]:
+  held_out = {rel for rel in candidates if buckets[rel] < _VALIDATION_BUCKETS}
+  if not held_out and candidates:
+    # A handful of files may all miss the 5%: hold out the one nearest the
+    # cut so that both splits exist, still independent of the other files.
+    held_out = {min(candidates, key=buckets.get)}
+  return held_out
+
+
+def split_files(files: Sequence[tuple[str, str]]
+                ) -> dict[str, list[tuple[str, str]]]:
+  """{'train': [...], 'validation': [...]}, each in the given order.
+
+  A file is held out when the hash of its relative path falls in the first
+  5% of buckets. Empty files are never held out: a held-out split of empty
+  files could not be evaluated on.
+  """
+  buckets = {rel: _bucket(rel) for rel, _ in files}
+  held_out = _held_out(buckets, [rel for rel, path in files
+                                 if os.path.getsize(path)])
+  return {'train': [f for f in files if f[0] not in held_out],
+          'validation': [f for f in files if f[0] in held_out]}
+
+
+def _held_out_an_empty_file(files: Sequence[tuple[str, str]]) -> bool:
+  """Whether the split before empty files were kept in training (datasets
+  prepared then are not reused) held out an empty file."""
+  buckets = {rel: _bucket(rel) for rel, _ in files}
+  old = _held_out(buckets, list(buckets))
+  return any(not os.path.getsize(path) for rel, path in files if rel in old)
+
+
+def split_sources(name: str, split: str) -> list[tuple[str, int]] | None:
+  """(relative path, bytes) of the files of one split of a local corpus
+  ('python_stdlib' or a directory); None for a tfds dataset."""
+  path = os.path.expanduser(name)
+  if name == STDLIB:
+    files = stdlib_files()
+  elif os.path.isdir(path):
+    files = text_files(path)
+  else:
+    return None
+  return [(rel, os.path.getsize(p)) for rel, p in split_files(files)[split]]
+
+
+def _directory_fingerprint(files: Sequence[tuple[str, str]]) -> str:
+  """Changes when a file is added, removed or rewritten."""
+  h = hashlib.sha256()
+  for rel, path in files:
+    st = os.stat(path)
+    h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode('utf-8'))
+  return h.hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------
+# The tfds builder for local text.
+
+
+@dataclasses.dataclass(eq=False)
+class TextCorpusConfig(tfds.core.BuilderConfig):
+  directory: str = ''  # '': the Python standard library.
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Plain-text documents from local files, one document per file.
+
+  Not registered with tfds (it is always built from here with its config);
+  once prepared, tfds can still read it by name from its files.
+  """
+
+  name = 'poet_text_corpus'
+  VERSION = tfds.core.Version('1.0.0')
+  # Nothing is downloaded, so there is no checksums file beside the code to
+  # look for; finding one makes tfds 4.9 import importlib_resources, which it
+  # does not declare as a dependency.
+  code_path = None
+  BUILDER_CONFIGS = [TextCorpusConfig(
+      name=STDLIB,
+      # Each interpreter release has its own library, so its own dataset.
+      version=tfds.core.Version('.'.join(map(str, sys.version_info[:3]))),
+      description='.py files of the Python standard library')]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Local text files, one document per file.',
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+        # Keep sorted path order: the stream, and so every batch, then
+        # follows the files rather than a hash of their keys.
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    directory = self.builder_config.directory
+    files = text_files(directory) if directory else stdlib_files()
+    return {split: self._generate_examples(split_list)
+            for split, split_list in split_files(files).items()}
+
+  def _generate_examples(self, files):
+    for index, (_, path) in enumerate(files):
+      with open(path, 'rb') as f:
+        # Some test files are deliberately not UTF-8; keep them, mangled.
+        yield index, {'text': f.read().decode('utf-8', errors='replace')}
+
+
+def _text_dir_config(directory: str) -> TextCorpusConfig:
+  """A config per directory and contents, so caches never collide or go stale.
+
+  Raises DataError if the directory cannot make both splits.
+  """
+  directory = os.path.abspath(directory)
+  files = text_files(directory)
+  nonempty = sum(1 for _, path in files if os.path.getsize(path))
+  if nonempty < 2:
+    raise DataError(
+        f'directory {directory} has {nonempty} non-empty .txt file(s); it '
+        'needs at least 2 (one is held out as the validation split)')
+  path_hash = hashlib.sha256(directory.encode('utf-8')).hexdigest()[:10]
+  rule = '_e' if _held_out_an_empty_file(files) else ''
+  return TextCorpusConfig(
+      name=f'dir_{path_hash}_{_directory_fingerprint(files)}{rule}',
+      directory=directory,
+      description=f'.txt files under {directory}')
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds without its own output: its 'Downloading and preparing' lines
+  (nothing is downloaded here), absl warnings about custom configs, and its
+  progress bars. We say in one line what is being prepared instead."""
+  tfds.disable_progress_bar()
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def prepare_text_corpus(config: TextCorpusConfig, data_dir: str) -> TextCorpus:
+  """Builds the ArrayRecord files once; later calls only read their info."""
+  with _quiet_tfds():
+    builder = TextCorpus(config=config, data_dir=data_dir,
+                         file_format='array_record')
+    prepared = builder.is_prepared()
+  if not prepared:
+    print(f'preparing {config.description} for tfds in {data_dir} (once; '
+          'nothing is downloaded)', flush=True)
+    with _quiet_tfds():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
+  return builder
+
+
+# ---------------------------------------------------------------------------
+# Documents.
+
+
+class Documents(collections.abc.Sequence):
+  """One split of a prepared dataset as random-access strings."""
+
+  def __init__(self, source, name: str, split: str, identity: str):
+    self._source = source
+    self.name = name          # e.g. 'c4/en/3.1.0'
+    self.split = split
+    self.identity = identity  # where it is stored: keys the token caches
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    # ArrayRecord raises ValueError out of range; a Sequence needs IndexError.
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'document {index} of {len(self)}')
+    return self._read([index % len(self)])[0]
+
+  def __iter__(self) -> Iterator[str]:
+    for chunk in self.chunks(_READ_CHUNK):
+      yield from chunk
+
+  def chunks(self, size: int, start: int = 0,
+             stop: int | None = None) -> Iterator[list[str]]:
+    """Documents [start, stop) in order, size at a time, one batched read
+    each."""
+    stop = len(self) if stop is None else min(stop, len(self))
+    for first in range(start, stop, size):
+      yield self._read(list(range(first, min(first + size, stop))))
+
+  def _read(self, keys: list[int]) -> list[str]:
+    """The documents at keys; a damaged file is a DataError, never garbage.
+
+    A truncated or overwritten ArrayRecord file either fails to read (the
+    records library raises RuntimeError) or, cut at a block boundary, yields
+    records without text: both are reported.
+    """
+    try:
+      texts = [_text(r) for r in self._source.__getitems__(keys)]
+    except (RuntimeError, OSError) as e:
+      raise _damaged(self.name, self.split, self.identity, e) from None
+    if None in texts:
+      raise _damaged(self.name, self.split, self.identity,
+                     f'document {keys[texts.index(None)]} has no text')
+    return texts
+
+
+def _text(record) -> str | None:
+  text = record['text']  # numpy decoding gives tfds Text as bytes.
+  if isinstance(text, bytes):
+    return text.decode('utf-8', errors='replace')
+  return None if text is None else str(text)
+
+
+def _damaged(name: str, split: str, where: str, reason) -> DataError:
+  if isinstance(reason, BaseException):
+    reason = ' '.join(str(reason).split()) or type(reason).__name__
+  reason = reason if len(reason) <= 120 else reason[:117] + '...'
+  return DataError(
+      f'dataset {name} ({split}) in {where} is truncated or corrupt '
+      f'({reason}); delete that directory and rerun to prepare it again (a '
+      'tfds dataset such as c4: prepare it again with `tfds build`)')
+
+
+def _open_builder(name: str, data_dir: str):
+  """The prepared builder for a corpus name (see module docstring)."""
+  if name == STDLIB:
+    return prepare_text_corpus(TextCorpus.BUILDER_CONFIGS[0], data_dir)
+  path = os.path.expanduser(name)
+  if os.path.isdir(path):
+    return prepare_text_corpus(_text_dir_config(path), data_dir)
+  if name.startswith(('/', '.', '~')):
+    raise FileNotFoundError(
+        f'directory {path} does not exist; pass a directory of .txt files, '
+        f"'{STDLIB}', or a tfds dataset name prepared in data.data_dir")
+  return _open_tfds_builder(name, data_dir)
+
+
+def _open_tfds_builder(name: str, data_dir: str):
+  """A dataset someone prepared with tfds: checked, never downloaded."""
+  hint = (f'prepare it with `tfds build {name} --data_dir={data_dir} '
+          '--file_format=array_record` or set data.data_dir to where it is')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError:  # DatasetNotFoundError, or a name tfds cannot parse.
+    builder = None
+  if builder is None or not builder.is_prepared():
+    raise FileNotFoundError(
+        f'dataset {name} not found in {data_dir} (nor is it a directory); '
+        f'{hint}')
+  formats = builder.info.available_file_formats()
+  if not formats & set(tfds.core.FileFormat.with_random_access()):
+    raise DataError(
+        f'dataset {name} in {data_dir} is stored as '
+        f'{", ".join(sorted(f.value for f in formats))}, which has no random '
+        f'access; convert it with `tfds convert_format --dataset_version_dir='
+        f'{builder.data_dir} --out_file_format=array_record`')
+  if 'text' not in builder.info.features:
+    raise DataError(
+        f'dataset {name} has no \'text\' feature (it has '
+        f'{", ".join(builder.info.features)}); use a text corpus')
+  return builder
+
+
+def open_documents(name: str, split: str,
+                   data_dir: str | None = None) -> Documents:
+  """The documents (str) of one split of a corpus, by random access.
+
+  Args:
+    name: 'python_stdlib', a directory of .txt files, or the name of a tfds
+      dataset prepared as ArrayRecord in data_dir (e.g. 'c4/en').
+    split: 'train' or 'validation' (any split the tfds dataset has).
+    data_dir: where tfds datasets live and local corpora are prepared;
+      None: ~/.cache/poet_jax/tensorflow_datasets.
+  """
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  builder = _open_builder(name, data_dir)
+  if split not in builder.info.splits:
+    raise DataError(
+        f'dataset {name} has no split {split!r}; it has '
+        f'{", ".join(sorted(builder.info.splits))}')
+  identity = os.path.abspath(str(builder.data_path))
+  try:
+    source = builder.as_data_source(split=split)
+  except (RuntimeError, OSError) as e:
+    raise _damaged(builder.info.full_name, split, identity, e) from None
+  return Documents(source, name=builder.info.full_name, split=split,
+                   identity=identity)
+
+
+def reopen_documents(identity: str, split: str, name: str) -> Documents:
+  """The documents of a prepared dataset by its directory (Documents.identity),
+  without its builder code: how worker processes open a split."""
+  with _quiet_tfds():
+    builder = tfds.builder_from_directory(identity)
+  try:
+    source = builder.as_data_source(split=split)
+  except (RuntimeError, OSError) as e:
+    raise _damaged(name, split, identity, e) from None
+  return Documents(source, name=name, split=split, identity=identity)
