@@ -96,6 +96,7 @@ def test_readme_c4_command_trains_on_a_c4_shaped_dataset(tmp_path):
       paper.train.steps * paper.train.batch_size * (paper.train.seq_len + 1))
   flags.update({'--workdir': str(tmp_path / 'run'),
                 '--config.data.data_dir': data_dir,
+                '--config.data.tokenizer': model})
   command = [sys.executable, os.path.join(ROOT, 'train.py'),
              *[f'{k}={v}' for k, v in flags.items()], *TINY,
              '--config.model.vocab_size=0', '--config.train.steps=2',
@@ -109,6 +110,10 @@ def test_readme_c4_command_trains_on_a_c4_shaped_dataset(tmp_path):
 
   # The run cached the whole (small) train split: every document once, in
   # the dataset's order, tokenized as this process tokenizes it.
+  streams = os.path.join(data_dir, 'poet_jax_streams')
+  manifests = [f for d, _, fs in os.walk(streams) for f in fs
+               if f.startswith('stream-')]
+  assert manifests == ['stream-39475200000.json'] * 2  # train, validation
   tokenizer = tokenizer_lib.load_tokenizer(model)
   stream = data.open_token_stream(
       'c4/en', 'train', data_dir, tokenizer, 32,
