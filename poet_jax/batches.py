@@ -9,46 +9,70 @@ from poet_jax.corpora import DataError
 from poet_jax.corpora import split_sources
 
 
+# Examples are shuffled within windows of this many tokens (in examples:
+# WINDOW_TOKENS // (seq_len + 1)), taken in order: step s then needs only the
+# windows up to its own, so training starts once the first window is
+# tokenized. 2**25 (~34 M tokens, 64 MiB of uint16) holds the whole embedded
+# corpus, so its order is one permutation per epoch, as before windows.
+WINDOW_TOKENS = 2**25
+
+
 class TokenStream:
   """A split's token stream cut into non-overlapping examples.
 
   Example i is tokens[i * (seq_len + 1) : (i + 1) * (seq_len + 1)]; a model
   reads example[:-1] and predicts example[1:]. The tail shorter than one
-  example is unused.
+  example is unused. `tokens` is a (memory-mapped) array, a
+  token_cache.ShardedTokens, or a tokenize_shards.GrowingTokens still being
+  tokenized, whose reads wait for the shards they need.
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, name: str = ''):
+  def __init__(self, tokens, seq_len: int, name: str = ''):
     if seq_len < 1:
       raise DataError(f'seq_len must be positive; got {seq_len}')
     self.tokens = tokens
     self.seq_len = seq_len
     self.name = name
-    self.num_examples = len(tokens) // (seq_len + 1)
+    self.window = max(1, WINDOW_TOKENS // (seq_len + 1))  # in examples
     self._orders = {}
 
+  @property
+  def num_examples(self) -> int:
+    """All examples; waits for a stream still being tokenized."""
+    return len(self.tokens) // (self.seq_len + 1)
+
+  def examples_ready(self, wanted: int = 0) -> tuple[int, bool]:
+    """(examples readable now, whether that is all of them), after waiting
+    until `wanted` are readable or all are."""
+    if not hasattr(self.tokens, 'wait_for'):
+      return self.num_examples, True
+    ready, complete = self.tokens.wait_for(wanted * (self.seq_len + 1))
+    return ready // (self.seq_len + 1), complete
+
   def __repr__(self):
-    return (f'TokenStream({self.name!r}, {len(self.tokens):,} tokens, '
-            f'{self.num_examples:,} examples of {self.seq_len + 1})')
+    ready, complete = self.examples_ready()
+    return (f'TokenStream({self.name!r}, {ready:,}{"" if complete else "+"} '
+            f'examples of {self.seq_len + 1})')
 
   def examples(self, indices) -> np.ndarray:
     """(len(indices), seq_len + 1) int32; reads only those rows' pages."""
     width = self.seq_len + 1
     rows = np.asarray(indices, np.int64).reshape(-1, 1)
-    # A plain or memory-mapped array, or token_cache.ShardedTokens.
     return np.asarray(self.tokens[rows * width + np.arange(width)], np.int32)
 
-  def _order(self, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of example indices for one epoch."""
-    key = (seed, epoch)
+  def _order(self, seed: int, epoch: int, window: int, size: int
+             ) -> np.ndarray:
+    """The permutation of a window's `size` examples in one epoch; window 0
+    keeps the seed of a whole-epoch permutation."""
+    key = (seed, epoch, window, size)
     if key not in self._orders:
-      # Two suffice: a batch spans at most two epochs. Kept because a
-      # permutation of a large corpus costs far more than a batch.
-      while len(self._orders) >= 2:
+      # Four suffice: a batch spans at most two windows. Kept because a
+      # permutation costs far more than a batch.
+      while len(self._orders) >= 4:
         self._orders.pop(next(iter(self._orders)))
-      order = np.random.default_rng([seed, epoch]).permutation(
-          self.num_examples)
-      self._orders[key] = order.astype(
-          np.int32 if self.num_examples < 2**31 else np.int64)
+      rng = np.random.default_rng([seed, epoch] + ([window] if window else []))
+      self._orders[key] = rng.permutation(size).astype(
+          np.int32 if size < 2**31 else np.int64)
     return self._orders[key]
 
   def _check_batch(self, batch_size: int, process_index: int,
@@ -60,22 +84,49 @@ class TokenStream:
     if not 0 <= process_index < process_count:
       raise DataError(f'process_index={process_index} is not in '
                       f'[0, {process_count})')
-    if self.num_examples < batch_size:
+    ready, _ = self.examples_ready(batch_size)
+    if ready < batch_size:
       raise DataError(
-          f'{self.name or "the stream"} has {self.num_examples} examples '
+          f'{self.name or "the stream"} has {ready} examples '
           f'of {self.seq_len + 1} tokens, fewer than one batch of '
           f'{batch_size}; lower the batch size or seq_len, or use more data')
+
+  def indices(self, positions: np.ndarray, seed: int) -> np.ndarray:
+    """Example indices at positions of the endless sequence of epochs.
+
+    Epoch e visits the windows in order, each permuted from (seed, e,
+    window); the last window holds the examples left over. Waits for the
+    windows the positions fall in (and, past the first epoch, for all).
+    """
+    w = self.window
+    ready, complete = self.examples_ready((int(positions.max()) // w + 1) * w)
+    if complete:
+      total = ready
+      epochs, offsets = np.divmod(positions, total)
+    else:  # The windows wanted are ready and full, all in the first epoch.
+      total, epochs, offsets = None, np.zeros_like(positions), positions
+    windows = offsets // w
+    indices = np.empty(len(positions), np.int64)
+    for epoch, window in set(zip(epochs.tolist(), windows.tolist())):
+      here = (epochs == epoch) & (windows == window)
+      first = window * w
+      size = min(w, total - first) if complete else w
+      order = self._order(seed, epoch, window, size)
+      indices[here] = first + order[offsets[here] - first]
+    return indices
 
   def train_batch(self, step: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1
                   ) -> np.ndarray:
     """This process's rows of the global batch for optimizer step `step`.
 
-    The global batch is examples order[step * B : (step + 1) * B] of an
-    endless sequence of epochs, each a fresh permutation drawn from
-    (seed, epoch). Process p gets rows [p * B / P, (p + 1) * B / P). A pure
-    function of its arguments: resuming at a step is exact, and any number
-    of processes together see the single-process batch.
+    The global batch is examples [step * B, (step + 1) * B) of an endless
+    sequence of epochs, each the stream's windows in order, shuffled within
+    from (seed, epoch, window) (see indices). Process p gets rows
+    [p * B / P, (p + 1) * B / P). A pure function of its arguments and the
+    stream: resuming at a step is exact, any number of processes together
+    see the single-process batch, and a stream still being tokenized gives
+    the batches it gives when complete.
 
     Returns:
       (batch_size // process_count, seq_len + 1) int32.
@@ -86,12 +137,7 @@ class TokenStream:
     local = batch_size // process_count
     positions = (step * batch_size + process_index * local
                  + np.arange(local, dtype=np.int64))
-    epochs, offsets = np.divmod(positions, self.num_examples)
-    indices = np.empty(local, np.int64)
-    for epoch in np.unique(epochs):
-      here = epochs == epoch
-      indices[here] = self._order(seed, int(epoch))[offsets[here]]
-    return self.examples(indices)
+    return self.examples(self.indices(positions, seed))
 
   def eval_batches(self, batch_size: int, num_examples: int,
                    process_index: int = 0, process_count: int = 1
@@ -103,8 +149,9 @@ class TokenStream:
     every run and method, so losses are comparable.
     """
     self._check_batch(batch_size, process_index, process_count)
-    num_batches = min(max(1, math.ceil(num_examples / batch_size)),
-                      self.num_examples // batch_size)
+    wanted = max(1, math.ceil(num_examples / batch_size))
+    ready, _ = self.examples_ready(wanted * batch_size)
+    num_batches = min(wanted, ready // batch_size)
     local = batch_size // process_count
     return [self.examples(b * batch_size + process_index * local
                           + np.arange(local))
@@ -119,8 +166,8 @@ def check_one_batch(stream: TokenStream, batch_size: int, name: str = '',
   says which settings would make the batch fit. Cheap: run it before any
   model is built.
   """
-  if stream.num_examples >= batch_size:
-    return
+  if stream.examples_ready(batch_size)[0] >= batch_size:
+    return  # Waits only for the first batch of a stream being tokenized.
   sources = split_sources(name, split) if name else None
   tokens, width = len(stream.tokens), stream.seq_len + 1
   fixes = []

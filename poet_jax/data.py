@@ -26,7 +26,8 @@ from poet_jax.corpora import (  # pylint: disable=unused-import
 from poet_jax.token_cache import (  # pylint: disable=unused-import
     SHARD_DOCS, ShardedTokens, load_manifest, load_stream, stream_path,
     token_dtype)
-from poet_jax.tokenize_shards import build_stream  # pylint: disable=unused-import
+from poet_jax.tokenize_shards import (  # pylint: disable=unused-import
+    BackgroundBuild, GrowingTokens, build_stream)
 
 
 def _process() -> tuple[int, int]:
@@ -41,7 +42,8 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
                       max_tokens: int | None = None,
                       cache_dir: str | None = None,
                       progress: bool = True, workers: int | None = None,
-                      shard_docs: int = SHARD_DOCS) -> TokenStream:
+                      shard_docs: int = SHARD_DOCS,
+                      background: bool = False) -> TokenStream:
   """One split of a corpus as a TokenStream, tokenizing it on first use.
 
   Args:
@@ -54,6 +56,8 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
     progress: show a progress bar while tokenizing.
     workers: processes tokenizing; None: every core; 1: this process only.
     shard_docs: documents per cached shard (tests use small ones).
+    background: return at once and tokenize in a background thread; reads
+      of the stream wait for the shards they need (TokenStream).
   Raises:
     DataError, FileNotFoundError: see open_documents and load_manifest.
   """
@@ -64,11 +68,18 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
       cache_dir or os.path.join(data_dir, 'poet_jax_streams'))
   docs = open_documents(name, split, data_dir)
   path = stream_path(docs, tokenizer, max_tokens, cache_dir, shard_docs)
-  if not os.path.exists(path):
-    process_index, process_count = _process()
-    build_stream(docs, tokenizer, path, max_tokens, progress, workers,
-                 shard_docs, process_index, process_count)
-  return TokenStream(load_manifest(path), seq_len, name=f'{docs.name} {split}')
+  name = f'{docs.name} {split}'
+  if os.path.exists(path):
+    return TokenStream(load_manifest(path), seq_len, name=name)
+  process_index, process_count = _process()
+  settings = dict(progress=progress, workers=workers, shard_docs=shard_docs,
+                  process_index=process_index, process_count=process_count)
+  if not background:
+    build_stream(docs, tokenizer, path, max_tokens, **settings)
+    return TokenStream(load_manifest(path), seq_len, name=name)
+  build = BackgroundBuild(docs, tokenizer, path, max_tokens, **settings)
+  tokens = GrowingTokens(build, token_dtype(tokenizer.vocab_size))
+  return TokenStream(tokens, seq_len, name=name)
 
 
 def open_train_and_eval(name: str, data_dir: str | None,
@@ -77,7 +88,16 @@ def open_train_and_eval(name: str, data_dir: str | None,
                         cache_dir: str | None = None,
                         progress: bool = True, workers: int | None = None
                         ) -> tuple[TokenStream, TokenStream]:
-  """The 'train' and 'validation' streams (see open_token_stream)."""
-  return tuple(open_token_stream(name, split, data_dir, tokenizer, seq_len,
-                                 max_tokens, cache_dir, progress, workers)
-               for split in SPLITS)
+  """The 'train' and 'validation' streams (see open_token_stream).
+
+  The validation stream is tokenized first; the train stream then in the
+  background, so that training starts once its first window is ready
+  (batches.WINDOW_TOKENS).
+  """
+  validation = open_token_stream(name, 'validation', data_dir, tokenizer,
+                                 seq_len, max_tokens, cache_dir, progress,
+                                 workers)
+  train = open_token_stream(name, 'train', data_dir, tokenizer, seq_len,
+                            max_tokens, cache_dir, progress, workers,
+                            background=True)
+  return train, validation

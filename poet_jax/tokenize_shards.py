@@ -11,6 +11,7 @@ import concurrent.futures
 import math
 import multiprocessing
 import os
+import threading
 import time
 
 import numpy as np
@@ -167,6 +168,10 @@ class _Prefix:
         return self._next
     return self.num_shards
 
+  def ready_counts(self) -> list[int]:
+    """Tokens of each shard of the prefix done so far (any thread)."""
+    return [self.counts[i] for i in range(self._next)]
+
 
 def _tokenize_missing(pool, docs, prefix, order, meta, bar, in_flight):
   """Runs shards through the pool until the prefix the stream uses is done;
@@ -203,7 +208,8 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
                  path: str, max_tokens: int | None = None,
                  progress: bool = True, workers: int | None = None,
                  shard_docs: int = token_cache.SHARD_DOCS,
-                 process_index: int = 0, process_count: int = 1) -> None:
+                 process_index: int = 0, process_count: int = 1,
+                 prefix: _Prefix | None = None) -> None:
   """Tokenizes the shards the stream at `path` (a token_cache.stream_path)
   needs, then writes its manifest.
 
@@ -216,6 +222,7 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
     workers: processes tokenizing; None: os.cpu_count(); 1: this process.
     shard_docs: documents per shard (part of the cache key).
     process_index, process_count: this host and the number of hosts.
+    prefix: where the shards done are recorded (BackgroundBuild reads it).
   Raises:
     DataError: a damaged dataset or shard (from the workers too).
   """
@@ -223,7 +230,7 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
   os.makedirs(directory, exist_ok=True)
   num_shards = math.ceil(len(docs) / shard_docs)
   workers = max(1, min(workers or os.cpu_count() or 1, num_shards))
-  prefix = _Prefix(directory, num_shards, max_tokens)
+  prefix = prefix or _Prefix(directory, num_shards, max_tokens)
   order = iter(shard_order(num_shards, process_index, process_count,
                            lag=_PER_WORKER * workers))
   meta = {'format': token_cache.FORMAT, 'dataset': docs.identity,
@@ -244,3 +251,85 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
       'dtype': token_cache.token_dtype(tokenizer.vocab_size).name,
       'documents': min(used * shard_docs, len(docs)),
       'all_documents': used == num_shards and total == sum(counts)})
+
+
+class BackgroundBuild:
+  """build_stream in a background thread (its workers are processes), so
+  training can start on the first shards while the rest are tokenized."""
+
+  def __init__(self, docs, tokenizer, path: str, max_tokens=None, **kwargs):
+    shard_docs = kwargs.get('shard_docs', token_cache.SHARD_DOCS)
+    self.path, self.cap, self.error = path, max_tokens, None
+    self.prefix = _Prefix(os.path.dirname(path),
+                          math.ceil(len(docs) / shard_docs), max_tokens)
+    self.finished = threading.Event()
+    self._thread = threading.Thread(
+        target=self._run, args=(docs, tokenizer, path, max_tokens),
+        kwargs={**kwargs, 'prefix': self.prefix}, daemon=True,
+        name='tokenize')
+    self._thread.start()
+
+  def _run(self, *args, **kwargs):
+    try:
+      build_stream(*args, **kwargs)
+    except BaseException as e:  # pylint: disable=broad-except
+      self.error = e  # Raised to the reader, in the main thread.
+    finally:
+      self.finished.set()
+
+
+class GrowingTokens:
+  """The tokens of a stream a BackgroundBuild is making, as one 1-D array
+  (token_cache.ShardedTokens): a read waits for the shards it needs, len()
+  for the whole stream."""
+
+  def __init__(self, build: BackgroundBuild, dtype: np.dtype):
+    self._build, self.dtype = build, np.dtype(dtype)
+    self._shards, self._final = [], None
+
+  def ready(self) -> tuple[int, bool]:
+    """(tokens readable now, whether that is the whole stream)."""
+    if self._final is not None:
+      return len(self._final), True
+    if self._build.finished.is_set():
+      if self._build.error is not None:
+        raise self._build.error
+      self._final = token_cache.load_manifest(self._build.path)
+      return len(self._final), True
+    counts = self._build.prefix.ready_counts()
+    directory = os.path.dirname(self._build.path)
+    for i in range(len(self._shards), len(counts)):
+      self._shards.append(token_cache.load_stream(
+          token_cache.shard_path(directory, i)))
+    return min(sum(counts), self._build.cap or sum(counts)), False
+
+  def wait_for(self, num_tokens: int) -> tuple[int, bool]:
+    """ready(), once num_tokens are readable or the stream is complete."""
+    while True:
+      ready, complete = self.ready()
+      if complete or ready >= num_tokens:
+        return ready, complete
+      self._build.finished.wait(0.05)
+
+  def __len__(self) -> int:
+    return self.wait_for(math.inf)[0]
+
+  @property
+  def shape(self) -> tuple[int]:
+    return (len(self),)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      index = np.arange(*index.indices(len(self)))
+    flat = np.asarray(index, np.int64)
+    if not flat.size:
+      return np.zeros(flat.shape, self.dtype)
+    ready, complete = self.wait_for(int(flat.max()) + 1)
+    if complete:
+      return np.asarray(self._final[flat])
+    return token_cache.ShardedTokens(self._shards, ready)[flat]
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    self.wait_for(math.inf)
+    return np.asarray(self._final, dtype)

@@ -1,11 +1,13 @@
 """Corpora, cached token streams and the batch position contract."""
 import os
+import threading
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from poet_jax import batches
 from poet_jax import data
 from poet_jax import tokenize_shards
 from poet_jax import tokenizer as tokenizer_lib
@@ -466,3 +468,79 @@ def test_eval_batches_are_fixed_and_in_order():
   halves = [stream.eval_batches(8, 20, p, 2) for p in range(2)]
   for b, (top, bottom) in zip(batches, zip(*halves)):
     np.testing.assert_array_equal(np.concatenate([top, bottom]), b)
+
+
+# ---------------------------------------------------------------------------
+# Windows, and training on a stream still being tokenized.
+
+
+def test_windows_keep_each_epoch_a_permutation(monkeypatch):
+  monkeypatch.setattr(batches, 'WINDOW_TOKENS', 16 * 8)  # 16 examples
+  stream = _arange_stream(50, 7)  # windows of 16, 16, 16 and 2 examples
+  assert stream.window == 16
+  ids = np.concatenate([_ids(stream, stream.train_batch(s, 10, seed=3))
+                        for s in range(10)]).reshape(2, 50)
+  for epoch in ids:
+    assert sorted(epoch) == list(range(50))
+    # Windows in order: positions of window k hold window k's examples.
+    assert [sorted(epoch[k:k + 16]) for k in (0, 16, 32)] == [
+        list(range(k, k + 16)) for k in (0, 16, 32)]
+  assert not np.array_equal(ids[0], ids[1])
+
+
+def test_one_window_is_the_whole_epoch_permutation():
+  """A stream within one window (the embedded corpus) keeps the order of a
+  permutation of the whole epoch drawn from (seed, epoch)."""
+  stream = _arange_stream(50, 7)
+  ids = _ids(stream, stream.train_batch(0, 50, seed=4))
+  np.testing.assert_array_equal(
+      ids, np.random.default_rng([4, 0]).permutation(50))
+
+
+def test_training_starts_before_tokenizing_ends(corpus, tmp_path,
+                                               monkeypatch):
+  directory, _, data_dir = corpus
+  monkeypatch.setattr(batches, 'WINDOW_TOKENS', 9 * 40)  # 40 examples
+  release = threading.Event()
+
+  class Slow(tokenizer_lib.ByteTokenizer):
+    """Holds back every shard after the first two until released."""
+    calls = 0
+
+    def encode_batch(self, texts):
+      Slow.calls += 1
+      if Slow.calls > 2:
+        assert release.wait(60)
+      return super().encode_batch(texts)
+
+  growing = data.open_token_stream(directory, 'train', data_dir, Slow(), 8,
+                                   cache_dir=str(tmp_path / 'a'), workers=1,
+                                   shard_docs=2, background=True)
+  assert isinstance(growing.tokens, data.GrowingTokens)
+  first = growing.train_batch(0, 8, seed=1)  # Needs only the first window.
+  ready, complete = growing.examples_ready()
+  release.set()
+  whole = data.open_token_stream(directory, 'train', data_dir, BYTES, 8,
+                                 cache_dir=str(tmp_path / 'b'), workers=1)
+  assert not complete and 40 <= ready < whole.num_examples / 2
+  np.testing.assert_array_equal(first, whole.train_batch(0, 8, seed=1))
+  for step in (3, 20, 40):  # Later windows and epochs: waits, then equal.
+    np.testing.assert_array_equal(growing.train_batch(step, 8, seed=1),
+                                  whole.train_batch(step, 8, seed=1))
+  assert growing.num_examples == whole.num_examples
+  np.testing.assert_array_equal(np.asarray(growing.tokens), whole.tokens)
+
+
+def test_background_errors_reach_the_reader(corpus, tmp_path):
+  directory, _, data_dir = corpus
+
+  class Broken(tokenizer_lib.ByteTokenizer):
+
+    def encode_batch(self, texts):
+      raise data.DataError('tokenizer broke')
+
+  stream = data.open_token_stream(directory, 'train', data_dir, Broken(), 8,
+                                  cache_dir=str(tmp_path), workers=1,
+                                  background=True)
+  with pytest.raises(data.DataError, match='tokenizer broke'):
+    stream.train_batch(0, 2, seed=0)
