@@ -344,6 +344,7 @@ def main(argv=None) -> int:
     return EXIT_BAD_INPUT
   # pylint: disable=g-import-not-at-top
   from poet_jax import checkpoint as checkpoint_lib
+  from poet_jax import stopping
   from poet_jax import train_lib
   # pylint: enable=g-import-not-at-top
   stderr, quiet = sys.stderr, _NoOrbaxErrors()
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
   except train_lib.USER_ERRORS as e:
     _error(str(e))
     return EXIT_BAD_INPUT
-  except train_lib.Interrupted as e:
+  except stopping.Interrupted as e:
     print(f'{e} during start-up, before the first step: nothing new to save; '
           'run the same command to resume', flush=True)
     return train_lib.EXIT_INTERRUPTED

@@ -31,6 +31,7 @@ import jax
 from poet_jax import config as config_lib
 from poet_jax import experiments_report as report
 from poet_jax import metrics as metrics_lib
+from poet_jax import stopping
 from poet_jax import train_lib
 
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
@@ -352,7 +353,7 @@ def main(argv) -> int:
   except train_lib.USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
-  except train_lib.Interrupted as e:
+  except stopping.Interrupted as e:
     print(f'{e}: stopped; run the same command to resume', flush=True)
     return train_lib.EXIT_INTERRUPTED
   except SystemExit as e:  # a run's own exit code (3: interrupted, resumable)

@@ -22,7 +22,7 @@ from poet_jax import config as config_lib
 from poet_jax import layers
 from poet_jax import model as model_lib
 from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_lib
+from poet_jax import train_state
 
 ATTENTION = ('q', 'k', 'v', 'o')
 MLP = ('gate', 'up', 'down')
@@ -40,8 +40,8 @@ class Run:
   step: int
   meta: dict
   tokenizer: Any
-  setup: train_lib.Setup
-  state: dict            # the train state (train_lib), on device
+  setup: train_state.Setup
+  state: dict            # the train state (train_state.py), on device
 
   @property
   def model(self) -> model_lib.Llama:
@@ -131,7 +131,7 @@ def load_run(workdir: str, step: int | None = None, shardings=None) -> Run:
     elif step not in steps:
       raise RunError(f'{workdir} has no checkpoint of step {step}; it has '
                      f'steps {", ".join(map(str, steps))}')
-    setup, abstract = train_lib.abstract_state(c, vocab)
+    setup, abstract = train_state.abstract_state(c, vocab)
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       target_sh = jax.tree.map(lambda _: device, abstract)
