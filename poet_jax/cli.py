@@ -219,10 +219,10 @@ def _with_installed_configs(argv) -> list[str]:
 def parse_command_line(argv, devices=None):
   """argv -> Command, or the one line saying why it cannot run.
 
-  Every config key is checked (poet_jax.config.validate); with `devices`
-  (a list of jax devices) the mesh is checked against them too (train.py
-  itself does that in train_lib.train, after jax.distributed is up). Never
-  raises for bad input.
+  Every config key is checked (poet_jax.config_checks.validate); with
+  `devices` (a list of jax devices) the mesh is checked against them too
+  (train.py itself does that in train_lib.train, after jax.distributed is
+  up). Never raises for bad input.
   """
   argv = _with_installed_configs(argv)
   flag_values = flags.FlagValues()
@@ -240,8 +240,9 @@ def parse_command_line(argv, devices=None):
     return (f'unexpected argument {_one_line(rest[1], 60)!r}; flags look like '
             '--config.KEY=VALUE (see --help)')
   from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import config_checks  # pylint: disable=g-import-not-at-top
   try:
-    config_lib.validate(c)
+    config_checks.validate(c)
   except config_lib.ConfigError as e:
     return _one_line(e)
   workdir = flag_values.workdir

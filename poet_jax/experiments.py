@@ -29,6 +29,7 @@ import time
 import jax
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import experiments_report as report
 from poet_jax import metrics as metrics_lib
 from poet_jax import stopping
@@ -99,7 +100,7 @@ def make_config(scale: dict, overrides: dict):
   """base_config() with the scale's and the run's overrides, validated."""
   c = config_lib.base_config()
   c.update_from_flattened_dict({**_COMMON, **scale['base'], **overrides})
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

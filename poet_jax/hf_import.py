@@ -151,7 +151,7 @@ def run_model_config(c) -> model_lib.LlamaConfig:
 
 
 def check_init_from(c) -> None:
-  """config.validate's check of init_from: reads headers only, no weights.
+  """config_checks.validate's check of init_from: reads headers only, no weights.
 
   Raises ConfigError (one line) if the directory is not a Llama checkpoint
   of the run's sizes.

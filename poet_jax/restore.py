@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import model as model_lib
 from poet_jax import tokenizer as tokenizer_lib
@@ -65,7 +66,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     c.update(saved)
     # init_from only seeded step 0; the checkpoint holds the weights now.
     c.init_from = ''
-    config_lib.validate(c)
+    config_checks.validate(c)
   except (ValueError, TypeError, KeyError) as e:
     raise RunError(f'{path} cannot be used ({e}); it should be the one '
                    'train.py wrote') from None

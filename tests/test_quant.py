@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import quant
 
@@ -101,12 +102,12 @@ def test_config_rejects_a_group_that_does_not_divide_a_width():
   with pytest.raises(config_lib.ConfigError,
                      match=r'w0_group_size=256 does not divide model.dim=128'
                      r'.*such as 128'):
-    config_lib.validate(c)
+    config_checks.validate(c)
   c.model.w0_group_size = 128
-  config_lib.validate(c)
+  config_checks.validate(c)
   c.model.w0_dtype = 'int4'
   with pytest.raises(config_lib.ConfigError, match='model.w0_dtype'):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 # --------------------------------------------------------------- layer

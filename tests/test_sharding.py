@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import sharding
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
@@ -22,7 +23,7 @@ def tiny_config(**mesh):
   c.train.lr = c.poet.lr = 1e-2
   for axis, size in mesh.items():
     c.mesh[axis] = size
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 
