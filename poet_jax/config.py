@@ -55,83 +55,112 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_at_start = 'auto'       # 'auto', 'always', 'never' (eval_at_start)
   c.tensorboard = False          # also write <workdir>/tensorboard events
 
-  c.model = ml_collections.ConfigDict()
-  c.model.dim = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.ffn_dim = 384          # -1: ffn_dim_block for POET-BS, else _dense
-  c.model.ffn_dim_block = 384    # the spec's POET-BS width (divides 256)
-  c.model.ffn_dim_dense = 384    # the spec's AdamW / POET-FS width
-  c.model.vocab_size = 0         # 0: the tokenizer's vocabulary
-  c.model.dtype = 'float32'      # compute dtype; parameters stay float32
-  c.model.w0_dtype = 'float32'   # storage of POET's frozen W0; int8: POET-XQ
-  c.model.w0_group_size = 256    # W0 rows per 8-bit group (w0_dtype=int8)
-  c.model.remat = False
-  c.model.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
+  c.model = _model_defaults()
+  c.train = _train_defaults()
+  c.optimizer = _optimizer_defaults()
+  c.poet = _poet_defaults()
+  c.data = _data_defaults()
+  c.mesh = _mesh_defaults()
+  c.distributed = _distributed_defaults()
+  return c
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 300
-  c.train.batch_size = 16        # global, in sequences
-  c.train.grad_accum_steps = 1   # micro-batches per optimizer step
-  c.train.seq_len = 128
-  c.train.lr = 1e-2              # base learning rate (AdamW group)
-  c.train.warmup_steps = 0
-  c.train.final_lr_fraction = 0.01
-  c.train.grad_clip = 0.1        # global norm; 0 disables
-  c.train.weight_decay = 0.01
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'poet'
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.galore_rank = 128
-  c.optimizer.galore_update_proj_gap = 200
-  c.optimizer.galore_scale = 0.25
-  c.optimizer.muon_beta = 0.95
+def _model_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dim = 128
+  c.num_layers = 4
+  c.num_heads = 4
+  c.ffn_dim = 384          # -1: ffn_dim_block for POET-BS, else _dense
+  c.ffn_dim_block = 384    # the spec's POET-BS width (divides 256)
+  c.ffn_dim_dense = 384    # the spec's AdamW / POET-FS width
+  c.vocab_size = 0         # 0: the tokenizer's vocabulary
+  c.dtype = 'float32'      # compute dtype; parameters stay float32
+  c.w0_dtype = 'float32'   # storage of POET's frozen W0; int8: POET-XQ
+  c.w0_group_size = 256    # W0 rows per 8-bit group (w0_dtype=int8)
+  c.remat = False
+  c.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
+  return c
 
-  c.poet = ml_collections.ConfigDict()
-  c.poet.variant = 'block'
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 300
+  c.batch_size = 16        # global, in sequences
+  c.grad_accum_steps = 1   # micro-batches per optimizer step
+  c.seq_len = 128
+  c.lr = 1e-2              # base learning rate (AdamW group)
+  c.warmup_steps = 0
+  c.final_lr_fraction = 0.01
+  c.grad_clip = 0.1        # global norm; 0 disables
+  c.weight_decay = 0.01
+  return c
+
+
+def _optimizer_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'poet'
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.galore_rank = 128
+  c.galore_update_proj_gap = 200
+  c.galore_scale = 0.25
+  c.muon_beta = 0.95
+  return c
+
+
+def _poet_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.variant = 'block'
   # An integer for 'block'; for 'full' an integer or a fraction such as 0.5.
   # Stored as a float so that either can be given on the command line.
-  c.poet.block_size = 32.0
-  c.poet.merge_every = 100
-  c.poet.neumann_terms = 3
-  c.poet.orthogonal_map = 'neumann'
-  c.poet.compute = 'fast'
-  c.poet.auto_memory_budget = 0  # 'auto': elements a layer may keep; 0: any
-  c.poet.init = 'normalized'
-  c.poet.lr = 1e-3
-  c.poet.scale = 0.5
-  c.poet.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
+  c.block_size = 32.0
+  c.merge_every = 100
+  c.neumann_terms = 3
+  c.orthogonal_map = 'neumann'
+  c.compute = 'fast'
+  c.auto_memory_budget = 0  # 'auto': elements a layer may keep; 0: any
+  c.init = 'normalized'
+  c.lr = 1e-3
+  c.scale = 0.5
+  c.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
   # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
   # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
   # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
-  c.poet.adam_convention = 'reference'
-  c.poet.eps = 1e-6              # Adam eps of both groups of a POET run
+  c.adam_convention = 'reference'
+  c.eps = 1e-6              # Adam eps of both groups of a POET run
   # Clipping threshold ramp after each merge (spec section 7): from 0.1x to
   # 1x train.grad_clip over this many steps, during the first clip_ramp_until
   # steps; 0 disables.
-  c.poet.clip_ramp_steps = 10
-  c.poet.clip_ramp_until = 2000
+  c.clip_ramp_steps = 10
+  c.clip_ramp_until = 2000
+  return c
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'python_stdlib'  # or a tfds name such as 'c4/en', or a dir
-  c.data.data_dir = ''           # '' : ~/.cache/poet_jax/tensorflow_datasets
-  c.data.tokenizer = 'byte'      # or a SentencePiece .model path
-  c.data.max_tokens = 0          # cap on tokens read per split; 0: all
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1               # -1: every remaining device
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+def _data_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'python_stdlib'  # or a tfds name such as 'c4/en', or a dir
+  c.data_dir = ''           # '' : ~/.cache/poet_jax/tensorflow_datasets
+  c.tokenizer = 'byte'      # or a SentencePiece .model path
+  c.max_tokens = 0          # cap on tokens read per split; 0: all
+  return c
 
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = -1               # -1: every remaining device
+  c.fsdp = 1
+  c.tensor = 1
+  return c
+
+
+def _distributed_defaults() -> ml_collections.ConfigDict:
   # Several hosts: set these, or leave num_processes at 0 and let
   # jax.distributed.initialize read the launcher's environment (SLURM, ...).
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ''   # host:port of process 0
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
-  c.distributed.cpu_collectives = 'gloo'   # CPU-only clusters and tests
+  c = ml_collections.ConfigDict()
+  c.coordinator_address = ''   # host:port of process 0
+  c.num_processes = 1
+  c.process_id = 0
+  c.cpu_collectives = 'gloo'   # CPU-only clusters and tests
   return c
 
 
