@@ -4,6 +4,7 @@ Config files under configs/ are Python (ml_collections), built on
 `base_config()`; config_checks.validate checks every key before any heavy
 work, and raises ConfigError with one line that names the key and the fix.
 """
+import copy
 import os
 
 import ml_collections
@@ -38,130 +39,116 @@ class ConfigError(ValueError):
   """A bad configuration value; its message is one line for the user."""
 
 
+# The defaults of every config file (the tiny default model), one dict per
+# section; base_config() builds a ConfigDict of them.
+_RUN = {
+    'seed': 0,
+    'log_every': 10,
+    'eval_every': 100,
+    'checkpoint_every': 100,
+    'keep_checkpoints': 3,
+    'eval_tokens': 32 * 1024,  # held-out tokens per evaluation
+    'nan_policy': 'skip',      # 'skip' the update or 'stop' the run
+    # A Hugging Face Llama checkpoint directory to start from (poet_jax/
+    # hf_import.py): a dense run takes its weights, a POET run its linear
+    # weights as W0. '': a random init.
+    'init_from': '',
+    'eval_at_start': 'auto',   # 'auto', 'always', 'never' (eval_at_start)
+    'tensorboard': False,      # also write <workdir>/tensorboard events
+}
+
+_MODEL = {
+    'dim': 128,
+    'num_layers': 4,
+    'num_heads': 4,
+    'ffn_dim': 384,             # -1: ffn_dim_block for POET-BS, else _dense
+    'ffn_dim_block': 384,       # the spec's POET-BS width (divides 256)
+    'ffn_dim_dense': 384,       # the spec's AdamW / POET-FS width
+    'vocab_size': 0,            # 0: the tokenizer's vocabulary
+    'dtype': 'float32',         # compute dtype; parameters stay float32
+    'w0_dtype': 'float32',      # storage of POET's frozen W0; int8: POET-XQ
+    'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)
+    'remat': False,
+    'loss_chunk_tokens': 8192,  # the loss's logits, chunk by chunk; 0: all
+}
+
+_TRAIN = {
+    'steps': 300,
+    'batch_size': 16,       # global, in sequences
+    'grad_accum_steps': 1,  # micro-batches per optimizer step
+    'seq_len': 128,
+    'lr': 1e-2,             # base learning rate (AdamW group)
+    'warmup_steps': 0,
+    'final_lr_fraction': 0.01,
+    'grad_clip': 0.1,       # global norm; 0 disables
+    'weight_decay': 0.01,
+}
+
+_OPTIMIZER = {
+    'name': 'poet',
+    'b1': 0.9,
+    'b2': 0.999,
+    'galore_rank': 128,
+    'galore_update_proj_gap': 200,
+    'galore_scale': 0.25,
+    'muon_beta': 0.95,
+}
+
+_POET = {
+    'variant': 'block',
+    # An integer for 'block'; for 'full' an integer or a fraction such as 0.5.
+    # Stored as a float so that either can be given on the command line.
+    'block_size': 32.0,
+    'merge_every': 100,
+    'neumann_terms': 3,
+    'orthogonal_map': 'neumann',
+    'compute': 'fast',
+    'auto_memory_budget': 0,  # 'auto': elements a layer may keep; 0: any
+    'init': 'normalized',
+    'lr': 1e-3,
+    'scale': 0.5,
+    'max_q_norm': 0.9,        # ||Q||_F guard (docs/reliability.md); 0: off
+    # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
+    # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
+    # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
+    'adam_convention': 'reference',
+    'eps': 1e-6,              # Adam eps of both groups of a POET run
+    # Clipping threshold ramp after each merge (spec section 7): from 0.1x to
+    # 1x train.grad_clip over this many steps, during the first clip_ramp_until
+    # steps; 0 disables.
+    'clip_ramp_steps': 10,
+    'clip_ramp_until': 2000,
+}
+
+_DATA = {
+    'name': 'python_stdlib',  # or a tfds name such as 'c4/en', or a dir
+    'data_dir': '',           # '' : ~/.cache/poet_jax/tensorflow_datasets
+    'tokenizer': 'byte',      # or a SentencePiece .model path
+    'max_tokens': 0,          # cap on tokens read per split; 0: all
+}
+
+_MESH = {
+    'data': -1,  # -1: every remaining device
+    'fsdp': 1,
+    'tensor': 1,
+}
+
+_DISTRIBUTED = {
+    # Several hosts: set these, or leave num_processes at 0 and let
+    # jax.distributed.initialize read the launcher's environment (SLURM, ...).
+    'coordinator_address': '',  # host:port of process 0
+    'num_processes': 1,
+    'process_id': 0,
+    'cpu_collectives': 'gloo',  # CPU-only clusters and tests
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every config file (the tiny default model)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.log_every = 10
-  c.eval_every = 100
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 3
-  c.eval_tokens = 32 * 1024      # held-out tokens per evaluation
-  c.nan_policy = 'skip'          # 'skip' the update or 'stop' the run
-  # A Hugging Face Llama checkpoint directory to start from (poet_jax/
-  # hf_import.py): a dense run takes its weights, a POET run its linear
-  # weights as W0. '': a random init.
-  c.init_from = ''
-  c.eval_at_start = 'auto'       # 'auto', 'always', 'never' (eval_at_start)
-  c.tensorboard = False          # also write <workdir>/tensorboard events
-
-  c.model = _model_defaults()
-  c.train = _train_defaults()
-  c.optimizer = _optimizer_defaults()
-  c.poet = _poet_defaults()
-  c.data = _data_defaults()
-  c.mesh = _mesh_defaults()
-  c.distributed = _distributed_defaults()
-  return c
-
-
-def _model_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.dim = 128
-  c.num_layers = 4
-  c.num_heads = 4
-  c.ffn_dim = 384          # -1: ffn_dim_block for POET-BS, else _dense
-  c.ffn_dim_block = 384    # the spec's POET-BS width (divides 256)
-  c.ffn_dim_dense = 384    # the spec's AdamW / POET-FS width
-  c.vocab_size = 0         # 0: the tokenizer's vocabulary
-  c.dtype = 'float32'      # compute dtype; parameters stay float32
-  c.w0_dtype = 'float32'   # storage of POET's frozen W0; int8: POET-XQ
-  c.w0_group_size = 256    # W0 rows per 8-bit group (w0_dtype=int8)
-  c.remat = False
-  c.loss_chunk_tokens = 8192  # the loss's logits, chunk by chunk; 0: all
-  return c
-
-
-def _train_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.steps = 300
-  c.batch_size = 16        # global, in sequences
-  c.grad_accum_steps = 1   # micro-batches per optimizer step
-  c.seq_len = 128
-  c.lr = 1e-2              # base learning rate (AdamW group)
-  c.warmup_steps = 0
-  c.final_lr_fraction = 0.01
-  c.grad_clip = 0.1        # global norm; 0 disables
-  c.weight_decay = 0.01
-  return c
-
-
-def _optimizer_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = 'poet'
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.galore_rank = 128
-  c.galore_update_proj_gap = 200
-  c.galore_scale = 0.25
-  c.muon_beta = 0.95
-  return c
-
-
-def _poet_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.variant = 'block'
-  # An integer for 'block'; for 'full' an integer or a fraction such as 0.5.
-  # Stored as a float so that either can be given on the command line.
-  c.block_size = 32.0
-  c.merge_every = 100
-  c.neumann_terms = 3
-  c.orthogonal_map = 'neumann'
-  c.compute = 'fast'
-  c.auto_memory_budget = 0  # 'auto': elements a layer may keep; 0: any
-  c.init = 'normalized'
-  c.lr = 1e-3
-  c.scale = 0.5
-  c.max_q_norm = 0.9        # ||Q||_F guard (docs/reliability.md); 0: off
-  # Optimizer conventions of POET runs (docs/method.md): 'reference' is the
-  # official POET-X code's Adam (eps on the uncorrected sqrt(v), decay after
-  # the step) in both groups; 'optax' is optax.adamw / scale_by_adam's.
-  c.adam_convention = 'reference'
-  c.eps = 1e-6              # Adam eps of both groups of a POET run
-  # Clipping threshold ramp after each merge (spec section 7): from 0.1x to
-  # 1x train.grad_clip over this many steps, during the first clip_ramp_until
-  # steps; 0 disables.
-  c.clip_ramp_steps = 10
-  c.clip_ramp_until = 2000
-  return c
-
-
-def _data_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = 'python_stdlib'  # or a tfds name such as 'c4/en', or a dir
-  c.data_dir = ''           # '' : ~/.cache/poet_jax/tensorflow_datasets
-  c.tokenizer = 'byte'      # or a SentencePiece .model path
-  c.max_tokens = 0          # cap on tokens read per split; 0: all
-  return c
-
-
-def _mesh_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.data = -1               # -1: every remaining device
-  c.fsdp = 1
-  c.tensor = 1
-  return c
-
-
-def _distributed_defaults() -> ml_collections.ConfigDict:
-  # Several hosts: set these, or leave num_processes at 0 and let
-  # jax.distributed.initialize read the launcher's environment (SLURM, ...).
-  c = ml_collections.ConfigDict()
-  c.coordinator_address = ''   # host:port of process 0
-  c.num_processes = 1
-  c.process_id = 0
-  c.cpu_collectives = 'gloo'   # CPU-only clusters and tests
-  return c
+  return ml_collections.ConfigDict(copy.deepcopy({
+      **_RUN, 'model': _MODEL, 'train': _TRAIN, 'optimizer': _OPTIMIZER,
+      'poet': _POET, 'data': _DATA, 'mesh': _MESH,
+      'distributed': _DISTRIBUTED}))
 
 
 def paper_config(size: str) -> ml_collections.ConfigDict:
