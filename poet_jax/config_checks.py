@@ -63,9 +63,11 @@ def _check_keys_and_types(c) -> None:
     if isinstance(default, bool):
       ok, kind = isinstance(value, bool), 'True or False'
     elif isinstance(default, int):
+      # Token counts at C4 scale pass 2**31; other integers stay below it.
+      limit = 2**63 if key == 'data.max_tokens' else 2**31
       ok = (isinstance(value, int) and not isinstance(value, bool) and
-            abs(value) < 2**31)
-      kind = 'an integer below 2**31'
+            abs(value) < limit)
+      kind = f'an integer below 2**{limit.bit_length() - 1}'
     elif isinstance(default, float):
       ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))

@@ -83,6 +83,13 @@ def _tokenizer_and_vocab(c):
   return tokenizer, vocab
 
 
+def data_identity(train_data) -> str:
+  """What a checkpoint records of its training data. Its length is known
+  once the stream is tokenized: a new run starts training before that and
+  records it at its first save."""
+  return f'{train_data.name}, {len(train_data.tokens)} tokens'
+
+
 def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
   """(train stream, eval stream, inputs): the data, checked to be what the
   checkpoint was trained on and to hold one batch of each split."""
@@ -90,9 +97,10 @@ def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
   train_data, eval_data = data_lib.open_train_and_eval(
       c.data.name, data_dir, tokenizer, c.train.seq_len,
       c.data.max_tokens or None, progress=progress)
-  inputs = {'tokenizer': tokenizer.identity,
-            'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
-  _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
+  inputs = {'tokenizer': tokenizer.identity}
+  if latest is not None:  # Waits for the whole train stream (data.py).
+    inputs['data'] = data_identity(train_data)
+    _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
   for split, stream in zip(data_lib.SPLITS, (train_data, eval_data)):
     data_lib.check_one_batch(stream, c.train.batch_size, c.data.name,
                              split, c.data.max_tokens)

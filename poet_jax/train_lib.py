@@ -255,6 +255,8 @@ class _Loop:
 
   def _save(self, step: int) -> None:
     c = self.c
+    if 'data' not in self.run.inputs:  # Tokenized by now, nearly always.
+      self.run.inputs['data'] = startup.data_identity(self.run.train_data)
     self.run.ckpt.save(step, self.run.state, {
         'step': step, 'data_position': step,
         'merges': (step // c.poet.merge_every
@@ -288,8 +290,12 @@ def data_notes(c, train_data, num_eval_batches: int) -> list[str]:
   """What the run will do with its data, when it is worth saying: training
   data seen more than once, or fewer held-out tokens than eval_tokens."""
   notes = []
-  epochs = c.train.steps * c.train.batch_size / train_data.num_examples
-  if epochs > 1:
+  ready, complete = train_data.examples_ready()
+  if not complete:
+    notes.append(f'data: the train split is still being tokenized; '
+                 f'training starts on the {ready:,} sequences ready')
+  epochs = c.train.steps * c.train.batch_size / max(ready, 1)
+  if complete and epochs > 1:
     notes.append(
         f'data: {c.train.steps} steps x {c.train.batch_size} sequences read '
         f'the {train_data.num_examples:,} training sequences {epochs:.1f} '
