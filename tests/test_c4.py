@@ -36,9 +36,19 @@ def _document(i: int) -> str:
   return f'Page {i}. ' + '. '.join(s.capitalize() for s in sentences) + '.'
 
 
-def prepare_c4(data_dir: str) -> None:
+def prepare_c4(data_dir: str, texts: dict[str, list[str]] | None = None,
+               shuffled: bool = True) -> None:
   """'c4/en' 3.1.0 as ArrayRecord, unknown to this process's registry (tfds
-  then reads it from its files alone, as it reads a real C4)."""
+  then reads it from its files alone, as it reads a real C4).
+
+  texts: {split: documents}; None: TRAIN_DOCS and VALIDATION_DOCS of
+  _document. shuffled: tfds orders documents by a hash of their keys, as in
+  C4; False keeps the given order.
+  """
+  if texts is None:
+    end = TRAIN_DOCS + VALIDATION_DOCS
+    texts = {'train': [_document(i) for i in range(TRAIN_DOCS)],
+             'validation': [_document(i) for i in range(TRAIN_DOCS, end)]}
   with tfds.core.registered.skip_registration():
 
     class C4(tfds.core.GeneratorBasedBuilder):
@@ -50,16 +60,16 @@ def prepare_c4(data_dir: str) -> None:
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(
                 {'text': tfds.features.Text(), 'url': tfds.features.Text(),
-                 'timestamp': tfds.features.Text()}))
+                 'timestamp': tfds.features.Text()}),
+            disable_shuffling=not shuffled)
 
       def _split_generators(self, dl_manager):
-        end = TRAIN_DOCS + VALIDATION_DOCS
-        return {'train': self._generate_examples(0, TRAIN_DOCS),
-                'validation': self._generate_examples(TRAIN_DOCS, end)}
+        return {split: self._generate_examples(split, docs)
+                for split, docs in texts.items()}
 
-      def _generate_examples(self, start, stop):
-        for i in range(start, stop):
-          yield i, {'text': _document(i), 'url': f'https://example.com/{i}',
+      def _generate_examples(self, split, docs):
+        for i, text in enumerate(docs):
+          yield i, {'text': text, 'url': f'https://example.com/{split}/{i}',
                     'timestamp': '2019-04-25T12:00:00Z'}
 
   C4(data_dir=data_dir, file_format='array_record').download_and_prepare(

@@ -5,12 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from poet_jax import batches
 from poet_jax import data
 from poet_jax import tokenize_shards
 from poet_jax import tokenizer as tokenizer_lib
+import test_c4
 
 BYTES = tokenizer_lib.ByteTokenizer()
 
@@ -129,33 +129,11 @@ def test_missing_tfds_dataset(tmp_path):
 
 
 def _prepare_fake_c4(data_dir: str) -> None:
-  """A 'c4/en' prepared as ArrayRecord, unknown to this process's registry.
-
-  tfds then reads it from its files alone, as it does a real C4 here.
-  """
-  with tfds.core.registered.skip_registration():
-
-    class C4(tfds.core.GeneratorBasedBuilder):
-      VERSION = tfds.core.Version('3.1.0')
-      BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='en')]
-      code_path = None  # See data.TextCorpus.
-
-      def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict(
-                {'text': tfds.features.Text(), 'url': tfds.features.Text()}),
-            disable_shuffling=True)
-
-      def _split_generators(self, dl_manager):
-        return {'train': self._generate_examples(0, 40),
-                'validation': self._generate_examples(40, 50)}
-
-      def _generate_examples(self, start, stop):
-        for i in range(start, stop):
-          yield i, {'text': f'web page {i} ✓ ' * 20, 'url': f'http://{i}'}
-
-  C4(data_dir=data_dir, file_format='array_record').download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  """A 'c4/en' prepared as ArrayRecord, in the given order (test_c4.py)."""
+  test_c4.prepare_c4(data_dir, {
+      'train': [f'web page {i} ✓ ' * 20 for i in range(40)],
+      'validation': [f'web page {i} ✓ ' * 20 for i in range(40, 50)]},
+      shuffled=False)
 
 
 def test_prepared_tfds_dataset_by_name(tmp_path):
