@@ -250,11 +250,13 @@ def prepare_text_corpus(config: TextCorpusConfig, data_dir: str) -> TextCorpus:
 class Documents(collections.abc.Sequence):
   """One split of a prepared dataset as random-access strings."""
 
-  def __init__(self, source, name: str, split: str, identity: str):
+  def __init__(self, source, name: str, split: str, identity: str,
+               num_bytes: int = 0):
     self._source = source
     self.name = name          # e.g. 'c4/en/3.1.0'
     self.split = split
     self.identity = identity  # where it is stored: keys the token caches
+    self.num_bytes = num_bytes  # stored size as tfds records it; 0: unknown
 
   def __len__(self) -> int:
     return len(self._source)
@@ -376,7 +378,7 @@ def open_documents(name: str, split: str,
   except (RuntimeError, OSError) as e:
     raise _damaged(builder.info.full_name, split, identity, e) from None
   return Documents(source, name=builder.info.full_name, split=split,
-                   identity=identity)
+                   identity=identity, num_bytes=_split_bytes(builder, split))
 
 
 def reopen_documents(identity: str, split: str, name: str) -> Documents:
@@ -388,4 +390,12 @@ def reopen_documents(identity: str, split: str, name: str) -> Documents:
     source = builder.as_data_source(split=split)
   except (RuntimeError, OSError) as e:
     raise _damaged(name, split, identity, e) from None
-  return Documents(source, name=name, split=split, identity=identity)
+  return Documents(source, name=name, split=split, identity=identity,
+                   num_bytes=_split_bytes(builder, split))
+
+
+def _split_bytes(builder, split: str) -> int:
+  try:
+    return int(builder.info.splits[split].num_bytes or 0)
+  except (KeyError, TypeError, ValueError):
+    return 0

@@ -24,8 +24,8 @@ from poet_jax.corpora import (  # pylint: disable=unused-import
     default_data_dir, open_documents, split_files, split_sources,
     stdlib_files, text_files)
 from poet_jax.token_cache import (  # pylint: disable=unused-import
-    SHARD_DOCS, ShardedTokens, load_manifest, load_stream, stream_path,
-    token_dtype)
+    SHARD_DOCS, ShardedTokens, load_manifest, load_stream, shard_docs_for,
+    stream_path, token_dtype)
 from poet_jax.tokenize_shards import (  # pylint: disable=unused-import
     BackgroundBuild, GrowingTokens, build_stream)
 
@@ -42,7 +42,7 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
                       max_tokens: int | None = None,
                       cache_dir: str | None = None,
                       progress: bool = True, workers: int | None = None,
-                      shard_docs: int = SHARD_DOCS,
+                      shard_docs: int | None = None,
                       background: bool = False) -> TokenStream:
   """One split of a corpus as a TokenStream, tokenizing it on first use.
 
@@ -54,8 +54,10 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
       such as C4 is read only that far); None: all.
     cache_dir: where streams are cached; None: data_dir/poet_jax_streams.
     progress: show a progress bar while tokenizing.
-    workers: processes tokenizing; None: every core; 1: this process only.
-    shard_docs: documents per cached shard (tests use small ones).
+    workers: processes tokenizing; None: as many as the split's size is
+      worth (tokenize_shards.default_workers); 1: this process only.
+    shard_docs: documents per cached shard; None: about SHARD_BYTES of text
+      (token_cache.shard_docs_for).
     background: return at once and tokenize in a background thread; reads
       of the stream wait for the shards they need (TokenStream).
   Raises:
@@ -67,6 +69,7 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
   cache_dir = os.path.expanduser(
       cache_dir or os.path.join(data_dir, 'poet_jax_streams'))
   docs = open_documents(name, split, data_dir)
+  shard_docs = shard_docs or shard_docs_for(docs)
   path = stream_path(docs, tokenizer, max_tokens, cache_dir, shard_docs)
   name = f'{docs.name} {split}'
   if os.path.exists(path):

@@ -25,6 +25,10 @@ from poet_jax import tokenizer as tokenizer_lib
 # enough that little past max_tokens is tokenized.
 _PER_WORKER = 2
 
+# A worker process costs seconds to start (spawn imports the main module,
+# and tfds): worth one per this much stored text of the split.
+WORKER_BYTES = 64 * 2**20
+
 # Documents per batched read + encode inside a shard.
 _READ_CHUNK = 512
 
@@ -79,6 +83,15 @@ class _InProcess(concurrent.futures.Executor):
     except Exception as e:  # pylint: disable=broad-except
       future.set_exception(e)
     return future
+
+
+def default_workers(docs: corpora.Documents) -> int:
+  """Worker processes for a split: one per WORKER_BYTES of its text, at
+  most os.cpu_count(); 1 (this process) for the embedded corpus."""
+  cores = os.cpu_count() or 1
+  if not docs.num_bytes:
+    return cores
+  return max(1, min(cores, docs.num_bytes // WORKER_BYTES))
 
 
 def shard_order(num_shards: int, process_index: int, process_count: int,
@@ -219,7 +232,8 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
     path: the manifest; shards go beside it.
     max_tokens: the stream's cap; None: the whole split.
     progress: show a progress bar.
-    workers: processes tokenizing; None: os.cpu_count(); 1: this process.
+    workers: processes tokenizing; None: default_workers(docs); 1: this
+      process.
     shard_docs: documents per shard (part of the cache key).
     process_index, process_count: this host and the number of hosts.
     prefix: where the shards done are recorded (BackgroundBuild reads it).
@@ -229,7 +243,7 @@ def build_stream(docs: corpora.Documents, tokenizer: tokenizer_lib.Tokenizer,
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   num_shards = math.ceil(len(docs) / shard_docs)
-  workers = max(1, min(workers or os.cpu_count() or 1, num_shards))
+  workers = max(1, min(workers or default_workers(docs), num_shards))
   prefix = prefix or _Prefix(directory, num_shards, max_tokens)
   order = iter(shard_order(num_shards, process_index, process_count,
                            lag=_PER_WORKER * workers))

@@ -8,6 +8,7 @@ import pytest
 
 from poet_jax import batches
 from poet_jax import data
+from poet_jax import token_cache
 from poet_jax import tokenize_shards
 from poet_jax import tokenizer as tokenizer_lib
 import test_c4
@@ -522,3 +523,19 @@ def test_background_errors_reach_the_reader(corpus, tmp_path):
                                   background=True)
   with pytest.raises(data.DataError, match='tokenizer broke'):
     stream.train_batch(0, 2, seed=0)
+
+
+def test_shards_hold_about_shard_bytes_of_text(corpus):
+  directory, _, data_dir = corpus
+  docs = data.open_documents(directory, 'train', data_dir)
+  assert docs.num_bytes > 0
+  per_doc = docs.num_bytes / len(docs)
+  shard_docs = data.shard_docs_for(docs)
+  assert shard_docs & (shard_docs - 1) == 0  # a power of two
+  assert shard_docs == 2**16 or (
+      token_cache.SHARD_BYTES / 1.5 <= shard_docs * per_doc
+      <= 1.5 * token_cache.SHARD_BYTES)
+  docs.num_bytes = len(docs) * 10_000  # ~10 KB documents: 2**round(9.7)
+  assert data.shard_docs_for(docs) == 1024
+  docs.num_bytes = 0  # Unknown size.
+  assert data.shard_docs_for(docs) == data.SHARD_DOCS
