@@ -43,7 +43,7 @@ def test_readme_gives_two_setup_commands_that_install_the_package():
   assert steps.index('pip install -e .') > steps.index(
       'pip install -r requirements.txt')
   assert steps[-1] == 'poet-jax-train'
-  assert tests == '. .venv/bin/activate && python -m pytest -q tests'
+  assert tests == '. .venv/bin/activate && python -m pytest -q -n 2 --dist loadfile tests'
 
 
 def test_ci_installs_and_tests_as_the_readme_says():
