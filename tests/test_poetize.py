@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 import poet_jax
+from poet_jax import config
+from poet_jax import train_lib
 
 
 class UserMLP(nnx.Module):
@@ -153,3 +155,23 @@ def test_poetize_under_eval_shape_allocates_nothing():
   assert (w0.shape, w0.dtype) == ((CFG.num_layers, 32, 16), jnp.uint8)
   assert (down.compute, down.memory_budget, down.dtype) == (
       'auto', 64, jnp.bfloat16)
+
+
+def test_adamw_and_poet_runs_build_one_llama():
+  """The trainer's model is the dense Llama; a POET run poetizes it."""
+  c = config.base_config()
+  c.model.dim, c.model.num_layers, c.model.num_heads = 16, 2, 2
+  c.model.ffn_dim, c.poet.block_size = 32, 8.0
+  models = {}
+  for name in ('adamw', 'poet'):
+    c.optimizer.name = name
+    models[name] = train_lib.build_model(c, 32)
+  dense, poet = models['adamw'], models['poet']
+  assert type(dense) is type(poet) is poet_jax.Llama
+  for name in LINEARS:
+    assert isinstance(block_linear(dense, name), nnx.Linear)
+    assert isinstance(block_linear(poet, name), poet_jax.POETLinear)
+  # One seed, one model: the parts POET leaves alone start equal.
+  for get in (lambda m: m.embed.embedding, lambda m: m.lm_head.kernel,
+              lambda m: m.blocks.attention_norm.scale):
+    np.testing.assert_array_equal(get(dense)[...], get(poet)[...])
