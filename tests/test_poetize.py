@@ -9,7 +9,7 @@ from flax import nnx
 
 import poet_jax
 from poet_jax import config
-from poet_jax import train_lib
+from poet_jax import train_state
 
 
 class UserMLP(nnx.Module):
@@ -165,7 +165,7 @@ def test_adamw_and_poet_runs_build_one_llama():
   models = {}
   for name in ('adamw', 'poet'):
     c.optimizer.name = name
-    models[name] = train_lib.build_model(c, 32)
+    models[name] = train_state.build_model(c, 32)
   dense, poet = models['adamw'], models['poet']
   assert type(dense) is type(poet) is poet_jax.Llama
   for name in LINEARS:
