@@ -129,6 +129,22 @@ def _check_choices(w0, init, on_indivisible) -> None:
     raise ValueError(f"on_indivisible={on_indivisible!r}: 'raise' or 'skip'")
 
 
+def _divisible(chosen, variant, block_size, on_indivisible):
+  """(the layers to replace, the paths skipped for their sizes)."""
+  todo, skipped = [], []
+  for path, name, dense in chosen:
+    try:
+      layers.resolve_block_sizes(name, *dense.kernel[...].shape[-2:], variant,
+                                 block_size)
+    except ValueError:
+      if on_indivisible == 'raise' or variant != 'block':
+        raise
+      skipped.append(name)
+      continue
+    todo.append((path, name, dense))
+  return todo, skipped
+
+
 def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
             target: Sequence[str] = ('*',),
             exclude: Sequence[str] = DEFAULT_EXCLUDE, w0: str = 'keep',
@@ -174,17 +190,7 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
   """
   _check_choices(w0, init, on_indivisible)
   chosen, num_linear = _selected(model, target, exclude)
-  todo, skipped = [], []
-  for path, name, dense in chosen:
-    try:
-      layers.resolve_block_sizes(name, *dense.kernel[...].shape[-2:], variant,
-                                 block_size)
-    except ValueError:
-      if on_indivisible == 'raise' or variant != 'block':
-        raise
-      skipped.append(name)
-      continue
-    todo.append((path, name, dense))
+  todo, skipped = _divisible(chosen, variant, block_size, on_indivisible)
   if not todo:
     raise ValueError(f'poetize: no nnx.Linear replaced among {num_linear} '
                      f'(target={list(target)}, exclude={list(exclude)}, '
