@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 from poet_jax import config as config_lib
 from poet_jax import export
+from poet_jax import inject
 from poet_jax import layers
 from poet_jax import model as model_lib
 from poet_jax import restore
-from poet_jax import spo
 from poet_jax import tokenizer as tokenizer_lib
 from poet_jax import train_state
 
@@ -184,18 +184,12 @@ def load_weights(path: str, cfg: model_lib.LlamaConfig) -> dict:
 
 def _set_kernel(layer, kernel: jax.Array) -> None:
   """The layer computes x @ kernel: a dense kernel, or a POET layer's W0
-  (in its frame) with R = P = I."""
-  if not isinstance(layer, layers.POETLinear):
+  with R = P = I and its placements kept."""
+  if isinstance(layer, layers.POETLinear):
+    inject.set_poet_layer(layer, kernel, layer.in_place[...],
+                          layer.out_place[...])
+  else:
     layer.kernel[...] = kernel
-    return
-  if layer.variant == 'block':
-    frame = spo.to_block_frame
-    for _ in range(kernel.ndim - 2):  # the stack of layers
-      frame = jax.vmap(frame)
-    kernel = frame(kernel, layer.in_place[...], layer.out_place[...])
-  layer.w0[...] = kernel.astype(layer.w0[...].dtype)
-  layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
-  layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
 
 
 def init_state_from(path: str, setup: train_state.Setup, state: dict,

@@ -1,10 +1,14 @@
-"""Llama in Flax NNX, with the block linears POET or dense by configuration.
+"""Llama in Flax NNX: a plain dense model.
 
 RMSNorm, rotary embeddings, SwiGLU MLP, multi-head causal attention and an
 untied output head. The layer stack is created with nnx.vmap and run with
-nnx.scan, so it is traced and compiled once however deep the model is.
+lax.scan, so it is traced and compiled once however deep the model is.
 `Llama.decode` is the inference path: the same blocks with a key/value cache
 (`init_cache`), for generation one token at a time.
+
+Every linear layer is an nnx.Linear. A POET model is this model after
+`poet_jax.poetize`, which replaces the blocks' linears (stacked, one per
+layer) by POET layers; nothing here depends on which linear a block holds.
 """
 import dataclasses
 import functools
@@ -14,23 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from poet_jax import layers
 from poet_jax import loss as loss_lib
-
-BLOCK_LINEARS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
-
-
-@dataclasses.dataclass(frozen=True)
-class POETConfig:
-  variant: str = 'block'
-  block_size: Any = 256        # int, or a fraction for variant='full'
-  compute: str = 'fast'
-  init: str = 'normalized'
-  neumann_terms: int = 3
-  orthogonal_map: str = 'neumann'
-  w0_dtype: Any = jnp.float32  # a float dtype, or 'int8' (POET-XQ)
-  w0_group_size: int = 256     # W0 rows per 8-bit group, for 'int8'
-  memory_budget: int = 0       # for compute='auto'; see layers.choose_compute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +31,6 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
-  linear: str = 'poet'              # 'poet' or 'dense'
-  poet: POETConfig = POETConfig()
   remat: bool = False               # recompute each block in the backward
   loss_chunk_tokens: int = 8192     # tokens per chunk of the loss; 0: one
 
@@ -53,22 +39,12 @@ class LlamaConfig:
     return self.dim // self.num_heads
 
 
-def make_linear(cfg: LlamaConfig, in_features: int, out_features: int,
-                name: str, rngs: nnx.Rngs):
-  """The one place where AdamW and POET models differ."""
-  if cfg.linear == 'poet':
-    p = cfg.poet
-    return layers.POETLinear(
-        in_features, out_features, block_size=p.block_size,
-        variant=p.variant, compute=p.compute, init=p.init,
-        neumann_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
-        dtype=cfg.dtype, w0_dtype=p.w0_dtype, w0_group_size=p.w0_group_size,
-        memory_budget=p.memory_budget, name=name, rngs=rngs)
-  if cfg.linear == 'dense':
-    return nnx.Linear(in_features, out_features, use_bias=False,
-                      dtype=cfg.dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-  raise ValueError(f"unknown linear {cfg.linear!r}; use 'poet' or 'dense'")
+def dense(cfg: LlamaConfig, in_features: int, out_features: int,
+          rngs: nnx.Rngs) -> nnx.Linear:
+  """A bias-free linear layer with the Llama init N(0, 0.02^2)."""
+  return nnx.Linear(in_features, out_features, use_bias=False,
+                    dtype=cfg.dtype,
+                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -108,10 +84,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.dim
-    self.q = make_linear(cfg, d, d, 'attention.q', rngs)
-    self.k = make_linear(cfg, d, d, 'attention.k', rngs)
-    self.v = make_linear(cfg, d, d, 'attention.v', rngs)
-    self.o = make_linear(cfg, d, d, 'attention.o', rngs)
+    self.q = dense(cfg, d, d, rngs)
+    self.k = dense(cfg, d, d, rngs)
+    self.v = dense(cfg, d, d, rngs)
+    self.o = dense(cfg, d, d, rngs)
 
   def __call__(self, x, positions):
     b, t, d = x.shape
@@ -150,9 +126,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    self.gate = make_linear(cfg, cfg.dim, cfg.ffn_dim, 'mlp.gate', rngs)
-    self.up = make_linear(cfg, cfg.dim, cfg.ffn_dim, 'mlp.up', rngs)
-    self.down = make_linear(cfg, cfg.ffn_dim, cfg.dim, 'mlp.down', rngs)
+    self.gate = dense(cfg, cfg.dim, cfg.ffn_dim, rngs)
+    self.up = dense(cfg, cfg.dim, cfg.ffn_dim, rngs)
+    self.down = dense(cfg, cfg.ffn_dim, cfg.dim, rngs)
 
   def __call__(self, x):
     flat = _tokens_major(x)
@@ -198,10 +174,7 @@ class Llama(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.norm = nnx.RMSNorm(cfg.dim, epsilon=cfg.norm_eps, dtype=cfg.dtype,
                             rngs=rngs)
-    self.lm_head = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False,
-                              dtype=cfg.dtype,
-                              kernel_init=nnx.initializers.normal(0.02),
-                              rngs=rngs)
+    self.lm_head = dense(cfg, cfg.dim, cfg.vocab_size, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int -> logits (B, T, vocab) float32."""

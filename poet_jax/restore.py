@@ -199,7 +199,8 @@ def set_weights(model: model_lib.Llama, weights: dict) -> None:
 
 
 def dense_config(cfg: model_lib.LlamaConfig) -> model_lib.LlamaConfig:
-  return dataclasses.replace(cfg, linear='dense', remat=False)
+  """cfg for inference: no recomputation in a backward."""
+  return dataclasses.replace(cfg, remat=False)
 
 
 def dense_model(cfg: model_lib.LlamaConfig,

@@ -21,25 +21,51 @@ from flax import nnx
 from poet_jax import config as config_lib
 from poet_jax import model as model_lib
 from poet_jax import optimizers
+from poet_jax.poetize import poetize
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  """The Llama of config c: the same dense model for every method."""
   return model_lib.LlamaConfig(
       vocab_size=vocab_size, dim=c.model.dim, num_layers=c.model.num_layers,
       num_heads=c.model.num_heads, ffn_dim=config_lib.ffn_dim(c),
-      dtype=dtypes[c.model.dtype], remat=c.model.remat,
-      loss_chunk_tokens=c.model.loss_chunk_tokens,
-      linear='poet' if c.optimizer.name == 'poet' else 'dense',
-      poet=model_lib.POETConfig(
-          variant=c.poet.variant, block_size=config_lib.block_size(c),
-          compute=c.poet.compute, init=c.poet.init,
-          neumann_terms=c.poet.neumann_terms,
-          orthogonal_map=c.poet.orthogonal_map,
-          # 'int8' passes through: POET-XQ's 8-bit W0 (poet_jax/quant.py).
-          w0_dtype=dtypes.get(c.model.w0_dtype, c.model.w0_dtype),
-          w0_group_size=c.model.w0_group_size,
-          memory_budget=c.poet.auto_memory_budget))
+      dtype=DTYPES[c.model.dtype], remat=c.model.remat,
+      loss_chunk_tokens=c.model.loss_chunk_tokens)
+
+
+def poet_options(c) -> dict:
+  """poetize's arguments for a POET run of config c (its poet.* keys).
+
+  The seven block linears of every layer, with W0 drawn by poet.init (the
+  papers' pretraining, spec section 6); the output head and the
+  embeddings stay dense (section 7).
+  """
+  return dict(
+      target=('blocks.*',), w0='redraw', init=c.poet.init,
+      variant=c.poet.variant, block_size=config_lib.block_size(c),
+      compute=c.poet.compute, memory_budget=c.poet.auto_memory_budget,
+      neumann_terms=c.poet.neumann_terms,
+      orthogonal_map=c.poet.orthogonal_map,
+      # 'int8' passes through: POET-XQ's 8-bit W0 (poet_jax/quant.py).
+      w0_dtype=DTYPES.get(c.model.w0_dtype, c.model.w0_dtype),
+      w0_group_size=c.model.w0_group_size)
+
+
+def build_model(c, vocab_size: int) -> model_lib.Llama:
+  """The run's model: the dense Llama, poetized when optimizer.name=poet.
+
+  AdamW, GaLore, Muon and POET runs build the same Llama from the same
+  seed (so the same embeddings, norms and head); a POET run then replaces
+  its block linears by POET layers, drawing from the same key stream.
+  """
+  rngs = nnx.Rngs(params=c.seed)
+  model = model_lib.Llama(model_config(c, vocab_size), rngs=rngs)
+  if c.optimizer.name == 'poet':
+    poetize(model, **poet_options(c), rngs=rngs)
+  return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +84,7 @@ def _split(model):
 
 def init_state(c, vocab_size: int) -> tuple[Setup, dict]:
   """A fresh state (on the default device) and what the step needs."""
-  model = model_lib.Llama(model_config(c, vocab_size),
-                          rngs=nnx.Rngs(params=c.seed))
-  graphdef, params, frozen = _split(model)
+  graphdef, params, frozen = _split(build_model(c, vocab_size))
   tx = optimizers.optimizer(c)
   state = {'params': params, 'frozen': frozen, 'opt_state': tx.init(params),
            'step': jnp.zeros([], jnp.int32),

@@ -117,10 +117,10 @@ def replay(orthogonal_map: str):
   cfg = poet_jax.LlamaConfig(
       vocab_size=m['vocab_size'], dim=m['dim'], num_layers=m['num_layers'],
       num_heads=m['num_heads'], ffn_dim=m['ffn_dim'], norm_eps=m['norm_eps'],
-      rope_theta=m['rope_theta'],
-      poet=poet_jax.POETConfig(block_size=m['block_size'],
-                               orthogonal_map=orthogonal_map))
+      rope_theta=m['rope_theta'])
   model = poet_jax.Llama(cfg, rngs=nnx.Rngs(0))
+  poet_jax.poetize(model, block_size=m['block_size'],
+                   orthogonal_map=orthogonal_map, rngs=nnx.Rngs(1))
   model.embed.embedding[...] = d['embed']
   model.lm_head.kernel[...] = d['lm_head']
   model.norm.scale[...] = d['norm']

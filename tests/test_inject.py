@@ -38,9 +38,9 @@ def test_shapes_that_do_not_match_are_refused():
 
 def test_a_stacked_llama_layer_as_an_ordinary_module():
   cfg = poet_jax.LlamaConfig(vocab_size=32, dim=16, num_layers=3,
-                             num_heads=2, ffn_dim=32,
-                             poet=poet_jax.POETConfig(block_size=8))
+                             num_heads=2, ffn_dim=32)
   model = poet_jax.Llama(cfg, rngs=nnx.Rngs(0))
+  poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
   block = poet_jax.layer_at(model.blocks, 1)
   q = block.attention.q
   assert q.w0[...].ndim == 2

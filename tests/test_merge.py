@@ -10,9 +10,15 @@ from poet_jax import layers
 from poet_jax import optim
 
 CFG = poet_jax.LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=2,
-                           ffn_dim=64,
-                           poet=poet_jax.POETConfig(block_size=8))
+                           ffn_dim=64)
 TOKENS = jax.random.randint(jax.random.key(0), (4, 17), 0, 64)
+
+
+def poet_llama():
+  """The tiny Llama with POET block linears, as a POET run builds it."""
+  model = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  poet_jax.poetize(model, block_size=8, w0='redraw', rngs=nnx.Rngs(1))
+  return model
 
 
 def snapshot(model, kind):
@@ -30,7 +36,7 @@ def placements(model):
 
 def trained(steps, merge_every=None, lr=1e-2):
   """A tiny POET Llama and its optimizer after `steps` steps."""
-  model = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  model = poet_llama()
   optimizer = nnx.Optimizer(model, poet_jax.poet(lr, lr), wrt=nnx.Param)
 
   @nnx.jit
@@ -59,7 +65,7 @@ def trained_model():
 
 def test_w0_is_unchanged_between_merges(trained_model):
   model, _, _ = trained_model
-  fresh = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  fresh = poet_llama()
   jax.tree.map(np.testing.assert_array_equal, frozen(model), frozen(fresh))
   gens = nnx.state(model, layers.Generator)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gens))

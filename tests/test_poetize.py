@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 import poet_jax
+from poet_jax import config
+from poet_jax import train_state
 
 
 class UserMLP(nnx.Module):
@@ -25,9 +27,13 @@ class UserMLP(nnx.Module):
     return self.head(jax.nn.relu(self.odd(x)))
 
 
-def test_indivisible_layer_raises_by_default():
+def test_indivisible_layer_raises_by_default_and_changes_nothing():
+  model = UserMLP(nnx.Rngs(0))
+  before = jax.tree.map(np.array, nnx.state(model))
   with pytest.raises(ValueError, match='odd.*block_size=8 does not divide'):
-    poet_jax.poetize(UserMLP(nnx.Rngs(0)), block_size=8, rngs=nnx.Rngs(1))
+    poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
+  assert isinstance(model.fc1, nnx.Linear)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
 
 
 def test_poetize_keeps_the_function_and_reports_what_it_skipped(caplog):
@@ -68,3 +74,104 @@ def test_poetized_model_trains_with_poet():
 
   losses = [float(step(model, optimizer)) for _ in range(20)]
   assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------- the stacked Llama
+
+CFG = poet_jax.LlamaConfig(vocab_size=32, dim=16, num_layers=3, num_heads=2,
+                           ffn_dim=32)
+TOKENS = jax.random.randint(jax.random.key(3), (2, 7), 0, 32)
+LINEARS = ('attention.q', 'attention.k', 'attention.v', 'attention.o',
+           'mlp.gate', 'mlp.up', 'mlp.down')
+
+
+def block_linear(model, name):
+  part, leaf = name.split('.')
+  return getattr(getattr(model.blocks, part), leaf)
+
+
+@pytest.fixture(scope='module')
+def llama():
+  """The dense Llama, and a copy of it poetized with w0='keep'."""
+  dense = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  poet = nnx.clone(dense)
+  assert poet_jax.poetize(poet, block_size=8, rngs=nnx.Rngs(1)) == []
+  return dense, poet
+
+
+def test_poetized_llama_computes_the_dense_llama(llama):
+  dense, poet = llama
+  for name in LINEARS:
+    layer = block_linear(poet, name)
+    assert isinstance(layer, poet_jax.POETLinear), name
+    assert layer.w0[...].shape[0] == CFG.num_layers  # one stack, not a list
+    np.testing.assert_allclose(layer.effective_weight(),
+                               block_linear(dense, name).kernel[...],
+                               rtol=0, atol=1e-7)
+  assert isinstance(poet.lm_head, nnx.Linear)   # the head is excluded
+  np.testing.assert_allclose(poet(TOKENS), dense(TOKENS), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_stacked_layers_draw_independently_and_deterministically(llama):
+  _, poet = llama
+  for name in LINEARS:
+    layer = block_linear(poet, name)
+    for place in (layer.in_place[...], layer.out_place[...]):
+      assert len({tuple(np.asarray(p)) for p in place}) == CFG.num_layers
+      # Each layer's placement is a permutation of its own.
+      np.testing.assert_array_equal(np.sort(place, axis=-1),
+                                    np.broadcast_to(np.arange(
+                                        place.shape[-1]), place.shape))
+  # A redrawn W0 differs between the layers of a stack too.
+  again = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+  poet_jax.poetize(again, block_size=8, w0='redraw', init='uniform_spectrum',
+                   target=('*.mlp.*',), rngs=nnx.Rngs(1))
+  up = again.blocks.mlp.up
+  assert not np.allclose(up.w0[...][0], up.w0[...][1])
+  # uniform_spectrum: every singular value of every layer's W0 is 1.
+  np.testing.assert_allclose(jnp.linalg.svd(up.base_weight())[1], 1.0,
+                             atol=1e-5)
+  assert isinstance(again.blocks.attention.q, nnx.Linear)  # not targeted
+  # The same rngs give the same draws; a layer's draws depend on its path
+  # only, not on which other layers were selected.
+  np.testing.assert_array_equal(up.in_place[...],
+                                poet.blocks.mlp.up.in_place[...])
+
+
+def test_poetize_under_eval_shape_allocates_nothing():
+  def build():
+    model = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
+    poet_jax.poetize(model, block_size=8, w0='redraw', w0_dtype='int8',
+                     w0_group_size=8, compute='auto', memory_budget=64,
+                     dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    return model
+
+  model = nnx.eval_shape(build)
+  down = model.blocks.mlp.down
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  w0 = down.w0.get_value()
+  assert (w0.shape, w0.dtype) == ((CFG.num_layers, 32, 16), jnp.uint8)
+  assert (down.compute, down.memory_budget, down.dtype) == (
+      'auto', 64, jnp.bfloat16)
+
+
+def test_adamw_and_poet_runs_build_one_llama():
+  """The trainer's model is the dense Llama; a POET run poetizes it."""
+  c = config.base_config()
+  c.model.dim, c.model.num_layers, c.model.num_heads = 16, 2, 2
+  c.model.ffn_dim, c.poet.block_size = 32, 8.0
+  models = {}
+  for name in ('adamw', 'poet'):
+    c.optimizer.name = name
+    models[name] = train_state.build_model(c, 32)
+  dense, poet = models['adamw'], models['poet']
+  assert type(dense) is type(poet) is poet_jax.Llama
+  for name in LINEARS:
+    assert isinstance(block_linear(dense, name), nnx.Linear)
+    assert isinstance(block_linear(poet, name), poet_jax.POETLinear)
+  # One seed, one model: the parts POET leaves alone start equal.
+  for get in (lambda m: m.embed.embedding, lambda m: m.lm_head.kernel,
+              lambda m: m.blocks.attention_norm.scale):
+    np.testing.assert_array_equal(get(dense)[...], get(poet)[...])
