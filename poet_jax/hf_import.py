@@ -194,8 +194,7 @@ def _set_kernel(layer, kernel: jax.Array) -> None:
       frame = jax.vmap(frame)
     kernel = frame(kernel, layer.in_place[...], layer.out_place[...])
   layer.w0[...] = kernel.astype(layer.w0[...].dtype)
-  layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
-  layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
+  layer.reset_blocks()
 
 
 def init_state_from(path: str, setup: train_lib.Setup, state: dict,

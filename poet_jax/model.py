@@ -61,7 +61,6 @@ def make_linear(cfg: LlamaConfig, in_features: int, out_features: int,
     return layers.POETLinear(
         in_features, out_features, block_size=p.block_size,
         variant=p.variant, compute=p.compute, init=p.init,
-        neumann_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
         dtype=cfg.dtype, w0_dtype=p.w0_dtype, w0_group_size=p.w0_group_size,
         memory_budget=p.memory_budget, name=name, rngs=rngs)
   if cfg.linear == 'dense':

@@ -69,15 +69,15 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
             target: Sequence[str] = ('*',),
             exclude: Sequence[str] = DEFAULT_EXCLUDE, w0: str = 'keep',
             trainable_bias: bool = False, on_indivisible: str = 'raise',
-            compute: str = 'fast', orthogonal_map: str = 'neumann',
-            neumann_terms: int = 3, rngs: nnx.Rngs) -> list[str]:
+            compute: str = 'fast', rngs: nnx.Rngs) -> list[str]:
   """Replaces the model's nnx.Linear layers by POET layers, in place.
 
   Args:
     model: any nnx.Module; its nnx.Linear submodules with 2-D kernels are
       candidates, named by their dotted path ('mlp.fc1', 'layers.0.q').
-    block_size, variant, compute, orthogonal_map, neumann_terms: of the
-      new layers (see layers.POETLinear).
+    block_size, variant, compute: of the new layers (see
+      layers.POETLinear); the orthogonal map is a setting of the optimizer
+      (poet_jax.reparameterize).
     target, exclude: glob patterns on the dotted path; a layer is replaced
       when it matches a target and no exclude (the output head and
       embeddings are excluded by default, spec section 7).
@@ -115,8 +115,7 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
     try:
       layer = layers.POETLinear(
           *kernel.shape, block_size=block_size, variant=variant,
-          compute=compute, neumann_terms=neumann_terms,
-          orthogonal_map=orthogonal_map, dtype=dense.dtype,
+          compute=compute, dtype=dense.dtype,
           w0_dtype=kernel.dtype, name=name, rngs=rngs)
     except ValueError:
       if on_indivisible == 'raise' or variant != 'block':
