@@ -125,10 +125,17 @@ _is_none = reparam.is_none
 _swap = reparam.swap
 
 
+class _Pair(NamedTuple):
+  """(in, out) permutations of one kernel; a type of its own so that the
+  tuples of a tree (optim.per_layer's, say) are not taken for one."""
+  inputs: Any
+  outputs: Any
+
+
 def _draw_pair(key, shape):
   k_in, k_out = jax.random.split(key)
-  return (spo.draw_permutation(k_in, shape[0]),
-          spo.draw_permutation(k_out, shape[1]))
+  return _Pair(spo.draw_permutation(k_in, shape[0]),
+               spo.draw_permutation(k_out, shape[1]))
 
 
 def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
@@ -166,10 +173,10 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
     """(in_place, out_place) trees of fresh permutations, None unselected."""
     keys = iter(jax.random.split(key, len(jax.tree.leaves(selected))))
     pairs = jax.tree.map(
-        lambda s, x: _draw_pair(next(keys), x.shape) if s else (None, None),
+        lambda s, x: _draw_pair(next(keys), x.shape) if s else _Pair(None, None),
         selected, shapes, is_leaf=_is_none)
     pick = lambda i: jax.tree.map(lambda p: p[i], pairs,
-                                  is_leaf=lambda p: isinstance(p, tuple))
+                                  is_leaf=lambda p: isinstance(p, _Pair))
     return pick(0), pick(1)
 
   def init_fn(params):
