@@ -1,6 +1,7 @@
 """poet_jax: POET / POET-X training of language models in JAX, Flax NNX and optax."""
 from poet_jax.layers import FrozenWeight, OrthogonalBlocks, Placement, POETLinear, init_w0
-from poet_jax.merge import merge_and_reset, merge_if_due, merge_key, merge_model, merge_params, merge_states, poet_layers
+from poet_jax.merge import (merge_and_reset, merge_if_due, merge_key, merge_model, merge_model_if_due, merge_params,
+                            merge_states, poet_layers)
 from poet_jax.model import Llama, LlamaConfig, POETConfig, next_token_loss
 from poet_jax.inject import layer_at, merge_with_placements, set_layer_at, set_poet_layer
 from poet_jax.poetize import BiasedPOETLinear, poetize

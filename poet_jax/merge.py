@@ -84,3 +84,19 @@ def merge_if_due(graphdef, params, frozen, opt_state, merge_every: int, key,
   def do(args):
     return merge_params(graphdef, *args, merge_key(key, merge_number))
   return jax.lax.cond(due, do, lambda args: args, (params, frozen))
+
+
+def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer,
+                       merge_every: int, key: jax.Array) -> None:
+  """merge_if_due for an NNX model and its nnx.Optimizer, in place.
+
+  Call it right after `optimizer.update(model, grads)`, inside nnx.jit or
+  not: the model merges when the update just applied was a merging one of
+  the optimizer's `reparameterize` (built with the same merge_every).
+  """
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  params, frozen = merge_if_due(graphdef, nnx.as_pure(params),
+                                nnx.as_pure(frozen),
+                                nnx.as_pure(optimizer.opt_state), merge_every,
+                                key)
+  nnx.update(model, params, frozen)
