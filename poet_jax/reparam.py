@@ -252,8 +252,13 @@ def merge_due(opt_state, merge_every: int) -> jax.Array:
   return due
 
 
+def generators(opt_state) -> Any:
+  """The generator tree of the ReparameterizeState inside opt_state:
+  (..., k, b(b-1)/2) float32 per POET leaf, None elsewhere."""
+  return _find(opt_state)[0].generators
+
+
 def generator_norms(opt_state) -> Any:
   """||Q||_F of every block, (..., k) per POET leaf (None elsewhere)."""
-  gens = _find(opt_state)[0].generators
-  return jax.tree.map(
-      lambda u: jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1), gens)
+  return jax.tree.map(lambda u: jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1),
+                      generators(opt_state))
