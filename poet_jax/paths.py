@@ -16,9 +16,10 @@ def path_flops(variant: str, in_features: int, out_features: int,
   products per side; the materialized path does the three dense products
   plus building the kernel and its gradient, six block products on m x n.
   'mem' repeats the forward (2Nmn and one block product per side).
-  'maps' is the Cayley–Neumann maps, forward and backward (six b x b
-  products per block): the same on every POET path, so left out of the
-  paths' figures and of the choice, but not free at small N.
+  'maps' is the Cayley–Neumann maps, forward and VJP (six b x b products
+  per block): run by `poet_jax.reparameterize` once per optimizer update,
+  not by the layer, the same for every path, so left out of the paths'
+  figures and of the choice, but not free at small N.
   """
   m, n, big = in_features, out_features, tokens
   if variant == 'block':
