@@ -127,8 +127,13 @@ class POETLinear(nnx.Module):
       `memory_budget`).
     init: W0 initialization, one of INITS.
     dtype: compute dtype (None: the input's).
-    param_dtype: storage of the orthogonal blocks (float32 by default, as
-      the other trainable parameters; the forward casts them to `dtype`).
+    param_dtype: storage of the orthogonal blocks. None (default): the
+      compute dtype `dtype` when given, else float32. The forward multiplies
+      by the blocks in the compute dtype anyway, and the float32 master
+      copy is the generators in the optimizer (poet_jax.reparameterize), so
+      bfloat16 blocks cost no forward precision and halve the blocks and
+      their gradient (docs/benchmarks.md, issue 12); a merge then folds
+      bfloat16 blocks into W0 (rounding of the order of a bfloat16 W0's own).
     w0_dtype: storage of W0: a float dtype (float32 by default; bfloat16
       halves it) or 'int8' (POET-XQ: uint8 codes with a float32 scale and
       zero point per group, dequantized to the compute dtype inside each
@@ -143,7 +148,7 @@ class POETLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *,
                block_size=256, variant: str = 'block',
                compute: str = 'fast', init: str = 'normalized',
-               dtype: Any = None, param_dtype: Any = jnp.float32,
+               dtype: Any = None, param_dtype: Any = None,
                w0_dtype: Any = jnp.float32,
                w0_group_size: int = quant.DEFAULT_GROUP_SIZE,
                memory_budget: int = 0, name: str = 'POETLinear',
@@ -182,6 +187,7 @@ class POETLinear(nnx.Module):
       self.w0 = FrozenWeight(w0.astype(w0_dtype))
     self.in_place = Placement(in_place)
     self.out_place = Placement(out_place)
+    param_dtype = param_dtype or dtype or jnp.float32
     self.in_blocks = OrthogonalBlocks(identity_blocks(
         (num_in,), self.in_block, param_dtype))
     self.out_blocks = OrthogonalBlocks(identity_blocks(
