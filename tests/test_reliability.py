@@ -31,6 +31,7 @@ from poet_jax import layers
 from poet_jax import metrics as metrics_lib
 from poet_jax import optim
 from poet_jax import orthogonal
+from poet_jax import reparam
 from poet_jax import tokenizer as tokenizer_lib
 from poet_jax import train_lib
 from train_util import (ROOT, numeric, read_metrics, run_train,
@@ -377,7 +378,9 @@ def _generator_run(max_q_norm: float, steps: int = 300):
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (64, 32))
   y = x @ jax.random.normal(kw, (32, 32))
-  tx = optax.chain(optim.scale_by_poet(scale=1.0), optax.scale(-0.02))
+  tx = reparam.reparameterize(
+      optax.chain(optim.scale_by_poet(scale=1.0), optax.scale(-0.02)),
+      max_q_norm=max_q_norm or None)
 
   def loss(p):
     return jnp.mean((nnx.merge(graphdef, p, rest)(x) - y) ** 2)
@@ -386,13 +389,11 @@ def _generator_run(max_q_norm: float, steps: int = 300):
     p, s = carry
     updates, s = tx.update(jax.grad(loss)(p), s, p)
     p = optax.apply_updates(p, updates)
-    if max_q_norm:
-      p = optim.clip_generator_norms(p, max_q_norm)
     model = nnx.merge(graphdef, p, rest)
     err = jnp.max(jnp.stack([orthogonal.orthogonality_error(g).max()
                              for g in model.orthogonal_blocks()]))
-    qnorm = jnp.max(jnp.stack([jnp.sqrt(2.0) * jnp.linalg.norm(
-        u[...], axis=-1).max() for u in (model.q_in, model.q_out)]))
+    qnorm = jnp.max(jnp.stack([n.max() for n in jax.tree.leaves(
+        reparam.generator_norms(s))]))
     return (p, s), (err, qnorm)
 
   params = nnx.as_pure(params)
