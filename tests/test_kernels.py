@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 import poet_jax
-from poet_jax import inject
 from poet_jax import kernels
 
 

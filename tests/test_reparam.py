@@ -11,7 +11,6 @@ from flax import nnx
 
 import poet_jax
 from poet_jax import orthogonal
-from poet_jax import reparam
 
 B = 4
 
