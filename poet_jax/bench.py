@@ -215,8 +215,10 @@ def make_layer(path: str, m: int, n: int, block: int, seed: int = 0):
   layer = layers.POETLinear(m, n, block_size=block, compute=path, rngs=rngs)
   # Non-trivial blocks, as during training (the speed does not depend on it).
   k1, k2 = jax.random.split(jax.random.key(seed + 1))
-  layer.q_in[...] = 0.01 * jax.random.normal(k1, layer.q_in.shape)
-  layer.q_out[...] = 0.01 * jax.random.normal(k2, layer.q_out.shape)
+  for key, blocks in ((k1, layer.in_blocks), (k2, layer.out_blocks)):
+    u = 0.01 * jax.random.normal(key, blocks.shape[:-2] + (
+        orthogonal.num_generator_params(block),))
+    blocks[...] = orthogonal.orthogonal_blocks(u, block)
   return layer
 
 

@@ -16,12 +16,6 @@ from poet_jax import quant
 from poet_jax import spo
 
 
-def _vmapped(fn, lead: int):
-  for _ in range(lead):
-    fn = jax.vmap(fn)
-  return fn
-
-
 def _store_w0(layer: layers.POETLinear, w) -> None:
   """W0 as the layer stores it: cast, or 8-bit codes (POET-XQ)."""
   if layer.w0_quantized:
@@ -33,7 +27,7 @@ def _store_w0(layer: layers.POETLinear, w) -> None:
 
 def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
                    out_place) -> None:
-  """Sets `layer` so that with zero generators layer(x) == x @ kernel.
+  """Sets `layer` so that layer(x) == x @ kernel (R = P = I).
 
   Args:
     layer: a POETLinear, possibly stacked (its variables with leading axes).
@@ -43,7 +37,7 @@ def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
       variant='block' (spec section 3.1: x[..., in_place] feeds the input
       blocks, the output blocks' result is gathered by out_place), or index
       sets (..., b_in), (..., b_out) for variant='full' (section 3.2).
-  The generators are set to zero. An 8-bit W0 (POET-XQ) stores the
+  The orthogonal blocks are set to the identity. An 8-bit W0 (POET-XQ) stores the
   kernel's codes. Raises ValueError on shapes that do not match the layer.
   """
   kernel = jnp.asarray(kernel)
@@ -58,12 +52,11 @@ def set_poet_layer(layer: layers.POETLinear, kernel, in_place,
                        f'{expected}')
   lead = kernel.ndim - 2
   if layer.variant == 'block':
-    kernel = _vmapped(spo.to_block_frame, lead)(kernel, in_place, out_place)
+    kernel = layers.over_leading_axes(spo.to_block_frame, lead)(kernel, in_place, out_place)
   _store_w0(layer, kernel)
   layer.in_place[...] = in_place
   layer.out_place[...] = out_place
-  layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
-  layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
+  layer.reset_blocks()
 
 
 def merge_with_placements(layer: layers.POETLinear, new_in_place,
@@ -71,9 +64,10 @@ def merge_with_placements(layer: layers.POETLinear, new_in_place,
   """`layer.merge`, with the new placements given instead of drawn.
 
   W0 <- R W0 P (computed in float32, or float64 for a float64 W0; spec
-  section 5), the generators <- 0, and the placements <- the given ones
-  (shapes as in `set_poet_layer`). The optimizer state is not touched:
-  follow with `poet_jax.reset_poet_state`.
+  section 5), the blocks <- I, and the placements <- the given ones
+  (shapes as in `set_poet_layer`). The optimizer state is not touched: its
+  generators must be zero too (`poet_jax.reparameterize` zeroes them at the
+  merges it counts; otherwise `poet_jax.reset_after_merge`).
   """
   dtype = layer.work_dtype
   w0 = quant.dense(layer.stored_w0(), dtype)
@@ -83,18 +77,17 @@ def merge_with_placements(layer: layers.POETLinear, new_in_place,
   old = (layer.in_place[...], layer.out_place[...])
   lead = w0.ndim - 2
   if layer.variant == 'block':
-    w = _vmapped(spo.block_merge, lead)(
+    w = layers.over_leading_axes(spo.block_merge, lead)(
         w0, g_in.astype(dtype), g_out.astype(dtype), *old,
         new_in, new_out)
   else:
-    w = _vmapped(spo.full_kernel, lead)(
+    w = layers.over_leading_axes(spo.full_kernel, lead)(
         w0, g_in[..., 0, :, :].astype(dtype),
         g_out[..., 0, :, :].astype(dtype), *old)
   _store_w0(layer, w)
   layer.in_place[...] = new_in
   layer.out_place[...] = new_out
-  layer.q_in[...] = jnp.zeros_like(layer.q_in[...])
-  layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
+  layer.reset_blocks()
 
 
 def layer_at(stack: nnx.Module, index: int) -> nnx.Module:

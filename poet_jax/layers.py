@@ -6,9 +6,16 @@ Variables of a POETLinear:
                           With w0_dtype='int8' (POET-XQ) its uint8 codes, and
   w0_scale, w0_zero       FrozenWeight per-group scale and zero point
                           (poet_jax/quant.py)
-  q_in/out  Generator     strict upper triangles of the skew blocks (trainable)
+  in_blocks, out_blocks   OrthogonalBlocks: the orthogonal b x b blocks of
+                          P_in and R_out themselves (trainable; identity at
+                          init and after every merge)
   in_*/out_* Placement    permutations (block) or index sets (full); integer
                           state re-drawn at every merge
+
+The layer multiplies by its blocks directly: it has no Cayley–Neumann map.
+The blocks stay orthogonal because the optimizer keeps them on the map's
+image: `poet_jax.reparameterize` owns the generators (spec section 2) and
+turns the blocks' gradient into theirs.
 """
 import functools
 import math
@@ -19,22 +26,29 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from poet_jax import orthogonal
 from poet_jax import quant
 from poet_jax import spo
+# The path-choice functions moved to poet_jax/paths.py; the names stay
+# reachable here for callers written against layers.
+from poet_jax.paths import (choose_compute, compute_choices,  # pylint: disable=unused-import
+                            describe_choices, path_flops, path_saved_elements)
 
 VARIANTS = ('block', 'full')
 COMPUTES = ('fast', 'mem', 'materialize', 'auto')
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
-GENERATOR_NAMES = ('q_in', 'q_out')  # attribute names of Generator variables
+BLOCK_NAMES = ('in_blocks', 'out_blocks')  # attributes of OrthogonalBlocks
 
 
 class FrozenWeight(nnx.Variable):
   """A weight that is not an nnx.Param: no gradient, no optimizer state."""
 
 
-class Generator(nnx.Param):
-  """Trainable generator values of skew-symmetric blocks (the POET group)."""
+class OrthogonalBlocks(nnx.Param):
+  """Orthogonal b x b blocks of one side, (k, b, b) (the POET group).
+
+  Trained through `poet_jax.reparameterize`, which keeps them equal to the
+  orthogonal map of its generators; a plain optimizer would not.
+  """
 
 
 class Placement(nnx.Variable):
@@ -98,97 +112,6 @@ def resolve_block_sizes(name: str, in_features: int, out_features: int,
                    f'{VARIANTS}')
 
 
-def path_flops(variant: str, in_features: int, out_features: int,
-               in_block: int, out_block: int, tokens: int) -> dict:
-  """Forward + backward FLOPs of one layer call, per compute path.
-
-  The spec's table (section 4), multiply-adds counted as 2: with m x n the
-  kernel and N tokens, a dense layer costs 6Nmn; W0 takes no gradient, so
-  the input-centric path does two m x n products (4Nmn) plus six block
-  products per side; the materialized path does the three dense products
-  plus building the kernel and its gradient, six block products on m x n.
-  'mem' repeats the forward (2Nmn and one block product per side).
-  'maps' is the Cayley–Neumann maps, forward and backward (six b x b
-  products per block): the same on every POET path, so left out of the
-  paths' figures and of the choice, but not free at small N.
-  """
-  m, n, big = in_features, out_features, tokens
-  if variant == 'block':
-    side = 2 * (in_block * m + out_block * n)    # one block product per side
-    build = 2 * m * n * (in_block + out_block)   # Diag(G_in) W0 Diag(G_out)
-    maps = 12 * (in_block ** 2 * m + out_block ** 2 * n)
-  else:                                          # 'full': index sets
-    side = 2 * (in_block ** 2 + out_block ** 2)
-    build = 2 * (in_block ** 2 * n + m * out_block ** 2)
-    maps = 12 * (in_block ** 3 + out_block ** 3)
-  return {
-      'dense': 6 * big * m * n,
-      'fast': 4 * big * m * n + 3 * big * side,
-      'mem': 6 * big * m * n + 4 * big * side,
-      'materialize': 6 * big * m * n + 3 * build,
-      'maps': maps,
-  }
-
-
-def path_saved_elements(in_features: int, out_features: int,
-                        tokens: int) -> dict:
-  """Elements a path keeps for its backward beyond the layer's input.
-
-  'fast' keeps the W0 product's output (tokens x out), 'materialize' the
-  dense kernel (in x out), 'mem' nothing: it recomputes the forward.
-  """
-  return {'fast': tokens * out_features,
-          'materialize': in_features * out_features, 'mem': 0}
-
-
-def choose_compute(variant: str, in_features: int, out_features: int,
-                   in_block: int, out_block: int, tokens: int,
-                   memory_budget: int = 0) -> str:
-  """'auto': the cheaper of 'fast' and 'materialize' by path_flops.
-
-  With memory_budget > 0 (elements a layer may keep for its backward, see
-  path_saved_elements), a path over the budget is passed over; 'mem', which
-  keeps nothing, is the fallback.
-  """
-  flops = path_flops(variant, in_features, out_features, in_block, out_block,
-                     tokens)
-  saved = path_saved_elements(in_features, out_features, tokens)
-  fits = [p for p in ('fast', 'materialize')
-          if not memory_budget or saved[p] <= memory_budget]
-  return min(fits, key=flops.get) if fits else 'mem'
-
-
-def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
-  """The path every POETLinear of `module` takes on calls of `tokens` rows.
-
-  One entry per layer (a stack of scanned layers counts once), with its
-  shape and the FLOPs of both candidate paths: what 'auto' logs.
-  """
-  out = []
-  for path, node in nnx.iter_graph(module):
-    if isinstance(node, POETLinear):
-      flops = path_flops(node.variant, node.in_features, node.out_features,
-                         node.in_block, node.out_block, tokens)
-      out.append({
-          'layer': '.'.join(str(p) for p in path),
-          'shape': (node.in_features, node.out_features),
-          'compute': node.resolved_compute((tokens, node.in_features)),
-          'fast_flops': flops['fast'], 'materialize_flops':
-              flops['materialize'], 'dense_flops': flops['dense']})
-  return out
-
-
-def describe_choices(module: nnx.Module, tokens: int) -> str:
-  """compute_choices as lines for a log."""
-  lines = [f'POET compute paths for {tokens} tokens per call:']
-  for c in compute_choices(module, tokens):
-    lines.append(
-        f"  {c['layer']} {c['shape'][0]}x{c['shape'][1]}: {c['compute']} "
-        f"(FLOPs vs dense: fast {c['fast_flops'] / c['dense_flops']:.2f}, "
-        f"materialize {c['materialize_flops'] / c['dense_flops']:.2f})")
-  return '\n'.join(lines)
-
-
 class POETLinear(nnx.Module):
   """Linear map x @ (P_in W0 R_out) with orthogonal P_in, R_out learned.
 
@@ -203,9 +126,14 @@ class POETLinear(nnx.Module):
       'materialize' by `path_flops` for the tokens of each call, within
       `memory_budget`).
     init: W0 initialization, one of INITS.
-    neumann_terms: terms of the Cayley–Neumann series.
-    orthogonal_map: 'neumann' (paper), 'taylor' or 'exact'.
     dtype: compute dtype (None: the input's).
+    param_dtype: storage of the orthogonal blocks. None (default): the
+      compute dtype `dtype` when given, else float32. The forward multiplies
+      by the blocks in the compute dtype anyway, and the float32 master
+      copy is the generators in the optimizer (poet_jax.reparameterize), so
+      bfloat16 blocks cost no forward precision and halve the blocks and
+      their gradient (docs/benchmarks.md, issue 12); a merge then folds
+      bfloat16 blocks into W0 (rounding of the order of a bfloat16 W0's own).
     w0_dtype: storage of W0: a float dtype (float32 by default; bfloat16
       halves it) or 'int8' (POET-XQ: uint8 codes with a float32 scale and
       zero point per group, dequantized to the compute dtype inside each
@@ -220,8 +148,8 @@ class POETLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *,
                block_size=256, variant: str = 'block',
                compute: str = 'fast', init: str = 'normalized',
-               neumann_terms: int = 3, orthogonal_map: str = 'neumann',
-               dtype: Any = None, w0_dtype: Any = jnp.float32,
+               dtype: Any = None, param_dtype: Any = None,
+               w0_dtype: Any = jnp.float32,
                w0_group_size: int = quant.DEFAULT_GROUP_SIZE,
                memory_budget: int = 0, name: str = 'POETLinear',
                rngs: nnx.Rngs):
@@ -230,11 +158,8 @@ class POETLinear(nnx.Module):
     if compute not in COMPUTES:
       raise ValueError(f'{name}: unknown compute {compute!r}; use one of '
                        f'{COMPUTES}')
-    if orthogonal_map not in orthogonal.METHODS:
-      raise ValueError(f'{name}: unknown orthogonal_map {orthogonal_map!r}')
     self.in_features, self.out_features = in_features, out_features
     self.variant, self.compute = variant, compute
-    self.neumann_terms, self.orthogonal_map = neumann_terms, orthogonal_map
     self.dtype = dtype
     self.memory_budget = memory_budget
     self.w0_quantized = isinstance(w0_dtype, str) and w0_dtype == quant.DTYPE
@@ -262,17 +187,17 @@ class POETLinear(nnx.Module):
       self.w0 = FrozenWeight(w0.astype(w0_dtype))
     self.in_place = Placement(in_place)
     self.out_place = Placement(out_place)
-    self.q_in = Generator(jnp.zeros(
-        (num_in, orthogonal.num_generator_params(self.in_block)), jnp.float32))
-    self.q_out = Generator(jnp.zeros(
-        (num_out, orthogonal.num_generator_params(self.out_block)),
-        jnp.float32))
+    param_dtype = param_dtype or dtype or jnp.float32
+    self.in_blocks = OrthogonalBlocks(identity_blocks(
+        (num_in,), self.in_block, param_dtype))
+    self.out_blocks = OrthogonalBlocks(identity_blocks(
+        (num_out,), self.out_block, param_dtype))
 
   # ------------------------------------------------------------------ math
 
   def orthogonal_blocks(self) -> tuple[jax.Array, jax.Array]:
-    """The orthogonal blocks (k, b, b) of the input and output side."""
-    return _blocks(self, self.q_in[...], self.q_out[...])
+    """The orthogonal blocks (..., k, b, b) of the input and output side."""
+    return self.in_blocks[...], self.out_blocks[...]
 
   def stored_w0(self):
     """W0 as stored: an array, or a quant.Quantized for w0_dtype='int8'."""
@@ -325,7 +250,7 @@ class POETLinear(nnx.Module):
     if self.variant == 'full':
       g_in, g_out = g_in[..., 0, :, :], g_out[..., 0, :, :]
     dtype = self.work_dtype
-    return _over_leading_axes(kernel, self._lead)(
+    return over_leading_axes(kernel, self._lead)(
         quant.dense(self.stored_w0(), dtype), g_in.astype(dtype),
         g_out.astype(dtype), self.in_place[...], self.out_place[...])
 
@@ -335,7 +260,7 @@ class POETLinear(nnx.Module):
     if self.variant == 'full':
       return w0
     unframe = lambda w, p_in, p_out: w[jnp.argsort(p_in)][:, p_out]
-    return _over_leading_axes(unframe, self._lead)(
+    return over_leading_axes(unframe, self._lead)(
         w0, self.in_place[...], self.out_place[...])
 
   @property
@@ -346,7 +271,7 @@ class POETLinear(nnx.Module):
   # ----------------------------------------------------------------- merge
 
   def merge(self, key: jax.Array) -> None:
-    """W0 <- P_in W0 R_out, generators <- 0, placements re-drawn from key.
+    """W0 <- P_in W0 R_out, blocks <- I, placements re-drawn from key.
 
     Works on stacked layers too (leading axes on every variable, as under a
     scan over layers): each slice gets its own key split from `key`.
@@ -358,8 +283,8 @@ class POETLinear(nnx.Module):
       # working copy of W0 then costs one layer's size, not the model's.
       fn = lambda *args, f=fn: jax.lax.map(lambda a: f(*a), args)
     keys = jax.random.split(key, lead) if lead else key
-    w0, in_place, out_place = fn(self.stored_w0(), self.q_in[...],
-                                 self.q_out[...], self.in_place[...],
+    w0, in_place, out_place = fn(self.stored_w0(), self.in_blocks[...],
+                                 self.out_blocks[...], self.in_place[...],
                                  self.out_place[...], keys)
     if self.w0_quantized:
       self.w0[...], self.w0_scale[...], self.w0_zero[...] = w0
@@ -367,31 +292,37 @@ class POETLinear(nnx.Module):
       self.w0[...] = w0
     self.in_place[...] = in_place
     self.out_place[...] = out_place
-    self.q_in[...] = jnp.zeros_like(self.q_in[...])
-    self.q_out[...] = jnp.zeros_like(self.q_out[...])
+    self.reset_blocks()
+
+  def reset_blocks(self) -> None:
+    """R = P = I: every block (of every layer of a stack) the identity."""
+    for blocks in (self.in_blocks, self.out_blocks):
+      value = blocks[...]
+      blocks[...] = identity_blocks(value.shape[:-2], value.shape[-1],
+                                    value.dtype)
 
 
-def _over_leading_axes(fn, n: int):
+def identity_blocks(lead: tuple, block_size: int, dtype) -> jax.Array:
+  """(*lead, b, b) identity blocks."""
+  return jnp.broadcast_to(jnp.eye(block_size, dtype=dtype),
+                          tuple(lead) + (block_size, block_size))
+
+
+def over_leading_axes(fn, n: int):
+  """fn vmapped over n leading axes (a stack of layers: every array of the
+  layer carries the same leading axes)."""
   for _ in range(n):
     fn = jax.vmap(fn)
   return fn
 
 
-def _blocks(layer: POETLinear, q_in, q_out):
-  make = functools.partial(orthogonal.orthogonal_blocks,
-                           num_terms=layer.neumann_terms,
-                           method=layer.orthogonal_map)
-  return make(q_in, layer.in_block), make(q_out, layer.out_block)
-
-
-def _merge_arrays(layer: POETLinear, w0, q_in, q_out, in_place, out_place,
+def _merge_arrays(layer: POETLinear, w0, g_in, g_out, in_place, out_place,
                   key):
   """Pure merge of one (unstacked) layer.
 
   Computed in W0's float type promoted with float32; an 8-bit W0 is
   dequantized to float32 and the result requantized (spec, section 4).
   """
-  g_in, g_out = _blocks(layer, q_in, q_out)
   dtype = jnp.promote_types(quant.storage_dtype(w0), jnp.float32)
   g_in, g_out = g_in.astype(dtype), g_out.astype(dtype)
   w = quant.dense(w0, dtype)

@@ -1,16 +1,20 @@
-"""Merge-then-reinitialize: fold R and P into W0 every merge_every steps.
+"""Merge-then-reinitialize: fold R and P into W0 every merge_every updates.
 
-One counter decides: after optimizer step `step` (1-based), a merge is due
-when step % merge_every == 0, and merge number step // merge_every draws its
-permutations from fold_in(key, merge number). Every replica derives the same
-key, so data-parallel copies stay identical.
+One counter decides, the one of `poet_jax.reparameterize` (its state's
+count of applied updates): after the update that makes it a multiple of
+merge_every, the transformation zeroes its generators and resets the POET
+optimizer state, and the model merges here: W0 <- R W0 P, blocks <- I, and
+new permutations drawn from fold_in(key, count // merge_every), so merge
+number i draws the same everywhere and data-parallel copies stay identical.
+With optax.MultiSteps or gradient accumulation the counter counts optimizer
+updates, never micro-batches.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from poet_jax import layers
-from poet_jax import optim
+from poet_jax import reparam
 
 
 def poet_layers(model: nnx.Module) -> list[tuple[tuple, layers.POETLinear]]:
@@ -20,7 +24,8 @@ def poet_layers(model: nnx.Module) -> list[tuple[tuple, layers.POETLinear]]:
 
 
 def merge_model(model: nnx.Module, key: jax.Array) -> None:
-  """Merge every POET layer of the model in place (jittable)."""
+  """Merge every POET layer of the model in place (jittable); layer i of
+  poet_layers' order draws from fold_in(key, i)."""
   for i, (_, layer) in enumerate(poet_layers(model)):
     layer.merge(jax.random.fold_in(key, i))
 
@@ -30,34 +35,68 @@ def merge_key(key: jax.Array, merge_count) -> jax.Array:
   return jax.random.fold_in(key, merge_count)
 
 
-def merge_and_reset(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:
-  """Merge the model and reset the POET optimizer state, both in place."""
+def merge_and_reset(model: nnx.Module, optimizer: nnx.Optimizer,
+                    key: jax.Array) -> None:
+  """Merge the model now and reset its optimizer state, both in place.
+
+  For a merge at a time of one's choosing; the optimizer state is left as
+  `reparam.reset_after_merge` gives it (generators and POET state zeroed),
+  which is what `reparameterize` does itself at the merges it counts.
+  """
   merge_model(model, key)
-  reset = optim.reset_poet_state(nnx.as_pure(optimizer.opt_state))
+  reset = reparam.reset_after_merge(nnx.as_pure(optimizer.opt_state))
   nnx.update(optimizer.opt_state, nnx.state(reset))
 
 
 def merge_states(graphdef, params, frozen, opt_state, key):
-  """Pure form of a merge on split model states and an optax state.
+  """Pure form of merge_and_reset on split model states and an optax state.
 
   params and frozen are the pure (nnx.as_pure) states of
-  nnx.split(model, nnx.Param, ...); the same comes back, merged.
+  nnx.split(model, nnx.Param, ...); the same comes back, merged, with the
+  optimizer state after reparam.reset_after_merge.
   """
+  params, frozen = merge_params(graphdef, params, frozen, key)
+  return params, frozen, reparam.reset_after_merge(opt_state)
+
+
+def merge_params(graphdef, params, frozen, key):
+  """merge_model on split pure states: (params, frozen), merged."""
   model = nnx.merge(graphdef, params, frozen)
   merge_model(model, key)
   _, params, frozen = nnx.split(model, nnx.Param, ...)
-  return (nnx.as_pure(params), nnx.as_pure(frozen),
-          optim.reset_poet_state(opt_state))
+  return nnx.as_pure(params), nnx.as_pure(frozen)
 
 
-def merge_if_due(graphdef, params, frozen, opt_state, step, merge_every: int,
-                 key):
-  """merge_states after step `step` when step % merge_every == 0, else no-op.
+def merge_if_due(graphdef, params, frozen, opt_state, merge_every: int, key,
+                 applied=True):
+  """The model's half of a merge, keyed on reparameterize's counter.
 
-  A lax.cond: no host round trip, one compiled step for both cases.
+  Merges (merge_params with merge_key(key, count // merge_every)) when
+  `reparam.merge_due(opt_state, merge_every)` and `applied` (pass False
+  for an update that was dropped, whose state was rolled back); else
+  returns (params, frozen) unchanged. A lax.cond: no host round trip, one
+  compiled step for both cases. The optimizer state needs nothing: the
+  transformation reset it in the same update.
   """
+  due = reparam.merge_due(opt_state, merge_every) & jnp.asarray(applied)
+  merge_number = reparam.merge_count(opt_state, merge_every)
+
   def do(args):
-    return merge_states(graphdef, *args,
-                        merge_key(key, step // merge_every))
-  return jax.lax.cond(jnp.asarray(step) % merge_every == 0, do,
-                      lambda args: args, (params, frozen, opt_state))
+    return merge_params(graphdef, *args, merge_key(key, merge_number))
+  return jax.lax.cond(due, do, lambda args: args, (params, frozen))
+
+
+def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer,
+                       merge_every: int, key: jax.Array) -> None:
+  """merge_if_due for an NNX model and its nnx.Optimizer, in place.
+
+  Call it right after `optimizer.update(model, grads)`, inside nnx.jit or
+  not: the model merges when the update just applied was a merging one of
+  the optimizer's `reparameterize` (built with the same merge_every).
+  """
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  params, frozen = merge_if_due(graphdef, nnx.as_pure(params),
+                                nnx.as_pure(frozen),
+                                nnx.as_pure(optimizer.opt_state), merge_every,
+                                key)
+  nnx.update(model, params, frozen)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from poet_jax import merge
 from poet_jax import orthogonal
+from poet_jax.layers import BLOCK_NAMES
 
 
 class MetricsLog:
@@ -84,19 +85,31 @@ class MetricsLog:
     return entries
 
 
-def poet_diagnostics(model: nnx.Module) -> dict:
+def _q_norms(generators, path) -> list:
+  """||Q||_F = sqrt(2)||u|| of each block of the layer at `path`, per side:
+  [(..., k_in), (..., k_out)], from reparameterize's generator tree."""
+  for key in path:
+    generators = generators[key]
+  return [jnp.sqrt(2.0) * jnp.linalg.norm(generators[name], axis=-1)
+          for name in BLOCK_NAMES]
+
+
+def poet_diagnostics(model: nnx.Module, generators) -> dict:
   """Largest orthogonality error and generator norm over all POET layers,
   and, for the first one, the largest relative change of its singular values
-  against W0 (zero up to the orthogonality error, by construction)."""
+  against W0 (zero up to the orthogonality error, by construction).
+
+  `generators`: the generator tree of the model's optimizer
+  (`poet_jax.reparameterize`'s state, ReparameterizeState.generators).
+  """
   layers = merge.poet_layers(model)
   if not layers:
     return {}
   orth, qnorm = [], []
-  for _, layer in layers:
+  for path, layer in layers:
     for g in layer.orthogonal_blocks():
       orth.append(orthogonal.orthogonality_error(g).max())
-    for u in (layer.q_in[...], layer.q_out[...]):
-      qnorm.append(jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1).max())
+    qnorm += [q.max() for q in _q_norms(generators, path)]
   first = layers[0][1]
   first_of_stack = lambda w: w.reshape((-1,) + w.shape[-2:])[0]
   w = first_of_stack(first.effective_weight())
@@ -123,24 +136,24 @@ def poet_layer_names(model: nnx.Module) -> list[str]:
   path, with the index in a stack of layers ('blocks.mlp.up[3]')."""
   names = []
   for path, layer in merge.poet_layers(model):
-    lead = layer.q_in.get_value().shape[:-2]
+    lead = layer.in_blocks.get_value().shape[:-3]
     base = '.'.join(map(str, path))
     names += ([f'{base}[{i}]' for i in range(int(np.prod(lead)))] if lead
               else [base])
   return names
 
 
-def poet_layer_health(model: nnx.Module) -> dict:
+def poet_layer_health(model: nnx.Module, generators) -> dict:
   """Per POET layer (poet_layer_names' order), the largest ||Q||_F and the
   largest orthogonality error of its blocks: {'q_norm', 'orth_error'},
-  each (num_layers,) float32. Jittable."""
+  each (num_layers,) float32. `generators` as for poet_diagnostics.
+  Jittable."""
   q_norm, orth = [], []
-  for _, layer in merge.poet_layers(model):
-    lead = layer.q_in.get_value().shape[:-2]
+  for path, layer in merge.poet_layers(model):
+    lead = layer.in_blocks.get_value().shape[:-3]
     per_layer = lambda x: x.reshape(lead + (-1,)).max(-1).reshape(-1)
     q_norm.append(jnp.maximum(*[
-        per_layer(jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1))
-        for u in (layer.q_in[...], layer.q_out[...])]))
+        per_layer(q) for q in _q_norms(generators, path)]))
     orth.append(jnp.maximum(*[
         per_layer(orthogonal.orthogonality_error(g))
         for g in layer.orthogonal_blocks()]))

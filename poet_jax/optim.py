@@ -4,7 +4,9 @@ Built like optax.contrib.muon: `scale_by_poet` is the Adam step of the
 generator leaves, with a state type of its own so that a merge can find and
 reset it anywhere inside a chain, a partition or MultiSteps; `poet` routes
 generator leaves to it and every other trainable leaf to Adam with decoupled
-weight decay, with optax.partition.
+weight decay, with optax.partition. The generators are what
+`poet_jax.reparameterize` hands its inner optimizer in place of a POET
+layer's orthogonal blocks, under the blocks' names (BLOCK_NAMES).
 
 Two Adam conventions (docs/method.md has the table):
   'reference'  the official POET-X code's (spec section 7): the uncorrected
@@ -23,11 +25,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from poet_jax import layers
+from poet_jax import orthogonal
 
 CONVENTIONS = ('reference', 'optax')
+BLOCK_NAMES = layers.BLOCK_NAMES
 
 
 class ScaleByPoetState(NamedTuple):
@@ -244,16 +247,20 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
 
 
-def poet_param_labels(params) -> Any:
-  """'poet' for generator leaves, 'base' for every other leaf.
+def is_poet_path(path) -> bool:
+  """Whether a key path ends in a POET leaf's name (BLOCK_NAMES).
 
-  Routed by the variable name (layers.GENERATOR_NAMES) rather than the
-  Variable type, because nnx.Optimizer hands optax plain arrays.
+  By name rather than Variable type, because nnx.Optimizer hands optax
+  plain arrays.
   """
-  def label(path, _):
-    names = [n for n in _path_names(path) if n != 'value']
-    return 'poet' if names and names[-1] in layers.GENERATOR_NAMES else 'base'
-  return jax.tree_util.tree_map_with_path(label, params)
+  names = [n for n in _path_names(path) if n != 'value']
+  return bool(names) and names[-1] in BLOCK_NAMES
+
+
+def poet_param_labels(params) -> Any:
+  """'poet' for POET leaves (is_poet_path), 'base' for every other leaf."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'poet' if is_poet_path(path) else 'base', params)
 
 
 def decay_mask(params) -> Any:
@@ -279,17 +286,33 @@ def _base_adamw(learning_rate, b1, b2, eps, weight_decay, convention):
       optax.masked(decay_after_step(weight_decay, learning_rate), decay_mask))
 
 
+def _is_generator_shape(shape) -> bool:
+  """Generators end in b(b-1)/2 values per block; blocks in (b, b)."""
+  try:
+    return orthogonal.block_size_from_params(shape[-1]) > 1
+  except ValueError:
+    return False
+
+
 def _require_poet_leaves(tx, param_labels):
-  """Refuses a model with no generator: poet() would quietly be AdamW."""
+  """Refuses a model with no generator (poet() would quietly be AdamW), and
+  orthogonal blocks handed over directly (Adam would step off the group)."""
 
   def init_fn(params):
     labels = param_labels(params) if callable(param_labels) else param_labels
-    if 'poet' not in jax.tree.leaves(labels):
+    pairs = zip(jax.tree.leaves(labels), jax.tree.leaves(params))
+    poet_shapes = [jnp.shape(x) for label, x in pairs if label == 'poet']
+    if not poet_shapes:
       raise ValueError(
-          'poet(): no POET generator leaf (a variable named one of '
-          f'{layers.GENERATOR_NAMES}) among the {len(jax.tree.leaves(params))}'
+          'poet(): no POET leaf (a variable named one of '
+          f'{BLOCK_NAMES}) among the {len(jax.tree.leaves(params))}'
           ' parameters; build the model with POET layers, or use optax.adamw '
           'for a dense model')
+    bad = [s for s in poet_shapes if not _is_generator_shape(s)]
+    if bad:
+      raise ValueError(
+          f'poet(): POET leaves of shape {bad[0]} are orthogonal blocks, not '
+          'generators; wrap the optimizer: poet_jax.reparameterize(poet(...))')
     return tx.init(params)
 
   return optax.GradientTransformation(init_fn, tx.update)
@@ -339,23 +362,6 @@ def poet(learning_rate: optax.ScalarOrSchedule,
       },
       param_labels)
   return _require_poet_leaves(tx, param_labels)
-
-
-def clip_generator_norms(params, max_norm: float):
-  """Scale each block's generator so that ||Q||_F <= max_norm.
-
-  ||Q||_F bounds the operator norm, and the Cayley–Neumann series converges
-  while that is below 1. For Q = U - U^T, ||Q||_F = sqrt(2) ||u||.
-  """
-  labels = poet_param_labels(params)
-
-  def clip(label, u):
-    if label != 'poet':
-      return u
-    norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
-    return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-
-  return jax.tree.map(clip, labels, params)
 
 
 def per_layer(inner: optax.GradientTransformation,

@@ -6,6 +6,7 @@ import optax
 
 from poet_jax import config as config_lib
 from poet_jax import optim
+from poet_jax import reparam
 
 
 def schedule(c, peak: float) -> optax.Schedule:
@@ -32,7 +33,10 @@ def optimizer(c) -> optax.GradientTransformation:
 
   POET runs follow the official POET-X code by default (docs/method.md):
   its Adam convention and eps in both groups, its clipping (eps 1e-6 in
-  the denominator) with the threshold ramp after each merge. Baselines use
+  the denominator) with the threshold ramp after each merge, all inside
+  `reparam.reparameterize`, which owns the generators, the Cayley–Neumann
+  map (poet.orthogonal_map, poet.neumann_terms), the ||Q|| guard
+  (poet.max_q_norm) and the merge counter (poet.merge_every). Baselines use
   optax's AdamW, GaLore and Muon, as their own references do.
   """
   lr = schedule(c, c.train.lr)
@@ -48,7 +52,9 @@ def optimizer(c) -> optax.GradientTransformation:
           c.train.grad_clip, p.merge_every, ramp_steps=p.clip_ramp_steps,
           until_step=p.clip_ramp_until)
       tx = optax.chain(optim.clip_by_global_norm(limit), tx)
-    return tx
+    return reparam.reparameterize(
+        tx, num_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
+        merge_every=p.merge_every, max_q_norm=p.max_q_norm or None)
   if o.name == 'adamw':
     tx = optax.adamw(lr, o.b1, o.b2, weight_decay=wd, mask=optim.decay_mask)
   elif o.name == 'muon':

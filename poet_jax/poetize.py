@@ -152,7 +152,6 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
             on_indivisible: str = 'raise', compute: str = 'fast',
             memory_budget: int = 0, dtype: Any = None, w0_dtype: Any = None,
             w0_group_size: int = quant.DEFAULT_GROUP_SIZE,
-            orthogonal_map: str = 'neumann', neumann_terms: int = 3,
             rngs: nnx.Rngs) -> list[str]:
   """Replaces the model's nnx.Linear layers by POET layers, in place.
 
@@ -161,8 +160,9 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       by their dotted path ('mlp.fc1', 'layers.0.q', 'blocks.attention.q').
       A kernel with leading axes (..., in, out), as made under nnx.vmap,
       becomes one POETLinear with those leading axes on every variable.
-    block_size, variant, compute, memory_budget, w0_group_size,
-      orthogonal_map, neumann_terms: of the new layers (layers.POETLinear).
+    block_size, variant, compute, memory_budget, w0_group_size: of the new
+      layers (layers.POETLinear). The orthogonal map (Cayley–Neumann terms)
+      is a setting of the optimizer: poet_jax.reparameterize.
     target, exclude: glob patterns on the dotted path; a layer is replaced
       when it matches a target and no exclude (the output head and
       embeddings are excluded by default, spec section 7).
@@ -197,8 +197,7 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
                      f'skipped={skipped})')
   options = {'block_size': block_size, 'variant': variant,
              'compute': compute, 'memory_budget': memory_budget,
-             'w0_group_size': w0_group_size, 'neumann_terms': neumann_terms,
-             'orthogonal_map': orthogonal_map}
+             'w0_group_size': w0_group_size}
   options.update({k: v for k, v in (('dtype', dtype), ('w0_dtype', w0_dtype))
                   if v is not None})
   key = rngs.params()

@@ -1,254 +1,264 @@
-"""POET for any parameter pytree, with optax only: the materialized route.
+"""POET's Cayley–Neumann parameterization as an optax transformation.
 
-`poet_kernels(inner, ...)` is a gradient transformation for models that are
-not POET models at all (flax.linen, equinox, plain dicts). Every selected
-2-D kernel K of the model is reparameterized as K = R W0 P (spec sections 1,
-3.1, original POET's materialized path of section 4): W0, the permutations
-and the generators live in the transformation's state, and the model keeps
-its dense kernel. Each update
+A POET layer (layers.POETLinear) holds its orthogonal blocks G (..., k, b, b)
+and multiplies by them directly. What keeps them orthogonal is here:
+`reparameterize(inner, ...)` owns the generators u (..., k, b(b-1)/2), the
+strict upper triangles of the skew-symmetric Q with G = map(Q) (spec section
+2: Neumann with k terms, its Taylor form, or the exact Cayley map). Each
+update
 
-  1. maps the kernel's gradient through the VJP of u -> K(u) to the
-     generators u (the Cayley–Neumann map, section 2);
-  2. runs `inner` on the whole tree with each selected kernel replaced by
-     {'q_in': u_in, 'q_out': u_out}, so a global-norm clip sees every
-     gradient and `poet_jax.poet` routes the generators to its POET group;
-  3. applies inner's update to the generators and emits K(u_new) - K for
-     each kernel (the other leaves get inner's updates as they are);
-  4. every `merge_every` updates folds R and P into W0, draws new
-     permutations from fold_in(key, merge number), zeroes the generators and
-     resets the POET optimizer state (section 5) - one counter for all.
+  1. maps the blocks' gradient through the VJP of u -> map(u) at the current
+     generators, to the generators' gradient;
+  2. runs `inner` on the whole tree with every POET leaf replaced by its
+     generators (gradients and params), so a global-norm clip sees every
+     gradient and `poet_jax.poet` finds the POET group by the leaf's name;
+  3. applies inner's update to the generators (each block's ||Q||_F capped at
+     `max_q_norm` if given);
+  4. emits map(u_new) - G for every POET leaf, inner's update elsewhere;
+  5. with `merge_every`: after the update that makes count % merge_every == 0,
+     zeroes the generators and resets the POET optimizer state (section 5,
+     steps 2 and 4). The model merges on the same counter (`merge_due`,
+     `merge_count`; poet_jax.merge.merge_if_due).
 
-Memory per m x n kernel: the kernel and W0 (2mn) plus the generators and
-their Adam moments, against AdamW's 3mn. W0 is the kernel as it was at
-`init` (kept as is: initialize the model's kernels with the W0 you want,
-for example `poet_jax.init_w0`).
+The blocks then equal map(u) up to one rounding of the addition p + (map - p)
+in the blocks' dtype: each update is taken against the current blocks, so the
+rounding does not accumulate.
+
+With optax.MultiSteps around it, the map and its VJP run once per optimizer
+update (the VJP is linear, so the accumulated blocks' gradient gives the
+accumulated generators' gradient).
 """
-import fnmatch
 import functools
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from poet_jax import optim
 from poet_jax import orthogonal
-from poet_jax import spo
-
-DEFAULT_EXCLUDE = ('*embed*', '*lm_head*', '*head*')
 
 
-class PoetKernelsState(NamedTuple):
-  """State of `poet_kernels`; None at every leaf that is not selected."""
+class ReparameterizeState(NamedTuple):
+  """State of `reparameterize`; `generators` is None at non-POET leaves."""
   count: jax.Array   # updates applied; a merge follows every merge_every-th
-  w0: Any            # (in, out) W0 in the permutation frame (spo)
-  in_place: Any      # (in,) int32 input gather
-  out_place: Any     # (out,) int32 output gather
-  generators: Any    # {'q_in': (in/b, b(b-1)/2), 'q_out': (out/b, ...)}
+  generators: Any    # (..., k, b(b-1)/2) float32 per POET leaf
   inner_state: Any
 
 
-def path_name(path) -> str:
-  """'a/b/0/kernel' for a jax key path: what the patterns match."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-      k, 'idx', k)))) for k in path)
-
-
-def select_kernels(params, block_size: int, *, target=('*',),
-                   exclude=DEFAULT_EXCLUDE, on_indivisible: str = 'raise'):
-  """Which leaves of `params` `poet_kernels` reparameterizes (a bool tree).
-
-  A leaf is selected when it is 2-D, its path (as `path_name`) matches one
-  of the `target` glob patterns and none of `exclude` (the output head and
-  embeddings by default: spec section 7). A selected kernel whose sizes
-  `block_size` does not divide raises ValueError naming it
-  (on_indivisible='raise', the default), or is left out with a warning
-  listing every such path (on_indivisible='skip'); never silently.
-  """
-  if on_indivisible not in ('raise', 'skip'):
-    raise ValueError(f"on_indivisible={on_indivisible!r}: use 'raise' or "
-                     "'skip'")
-  skipped = []
-
-  def choose(path, x):
-    name = path_name(path)
-    if jnp.ndim(x) != 2:
-      return False
-    if not any(fnmatch.fnmatch(name, p) for p in target):
-      return False
-    if any(fnmatch.fnmatch(name, p) for p in exclude):
-      return False
-    if any(s % block_size for s in jnp.shape(x)):
-      if on_indivisible == 'raise':
-        raise ValueError(
-            f'{name}: block_size={block_size} does not divide its shape '
-            f'{tuple(jnp.shape(x))}; choose another block size, exclude '
-            "it, or pass on_indivisible='skip'")
-      skipped.append(name)
-      return False
-    return True
-
-  selected = jax.tree_util.tree_map_with_path(choose, params)
-  if skipped:
-    warnings.warn(f'poet_kernels: block_size={block_size} does not divide '
-                  f'these kernels, left dense: {", ".join(skipped)}',
-                  stacklevel=2)
-  if not any(jax.tree.leaves(selected)):
-    raise ValueError('poet_kernels: no 2-D kernel selected (target='
-                     f'{target}, exclude={exclude}); nothing to train with '
-                     'POET')
-  return selected
-
-
-def _kernel_map(w0, in_place, out_place, block_size, num_terms, method):
-  """u -> K(u) = R W0 P as a function of the generators."""
-  make = functools.partial(orthogonal.orthogonal_blocks,
-                           block_size=block_size, num_terms=num_terms,
-                           method=method)
-
-  def kernel(gen):
-    g_in, g_out = make(gen['q_in']), make(gen['q_out'])
-    return spo.block_kernel(w0, g_in.astype(w0.dtype), g_out.astype(w0.dtype),
-                            in_place, out_place)
-  return kernel
-
-
-def _zero_generators(shape, block_size):
-  n = orthogonal.num_generator_params(block_size)
-  return {'q_in': jnp.zeros((shape[0] // block_size, n), jnp.float32),
-          'q_out': jnp.zeros((shape[1] // block_size, n), jnp.float32)}
-
-
-def _is_none(x) -> bool:
+def is_none(x) -> bool:
   return x is None
 
 
-def _draw_pair(key, shape):
-  k_in, k_out = jax.random.split(key)
-  return (spo.draw_permutation(k_in, shape[0]),
-          spo.draw_permutation(k_out, shape[1]))
+def swap(selected, tree, replacement):
+  """`tree` with every selected leaf replaced by `replacement`'s."""
+  return jax.tree.map(lambda s, x, r: r if s else x, selected, tree,
+                      replacement, is_leaf=is_none)
 
 
-def _swap(selected, tree, generators):
-  """`tree` with every selected leaf replaced by its generator dict."""
-  return jax.tree.map(lambda s, x, g: g if s else x, selected, tree,
-                      generators, is_leaf=_is_none)
+def step_generators(inner, selected, gen_grads, updates, params, generators,
+                    inner_state):
+  """Steps 2 and 3 of the module docstring, shared with poet_kernels.
+
+  Returns (inner's updates, new generators (None where not selected), new
+  inner state).
+  """
+  inner_updates, inner_state = inner.update(
+      swap(selected, updates, gen_grads), inner_state,
+      swap(selected, params, generators))
+  new = jax.tree.map(lambda s, u, d: optax.apply_updates(u, d) if s else None,
+                     selected, generators, inner_updates, is_leaf=is_none)
+  return inner_updates, new, inner_state
 
 
-def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
-                 merge_every: int, key: jax.Array, target=('*',),
-                 exclude=DEFAULT_EXCLUDE, on_indivisible: str = 'raise',
-                 neumann_terms: int = 3, orthogonal_map: str = 'neumann'
-                 ) -> optax.GradientTransformation:
-  """POET-BS on the 2-D kernels of any parameter pytree (module docstring).
+def block_map(num_terms: int, method: str, block_size: int):
+  """u (..., b(b-1)/2) -> orthogonal blocks (..., b, b)."""
+  if method not in orthogonal.METHODS:
+    raise ValueError(f'unknown orthogonal_map {method!r}; use one of '
+                     f'{orthogonal.METHODS}')
+  return functools.partial(orthogonal.orthogonal_blocks,
+                           block_size=block_size, num_terms=num_terms,
+                           method=method)
+
+
+def poet_leaves(params) -> Any:
+  """True at each POET leaf of `params` (a bool tree).
+
+  A POET leaf is named like a layers.OrthogonalBlocks variable
+  (optim.is_poet_path) and shaped (..., k, b, b).
+  """
+  def pick(path, x):
+    shape = jnp.shape(x)
+    return (optim.is_poet_path(path) and len(shape) >= 3
+            and shape[-1] == shape[-2])
+  return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def _cap(u, max_norm):
+  """Scales each block's generator so that ||Q||_F = sqrt(2)||u|| <= max."""
+  norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
+  return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+
+
+def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
+                   orthogonal_map: str = 'neumann', merge_every=None,
+                   max_q_norm=None) -> optax.GradientTransformation:
+  """Trains POET layers' orthogonal blocks through their generators.
 
   Args:
-    inner: the optimizer of the generators and the other leaves, typically
-      `optax.chain(poet_jax.clip_by_global_norm(...), poet_jax.poet(...))`.
-      It sees each selected kernel as {'q_in': ..., 'q_out': ...}.
-    block_size: b, dividing both sizes of every selected kernel.
-    merge_every: updates between merges (spec section 5; paper 400).
-    key: PRNG key of the permutations; merge i uses fold_in(key, i) and
-      kernel j of that fold_in(., j), so every replica draws the same.
-    target, exclude, on_indivisible: which kernels; see `select_kernels`.
-    neumann_terms, orthogonal_map: the Cayley–Neumann map (section 2):
-      'neumann' (paper), 'taylor' or 'exact'.
+    inner: the optimizer of the generators and every other leaf, typically
+      `optax.chain(poet_jax.clip_by_global_norm(0.1), poet_jax.poet(lr,
+      poet_lr))`. It sees each POET leaf as its generators, float32
+      (..., k, b(b-1)/2), under the leaf's own path.
+    num_terms: k of the Neumann series (spec section 2; paper 3).
+    orthogonal_map: 'neumann' (paper: (I+Q)(I+...+Q^k)), 'taylor' (the
+      degree-(k+1) Taylor polynomial of the Cayley map) or 'exact' (Cayley
+      by a linear solve).
+    merge_every: updates between merges (spec section 5; paper 400), or
+      None for no merges. At a merge this transformation zeroes its
+      generators and resets the POET state of `inner`
+      (optim.reset_poet_state); the model must merge after the same update
+      (merge.merge_if_due, or `merge_due` and `merge_count`).
+    max_q_norm: if set, every block's ||Q||_F is capped at this after each
+      update (the series converges while ||Q||_2 < 1).
 
-  `update` needs `params` (the current kernels). Raises ValueError from
-  `init` when nothing is selected or a size is not divisible.
+  Returns:
+    An optax.GradientTransformation; `update` needs `params` (the current
+    blocks). Its state is a ReparameterizeState.
+
+  Raises:
+    ValueError: for an unknown orthogonal_map or merge_every < 1; from
+      `init`, when `params` has no POET leaf.
   """
-  if merge_every < 1:
-    raise ValueError(f'merge_every={merge_every} must be >= 1')
-  kernel_fn = functools.partial(_kernel_map, block_size=block_size,
-                                num_terms=neumann_terms, method=orthogonal_map)
-  select = functools.partial(select_kernels, block_size=block_size,
-                             target=target, exclude=exclude,
-                             on_indivisible=on_indivisible)
-
-  def placements(key, shapes, selected):
-    """(in_place, out_place) trees of fresh permutations, None unselected."""
-    keys = iter(jax.random.split(key, len(jax.tree.leaves(selected))))
-    pairs = jax.tree.map(
-        lambda s, x: _draw_pair(next(keys), x.shape) if s else (None, None),
-        selected, shapes, is_leaf=_is_none)
-    pick = lambda i: jax.tree.map(lambda p: p[i], pairs,
-                                  is_leaf=lambda p: isinstance(p, tuple))
-    return pick(0), pick(1)
+  block_map(num_terms, orthogonal_map, 2)  # validates orthogonal_map
+  if merge_every is not None and merge_every < 1:
+    raise ValueError(f'merge_every={merge_every} must be >= 1 or None')
+  make = lambda b: block_map(num_terms, orthogonal_map, b)
 
   def init_fn(params):
-    selected = select(params)
-    in_place, out_place = placements(jax.random.fold_in(key, 0), params,
-                                     selected)
-    w0 = jax.tree.map(
-        lambda s, x, i, o: spo.to_block_frame(x, i, o) if s else None,
-        selected, params, in_place, out_place, is_leaf=_is_none)
+    params = nnx.as_pure(params)
+    selected = poet_leaves(params)
+    if not any(jax.tree.leaves(selected)):
+      raise ValueError(
+          'reparameterize: no POET leaf (a variable named one of '
+          f'{optim.BLOCK_NAMES}, shaped (..., k, b, b)) among the '
+          f'{len(jax.tree.leaves(params))} parameters; build the model with '
+          'POET layers (poet_jax.poetize), or use poet_jax.poet_kernels')
     generators = jax.tree.map(
-        lambda s, x: _zero_generators(x.shape, block_size) if s else None,
-        selected, params)
-    inner_state = inner.init(_swap(selected, params, generators))
-    return PoetKernelsState(jnp.zeros([], jnp.int32), w0, in_place,
-                            out_place, generators, inner_state)
+        lambda s, x: jnp.zeros(jnp.shape(x)[:-2] + (
+            orthogonal.num_generator_params(jnp.shape(x)[-1]),), jnp.float32)
+        if s else None, selected, params)
+    return ReparameterizeState(jnp.zeros([], jnp.int32), generators,
+                               inner.init(swap(selected, params, generators)))
+
+  def generator_grad(s, g, u):
+    if not s:
+      return None
+    _, vjp = jax.vjp(make(g.shape[-1]), u)
+    return vjp(g.astype(u.dtype))[0]
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(optax.NO_PARAMS_MSG)
-    # Selected where the state holds a W0: chosen once, at init.
-    selected = jax.tree.map(lambda w: w is not None, state.w0,
-                            is_leaf=_is_none)
-    leaf = _is_none
-
-    def generator_grad(s, g, w0, i, o, gen):
-      if not s:
-        return None
-      _, vjp = jax.vjp(kernel_fn(w0, i, o), gen)
-      return vjp(g.astype(w0.dtype))[0]
-
-    gen_grads = jax.tree.map(generator_grad, selected, updates, state.w0,
-                             state.in_place, state.out_place,
-                             state.generators, is_leaf=leaf)
-    inner_updates, inner_state = inner.update(
-        _swap(selected, updates, gen_grads), state.inner_state,
-        _swap(selected, params, state.generators))
-    count = optax.safe_increment(state.count)
-    new = jax.tree.map(
-        lambda s, gen, u: optax.apply_updates(gen, u) if s else None,
-        selected, state.generators, inner_updates, is_leaf=leaf)
-    kernels = jax.tree.map(
-        lambda s, w0, i, o, gen: kernel_fn(w0, i, o)(gen) if s else None,
-        selected, state.w0, state.in_place, state.out_place, new,
-        is_leaf=leaf)
+    params = nnx.as_pure(params)
+    # POET leaves are where the state holds generators: chosen at init.
+    selected = jax.tree.map(lambda u: u is not None, state.generators,
+                            is_leaf=is_none)
+    gen_grads = jax.tree.map(generator_grad, selected, updates,
+                             state.generators, is_leaf=is_none)
+    inner_updates, new, inner_state = step_generators(
+        inner, selected, gen_grads, updates, params, state.generators,
+        state.inner_state)
+    if max_q_norm is not None:
+      new = jax.tree.map(lambda u: _cap(u, max_q_norm), new)
     out = jax.tree.map(
-        lambda s, u, k, p: (k - p).astype(p.dtype) if s else u,
-        selected, inner_updates, kernels, params, is_leaf=leaf)
-    state = PoetKernelsState(count, state.w0, state.in_place,
-                             state.out_place, new, inner_state)
-    state = jax.lax.cond(count % merge_every == 0,
-                         functools.partial(_merge, selected),
-                         lambda s: s, state)
+        lambda s, d, u, p: (make(p.shape[-1])(u).astype(p.dtype) - p)
+        if s else d, selected, inner_updates, new, params, is_leaf=is_none)
+    count = optax.safe_increment(state.count)
+    state = ReparameterizeState(count, new, inner_state)
+    if merge_every is not None:
+      state = jax.lax.cond(count % merge_every == 0, reset_after_merge,
+                           lambda s: s, state)
     return out, state
 
-  def _merge(selected, state):
-    """W0 <- R W0 P in new frames, generators <- 0, POET state reset."""
-    merge_key = jax.random.fold_in(key, state.count // merge_every)
-    new_in, new_out = placements(merge_key, state.w0, selected)
-    make = functools.partial(orthogonal.orthogonal_blocks,
-                             block_size=block_size, num_terms=neumann_terms,
-                             method=orthogonal_map)
-
-    def fold(s, w0, i, o, gen, ni, no):
-      if not s:
-        return None
-      dtype = jnp.promote_types(w0.dtype, jnp.float32)
-      return spo.block_merge(w0.astype(dtype), make(gen['q_in']).astype(dtype),
-                             make(gen['q_out']).astype(dtype), i, o, ni,
-                             no).astype(w0.dtype)
-
-    w0 = jax.tree.map(fold, selected, state.w0, state.in_place,
-                      state.out_place, state.generators, new_in, new_out,
-                      is_leaf=_is_none)
-    zeros = jax.tree.map(jnp.zeros_like, state.generators)
-    return PoetKernelsState(state.count, w0, new_in, new_out, zeros,
-                            optim.reset_poet_state(state.inner_state))
-
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_state(x) -> bool:
+  return isinstance(x, ReparameterizeState)
+
+
+def _is_target(x) -> bool:
+  return isinstance(x, (ReparameterizeState, optax.MultiStepsState))
+
+
+def reset_after_merge(opt_state: Any) -> Any:
+  """The optimizer state as a merge leaves it (spec section 5).
+
+  Zeroes the generators of every ReparameterizeState and resets the POET
+  optimizer state everywhere (optim.reset_poet_state: Adam moments and
+  count, and MultiSteps' accumulated POET gradients). Pure; jittable;
+  idempotent.
+  """
+  def zero(s):
+    if _is_state(s):
+      return s._replace(generators=jax.tree.map(jnp.zeros_like, s.generators))
+    return s
+  return optim.reset_poet_state(jax.tree.map(zero, opt_state,
+                                             is_leaf=_is_state))
+
+
+def _find(opt_state):
+  """(the ReparameterizeState, the MultiStepsState around it or None)."""
+  found = []
+
+  def visit(s, outer):
+    for x in jax.tree.leaves(s, is_leaf=_is_target):
+      if _is_state(x):
+        found.append((x, outer))
+      elif isinstance(x, optax.MultiStepsState):
+        visit(x.inner_opt_state, x)
+
+  visit(opt_state, None)
+  if len(found) != 1:
+    raise ValueError(f'opt_state holds {len(found)} ReparameterizeState; '
+                     'expected one (build it with poet_jax.reparameterize)')
+  return found[0]
+
+
+def update_count(opt_state) -> jax.Array:
+  """() int32: updates `reparameterize` has applied (its counter)."""
+  return _find(opt_state)[0].count
+
+
+def merge_count(opt_state, merge_every: int) -> jax.Array:
+  """() int32: merges so far on the counter: count // merge_every."""
+  return update_count(opt_state) // merge_every
+
+
+def merge_due(opt_state, merge_every: int) -> jax.Array:
+  """() bool: the update just applied was a merging one.
+
+  True when the counter is a positive multiple of merge_every and, inside
+  optax.MultiSteps, that update was applied by the call that produced this
+  state (mini_step back at 0). Call it on the state right after an applied
+  update: a state rolled back to one that merged would say True again.
+  """
+  state, outer = _find(opt_state)
+  due = (state.count > 0) & (state.count % merge_every == 0)
+  if outer is not None:
+    due = due & (outer.mini_step == 0)
+  return due
+
+
+def generators(opt_state) -> Any:
+  """The generator tree of the ReparameterizeState inside opt_state:
+  (..., k, b(b-1)/2) float32 per POET leaf, None elsewhere."""
+  return _find(opt_state)[0].generators
+
+
+def generator_norms(opt_state) -> Any:
+  """||Q||_F of every block, (..., k) per POET leaf (None elsewhere)."""
+  return jax.tree.map(lambda u: jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1),
+                      generators(opt_state))

@@ -3,7 +3,7 @@ non-finite guard, the merge), the evaluation step, the POET diagnostics, and
 their compilation with explicit shardings.
 
 The train step is one jax.jit with a donated state; the merge is a lax.cond
-inside it, keyed on the step.
+inside it, keyed on the optimizer's update counter (reparam.merge_due).
 """
 import dataclasses
 from typing import Any, Callable
@@ -16,8 +16,8 @@ from flax import nnx
 from poet_jax import merge as merge_lib
 from poet_jax import metrics as metrics_lib
 from poet_jax import model as model_lib
-from poet_jax import optim
 from poet_jax import optimizers
+from poet_jax import reparam
 from poet_jax import sharding as sharding_lib
 from poet_jax import train_state
 
@@ -54,8 +54,10 @@ def _accumulate(fn, params, batch: jax.Array, k: int):
 
 
 def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
-  """One optimizer step over train.grad_accum_steps micro-batches, the
-  generator guard, and a merge when due (after the step, on its count)."""
+  """One optimizer step over train.grad_accum_steps micro-batches and a
+  merge when due: after the update that makes reparameterize's counter a
+  multiple of poet.merge_every (the optimizer zeroes its generators and
+  POET state in that update; the model merges here)."""
   c = setup.config
 
   def loss_fn(params, tokens):
@@ -73,8 +75,6 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   updates, opt_state = setup.tx.update(grads, state['opt_state'],
                                        state['params'])
   params = optax.apply_updates(state['params'], updates)
-  if c.optimizer.name == 'poet' and c.poet.max_q_norm:
-    params = optim.clip_generator_norms(params, c.poet.max_q_norm)
   # A non-finite loss or gradient drops the whole update; detected here, on
   # device, and reported with the next logged metrics.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -83,9 +83,9 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   step = state['step'] + 1
   frozen = state['frozen']
   if c.optimizer.name == 'poet':
-    params, frozen, opt_state = merge_lib.merge_if_due(
-        setup.graphdef, params, frozen, opt_state, step, c.poet.merge_every,
-        jax.random.key(c.seed))
+    params, frozen = merge_lib.merge_if_due(
+        setup.graphdef, params, frozen, opt_state, c.poet.merge_every,
+        jax.random.key(c.seed), applied=finite)
   new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
                'step': step,
                'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
@@ -114,8 +114,9 @@ def diagnostics(setup: train_state.Setup, state: dict) -> dict:
   """metrics_lib.poet_diagnostics, and under 'layers' the per-layer
   metrics_lib.poet_layer_health behind the numerical warnings."""
   model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
-  return {**metrics_lib.poet_diagnostics(model),
-          'layers': metrics_lib.poet_layer_health(model)}
+  generators = reparam.generators(state['opt_state'])
+  return {**metrics_lib.poet_diagnostics(model, generators),
+          'layers': metrics_lib.poet_layer_health(model, generators)}
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import hooks
 from poet_jax import metrics as metrics_lib
+from poet_jax import reparam
 from poet_jax import sharding as sharding_lib
 from poet_jax import startup
 from poet_jax import steps as steps_lib
@@ -259,7 +260,10 @@ class _Loop:
       self.run.inputs['data'] = startup.data_identity(self.run.train_data)
     self.run.ckpt.save(step, self.run.state, {
         'step': step, 'data_position': step,
-        'merges': (step // c.poet.merge_every
+        # On the optimizer's counter: dropped (non-finite) updates do not
+        # count towards a merge.
+        'merges': (int(reparam.merge_count(self.run.state['opt_state'],
+                                           c.poet.merge_every))
                    if c.optimizer.name == 'poet' else 0),
         **self.run.inputs})
 

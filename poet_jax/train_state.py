@@ -47,8 +47,6 @@ def poet_options(c) -> dict:
       target=('blocks.*',), w0='redraw', init=c.poet.init,
       variant=c.poet.variant, block_size=config_lib.block_size(c),
       compute=c.poet.compute, memory_budget=c.poet.auto_memory_budget,
-      neumann_terms=c.poet.neumann_terms,
-      orthogonal_map=c.poet.orthogonal_map,
       # 'int8' passes through: POET-XQ's 8-bit W0 (poet_jax/quant.py).
       w0_dtype=DTYPES.get(c.model.w0_dtype, c.model.w0_dtype),
       w0_group_size=c.model.w0_group_size)

@@ -1,10 +1,13 @@
 """Golden numbers of the official PyTorch POET-X code (shared/fidelity/).
 
 Its README gives the conventions and the replay recipe. (a) Every stored
-layer case through POETLinear: outputs and gradients, both polynomials,
-the 'fast' and 'materialize' paths, float32 and float64. (b) The 40-step
-matched Llama run through the public API with the default optimizer
-conventions: the reference's loss at every step to 1e-4 relative.
+layer case through POETLinear, its blocks the orthogonal map of the stored
+generators (reparam.block_map, the map `reparameterize` applies): outputs
+and gradients, both polynomials, the 'fast' and 'materialize' paths,
+float32 and float64. (b) The 40-step matched Llama run through the public
+API (POET layers + `reparameterize` merging on its counter) with the
+default optimizer conventions: the reference's loss at every step to 1e-4
+relative.
 """
 import functools
 import json
@@ -19,6 +22,7 @@ from flax import nnx
 
 import poet_jax
 from poet_jax import inject
+from poet_jax import reparam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.environ.get('POET_JAX_FIDELITY_DIR',
@@ -46,10 +50,10 @@ def outputs_and_grads(name, orthogonal_map, compute, dtype):
   """A jitted (u_in, u_out) -> (y, dx, du_in, du_out) for one stored layer."""
   d = layer_cases()
   w0 = d[f'{name}.w0']
-  layer = poet_jax.POETLinear(
-      *w0.shape, block_size=int(d[f'{name}.block_size']),
-      orthogonal_map=orthogonal_map, compute=compute, w0_dtype=dtype,
-      rngs=nnx.Rngs(0))
+  b = int(d[f'{name}.block_size'])
+  layer = poet_jax.POETLinear(*w0.shape, block_size=b, compute=compute,
+                              w0_dtype=dtype, rngs=nnx.Rngs(0))
+  make = reparam.block_map(3, orthogonal_map, b)
   inject.set_poet_layer(layer, w0.astype(dtype), d[f'{name}.in_perm'],
                         d[f'{name}.out_perm'])
   graphdef, _, rest = nnx.split(layer, nnx.Param, ...)
@@ -60,7 +64,8 @@ def outputs_and_grads(name, orthogonal_map, compute, dtype):
   @jax.jit
   def run(u_in, u_out):
     def loss(x, u_in, u_out):
-      params = nnx.State({'q_in': u_in, 'q_out': u_out})
+      params = nnx.State({'in_blocks': make(u_in),
+                          'out_blocks': make(u_out)})
       y = nnx.merge(graphdef, params, rest)(x)
       return jnp.sum(y * c), y
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2),
@@ -119,8 +124,7 @@ def replay(orthogonal_map: str):
       num_heads=m['num_heads'], ffn_dim=m['ffn_dim'], norm_eps=m['norm_eps'],
       rope_theta=m['rope_theta'])
   model = poet_jax.Llama(cfg, rngs=nnx.Rngs(0))
-  poet_jax.poetize(model, block_size=m['block_size'],
-                   orthogonal_map=orthogonal_map, rngs=nnx.Rngs(1))
+  poet_jax.poetize(model, block_size=m['block_size'], rngs=nnx.Rngs(1))
   model.embed.embedding[...] = d['embed']
   model.lm_head.kernel[...] = d['lm_head']
   model.norm.scale[...] = d['norm']
@@ -132,36 +136,55 @@ def replay(orthogonal_map: str):
                           d[f'blocks.{name}.out_perm'])
   # The reference's update with this run's settings (constant rates, fixed
   # clip, no decay); every convention is poet_jax's default.
-  tx = optax.chain(
-      poet_jax.clip_by_global_norm(o['clip_max_norm']),
-      poet_jax.poet(o['lr_base'], o['lr_generators'],
-                    poet_scale=o['generator_scale'],
-                    weight_decay=o['weight_decay']))
+  # The reference merges every 20 steps; the model merges (with the
+  # reference's permutations) when the transformation's counter says so.
+  merge_every = meta['merge']['after_steps'][0]
+  assert meta['merge']['after_steps'] == list(range(
+      merge_every, meta['data']['steps'] + 1, merge_every))
+  tx = poet_jax.reparameterize(
+      optax.chain(
+          norm_of_gradients(),
+          poet_jax.clip_by_global_norm(o['clip_max_norm']),
+          poet_jax.poet(o['lr_base'], o['lr_generators'],
+                        poet_scale=o['generator_scale'],
+                        weight_decay=o['weight_decay'])),
+      orthogonal_map=orthogonal_map, num_terms=m['neumann_terms'],
+      merge_every=merge_every)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer, tokens):
     loss, grads = nnx.value_and_grad(poet_jax.next_token_loss)(model, tokens)
     optimizer.update(model, grads)
-    return loss, optax.tree.norm(grads)
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    return (loss, opt_state.inner_state[0],
+            poet_jax.merge_due(opt_state, merge_every))
 
   @nnx.jit
-  def merge(model, optimizer, placements):
+  def merge(model, placements):
     for name, (new_in, new_out) in placements.items():
       inject.merge_with_placements(linear(model, name), new_in, new_out)
-    reset = poet_jax.reset_poet_state(nnx.as_pure(optimizer.opt_state))
-    nnx.update(optimizer.opt_state, nnx.state(reset))
 
   losses, norms = [], []
   for s in range(1, meta['data']['steps'] + 1):
-    loss, norm = step(model, optimizer, jnp.asarray(d['tokens'][s - 1]))
+    loss, norm, due = step(model, optimizer, jnp.asarray(d['tokens'][s - 1]))
     losses.append(float(loss))
     norms.append(float(norm))
-    if s in meta['merge']['after_steps']:
-      merge(model, optimizer, {
+    assert bool(due) == (s in meta['merge']['after_steps'])
+    if due:
+      merge(model, {
           name: (d[f'merge{s}.blocks.{name}.in_perm'],
                  d[f'merge{s}.blocks.{name}.out_perm']) for name in LINEARS})
   return np.array(losses), np.array(norms), model
+
+
+def norm_of_gradients():
+  """Keeps, as its state, the global norm of the gradients it sees: the
+  generators' and the base leaves', as the reference's clip sees them."""
+  return optax.GradientTransformation(
+      lambda params: jnp.zeros([], jnp.float32),
+      lambda updates, state, params=None: (updates,
+                                           optax.tree.norm(updates)))
 
 
 @pytest.mark.parametrize('orthogonal_map', ['taylor', 'neumann'])

@@ -23,7 +23,8 @@ def run(tmp_path_factory):
 @pytest.fixture(scope='module')
 def poet_model(run):
   model = run.model
-  assert max(float(jnp.abs(layer.q_in[...]).max())
+  assert max(float(jnp.abs(layer.in_blocks[...] - jnp.eye(
+      layer.in_block)).max())
              for _, layer in merge.poet_layers(model)) > 0
   return model
 

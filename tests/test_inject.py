@@ -19,13 +19,15 @@ def test_an_8_bit_layer_takes_a_kernel_and_a_given_merge():
   np.testing.assert_array_equal(layer.in_place[...], in_place)
   step = float(jnp.abs(kernel).max()) * 2 / 255   # one quantization step
   np.testing.assert_allclose(layer.base_weight(), kernel, atol=step)
-  layer.q_in[...] = jnp.full_like(layer.q_in[...], 0.02)
+  u = jnp.full((2, 28), 0.02)
+  layer.in_blocks[...] = poet_jax.orthogonal_blocks(u, 8)
   before = layer.effective_weight()
   new_in = jax.random.permutation(jax.random.key(4), 16)
   new_out = jax.random.permutation(jax.random.key(5), 24)
   poet_jax.merge_with_placements(layer, new_in, new_out)
   np.testing.assert_array_equal(layer.out_place[...], new_out)
-  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
+  np.testing.assert_array_equal(layer.in_blocks[...],
+                                jnp.broadcast_to(jnp.eye(8), (2, 8, 8)))
   np.testing.assert_allclose(layer.effective_weight(), before, atol=step)
 
 
@@ -49,11 +51,11 @@ def test_a_stacked_llama_layer_as_an_ordinary_module():
   x = jax.random.normal(jax.random.key(1), (4, 16))
   np.testing.assert_allclose(q(x), x @ q.effective_weight(), rtol=1e-5,
                              atol=1e-6)
-  q.q_in[...] = jnp.full_like(q.q_in[...], 0.01)
+  q.in_blocks[...] = 2 * q.in_blocks[...]
   poet_jax.set_layer_at(model.blocks, 1, block)
-  stacked = model.blocks.attention.q.q_in[...]
-  assert float(stacked[1].min()) == pytest.approx(0.01)
-  assert float(jnp.abs(stacked[0]).max()) == 0.0
+  stacked = model.blocks.attention.q.in_blocks[...]
+  assert float(stacked[1].max()) == 2.0
+  assert float(stacked[0].max()) == 1.0
   with pytest.raises(IndexError):
     poet_jax.layer_at(model.blocks, 3)
   with pytest.raises(ValueError, match='stack of 3 layers.*layer_at'):

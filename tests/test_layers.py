@@ -14,15 +14,31 @@ from poet_jax import spo
 SHAPES = {'block': (16, 24, 8), 'full': (16, 24, 0.5)}
 
 
-def make(variant='block', compute='fast', seed=0, scale=0.1, **kw):
+def set_generators(layer, u_in, u_out, method='neumann'):
+  """The layer's blocks as the orthogonal map of the given generators."""
+  layer.in_blocks[...] = orthogonal.orthogonal_blocks(u_in, layer.in_block,
+                                                      method=method)
+  layer.out_blocks[...] = orthogonal.orthogonal_blocks(u_out, layer.out_block,
+                                                       method=method)
+
+
+def make(variant='block', compute='fast', seed=0, scale=0.1,
+         method='neumann', **kw):
   m, n, b = SHAPES[variant]
   layer = layers.POETLinear(m, n, block_size=b, variant=variant,
                             compute=compute, rngs=nnx.Rngs(seed), **kw)
   if scale:
     k1, k2 = jax.random.split(jax.random.key(seed + 100))
-    layer.q_in[...] = scale * jax.random.normal(k1, layer.q_in.shape)
-    layer.q_out[...] = scale * jax.random.normal(k2, layer.q_out.shape)
+    size = lambda blocks: (blocks.shape[0], orthogonal.num_generator_params(
+        blocks.shape[-1]))
+    set_generators(
+        layer, scale * jax.random.normal(k1, size(layer.in_blocks)),
+        scale * jax.random.normal(k2, size(layer.out_blocks)), method)
   return layer
+
+
+def is_identity(blocks):
+  return bool(jnp.all(blocks == jnp.eye(blocks.shape[-1])))
 
 
 def inputs(m=16, seed=1):
@@ -38,22 +54,25 @@ def rel_err(a, b):
 def test_identity_at_creation(variant, compute):
   layer = make(variant, compute, scale=0.0)
   x = inputs()
-  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
+  assert is_identity(layer.in_blocks[...])
+  assert is_identity(layer.out_blocks[...])
   np.testing.assert_allclose(layer(x), x @ layer.base_weight(), rtol=1e-6,
                              atol=1e-6)
   np.testing.assert_array_equal(layer.effective_weight(), layer.base_weight())
 
 
-def test_w0_is_frozen_and_generators_are_params():
+def test_w0_is_frozen_and_orthogonal_blocks_are_params():
   layer = make()
   assert isinstance(layer.w0, layers.FrozenWeight)
   assert not isinstance(layer.w0, nnx.Param)
-  assert isinstance(layer.q_in, nnx.Param)
+  assert isinstance(layer.in_blocks, layers.OrthogonalBlocks)
+  assert isinstance(layer.in_blocks, nnx.Param)
   params = nnx.state(layer, nnx.Param)
-  assert set(params.keys()) == {'q_in', 'q_out'}
+  assert set(params.keys()) == set(layers.BLOCK_NAMES)
   m, n, b = SHAPES['block']
-  assert layer.q_in.shape == (m // b, b * (b - 1) // 2)
-  assert layer.q_out.shape == (n // b, b * (b - 1) // 2)
+  assert layer.in_blocks.shape == (m // b, b, b)
+  assert layer.out_blocks.shape == (n // b, b, b)
+  assert not hasattr(layer, 'neumann_terms')  # the map is the optimizer's
 
 
 @pytest.mark.parametrize('variant', ['block', 'full'])
@@ -77,7 +96,7 @@ def test_compute_modes_agree_on_outputs_and_gradients(variant):
   for compute in ('fast', 'mem'):
     loss, grads = _loss_and_grads(make(variant, compute), x)
     assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    for name in ('q_in', 'q_out'):
+    for name in layers.BLOCK_NAMES:
       assert rel_err(grads[name][...], ref_grads[name][...]) < 1e-5, name
 
 
@@ -89,13 +108,13 @@ def test_gradients_match_finite_differences(variant, compute):
     layer = make(variant, compute)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
-    def f(q_in, q_out, x):
-      p = nnx.State({'q_in': layers.Generator(q_in),
-                     'q_out': layers.Generator(q_out)})
+    def f(g_in, g_out, x):
+      p = nnx.State({'in_blocks': layers.OrthogonalBlocks(g_in),
+                     'out_blocks': layers.OrthogonalBlocks(g_out)})
       return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
 
     args = [np.asarray(a, np.float64) for a in
-            (params['q_in'][...], params['q_out'][...], inputs())]
+            (params['in_blocks'][...], params['out_blocks'][...], inputs())]
     grads = jax.grad(f, argnums=(0, 1, 2))(*args)
     rng = np.random.default_rng(0)
     for i, (arg, grad) in enumerate(zip(args, grads)):
@@ -122,7 +141,7 @@ def test_spectrum_is_that_of_w0(variant):
   b_max = max(layer.in_block, layer.out_block)
   bound = 2 * np.sqrt(b_max) * err + 1e-6
   assert np.max(np.abs(s - s0) / s0.max()) < bound
-  exact = make(variant, scale=0.3, orthogonal_map='exact')
+  exact = make(variant, scale=0.3, method='exact')
   s0 = np.linalg.svd(exact.base_weight(), compute_uv=False)
   s = np.linalg.svd(exact.effective_weight(), compute_uv=False)
   np.testing.assert_allclose(s, s0, rtol=1e-5, atol=1e-6)
@@ -170,8 +189,8 @@ def test_merge_preserves_function_and_redraws_placement(variant):
   old_in, old_out = layer.in_place[...], layer.out_place[...]
   layer.merge(jax.random.key(7))
   assert rel_err(layer(x), before) < 1e-5
-  assert float(jnp.abs(layer.q_in[...]).max()) == 0.0
-  assert float(jnp.abs(layer.q_out[...]).max()) == 0.0
+  assert is_identity(layer.in_blocks[...])
+  assert is_identity(layer.out_blocks[...])
   assert not np.array_equal(layer.in_place[...], old_in)
   assert not np.array_equal(layer.out_place[...], old_out)
 
@@ -256,7 +275,7 @@ def test_auto_equals_the_path_it_picked(variant, tokens):
   loss, grads = _loss_and_grads(auto, x)
   ref_loss, ref_grads = _loss_and_grads(make(variant, picked), x)
   assert float(loss) == float(ref_loss)
-  for name in ('q_in', 'q_out'):
+  for name in layers.BLOCK_NAMES:
     np.testing.assert_array_equal(grads[name][...], ref_grads[name][...])
 
 

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -35,27 +34,38 @@ def placements(model):
 
 
 def trained(steps, merge_every=None, lr=1e-2):
-  """A tiny POET Llama and its optimizer after `steps` steps."""
+  """A tiny POET Llama and its optimizer after `steps` steps; with
+  merge_every, merges on reparameterize's counter inside the jitted step."""
   model = poet_llama()
-  optimizer = nnx.Optimizer(model, poet_jax.poet(lr, lr), wrt=nnx.Param)
+  tx = poet_jax.reparameterize(poet_jax.poet(lr, lr), merge_every=merge_every)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer):
     loss, grads = nnx.value_and_grad(poet_jax.next_token_loss)(model, TOKENS)
     optimizer.update(model, grads)
-    return loss
+    if not merge_every:
+      return loss, loss, loss
+    before = poet_jax.next_token_loss(model, TOKENS)
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    params, frozen = poet_jax.merge_if_due(
+        graphdef, nnx.as_pure(params), nnx.as_pure(frozen),
+        nnx.as_pure(optimizer.opt_state), merge_every, jax.random.key(0))
+    nnx.update(model, params, frozen)
+    return loss, before, poet_jax.next_token_loss(model, TOKENS)
 
-  # Built once: each nnx.jit wrapper compiles on its first call.
-  loss = nnx.jit(lambda model: poet_jax.next_token_loss(model, TOKENS))
-  merge = nnx.jit(poet_jax.merge_and_reset)
   losses = []
   for i in range(1, steps + 1):
-    losses.append(float(step(model, optimizer)))
+    loss, before, after = map(float, step(model, optimizer))
+    losses.append(loss)
     if merge_every and i % merge_every == 0:
-      losses.append(('merge', float(loss(model))))
-      merge(model, optimizer, jax.random.key(i))
-      losses.append(('merged', float(loss(model))))
+      losses += [('merge', before), ('merged', after)]
   return model, optimizer, losses
+
+
+def blocks_are_identity(model):
+  return all(bool(jnp.all(g == jnp.eye(g.shape[-1]))) for g in
+             jax.tree.leaves(nnx.state(model, layers.OrthogonalBlocks)))
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +77,7 @@ def test_w0_is_unchanged_between_merges(trained_model):
   model, _, _ = trained_model
   fresh = poet_llama()
   jax.tree.map(np.testing.assert_array_equal, frozen(model), frozen(fresh))
-  gens = nnx.state(model, layers.Generator)
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gens))
+  assert not blocks_are_identity(model)
 
 
 def test_merge_preserves_outputs_and_resets(trained_model):
@@ -78,15 +87,15 @@ def test_merge_preserves_outputs_and_resets(trained_model):
   old_place = placements(model)
   old_w0 = frozen(model)
   base_before = jax.tree.map(
-      np.array, nnx.as_pure(optimizer.opt_state).inner_states['base'])
+      np.array, nnx.as_pure(optimizer.opt_state).inner_state.inner_states[
+          'base'])
 
   nnx.jit(poet_jax.merge_and_reset)(model, optimizer, jax.random.key(3))
 
   after = model(TOKENS)
   rel = jnp.linalg.norm(after - before) / jnp.linalg.norm(before)
   assert float(rel) < 1e-5
-  assert all(float(jnp.abs(g).max()) == 0.0
-             for g in jax.tree.leaves(nnx.state(model, layers.Generator)))
+  assert blocks_are_identity(model)
   for old, new in zip(jax.tree.leaves(old_place),
                       jax.tree.leaves(placements(model))):
     assert not np.array_equal(old, new)
@@ -94,10 +103,12 @@ def test_merge_preserves_outputs_and_resets(trained_model):
       jax.tree.leaves(old_w0), jax.tree.leaves(frozen(model))))
   opt_state = nnx.as_pure(optimizer.opt_state)
   assert int(optim.poet_step_count(opt_state)) == 0
-  poet_moments = jax.tree.leaves(opt_state.inner_states['poet'])
+  assert all(float(jnp.abs(u).max()) == 0.0
+             for u in jax.tree.leaves(opt_state.generators))
+  inner = opt_state.inner_state.inner_states
+  poet_moments = jax.tree.leaves(inner['poet'])
   assert all(float(jnp.abs(x).max()) == 0.0 for x in poet_moments)
-  jax.tree.map(np.testing.assert_array_equal, base_before,
-               opt_state.inner_states['base'])
+  jax.tree.map(np.testing.assert_array_equal, base_before, inner['base'])
 
 
 def test_stacked_layers_draw_distinct_permutations(trained_model):
@@ -116,17 +127,25 @@ def test_merge_is_deterministic_in_its_key(trained_model):
   jax.tree.map(np.testing.assert_array_equal, nnx.state(a), nnx.state(b))
 
 
-def test_pure_merge_if_due_only_on_multiples():
+def test_pure_merge_if_due_only_after_a_merging_update():
   model, optimizer, _ = trained(2)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   opt_state = nnx.as_pure(optimizer.opt_state)
-  merge = jax.jit(poet_jax.merge_if_due, static_argnums=(0, 5))
-  p, r, _ = merge(graphdef, params, rest, opt_state, 3, 4, jax.random.key(0))
+  assert int(poet_jax.update_count(opt_state)) == 2
+  merge = jax.jit(poet_jax.merge_if_due, static_argnums=(0, 4))
+  p, r = merge(graphdef, params, rest, opt_state, 3, jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
-  p, r, o = merge(graphdef, params, rest, opt_state, 4, 4, jax.random.key(0))
-  assert int(optim.poet_step_count(o)) == 0
+  p, r = merge(graphdef, params, rest, opt_state, 2, jax.random.key(0),
+               False)  # a dropped update: its rolled-back state said due
+  jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
+  p, r = merge(graphdef, params, rest, opt_state, 2, jax.random.key(0))
   assert not np.array_equal(jax.tree.leaves(r)[0], jax.tree.leaves(rest)[0])
+  # merge number count // merge_every = 1 draws from fold_in(key, 1)
+  expected = nnx.clone(model)
+  poet_jax.merge_model(expected, poet_jax.merge_key(jax.random.key(0), 1))
+  jax.tree.map(np.testing.assert_array_equal, r,
+               nnx.as_pure(nnx.split(expected, nnx.Param, ...)[2]))
 
 
 def test_tiny_llama_memorizes_a_batch_across_merges():

@@ -2,17 +2,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
-from poet_jax import layers
 from poet_jax import optim
 
 
 def tiny_params():
-  """A POET layer's generators plus a dense kernel and a norm scale."""
+  """A POET layer's generators, as reparameterize hands them to its inner
+  optimizer, plus a dense kernel and a norm scale."""
   return nnx.State({
-      'q': {'q_in': layers.Generator(jnp.ones((2, 6))),
-            'q_out': layers.Generator(jnp.ones((3, 6)))},
+      'q': {'in_blocks': nnx.Param(jnp.ones((2, 6))),
+            'out_blocks': nnx.Param(jnp.ones((3, 6)))},
       'head': {'kernel': nnx.Param(jnp.ones((4, 5)))},
       'norm': {'scale': nnx.Param(jnp.ones((4,)))},
   })
@@ -27,9 +28,9 @@ def grads_like(params, seed):
 
 def test_labels_route_generators_to_poet():
   labels = optim.poet_param_labels(tiny_params())
-  assert labels['q']['q_in'] == 'poet'
-  assert labels['q']['q_out'] == 'poet'
-  assert optim.poet_param_labels(nnx.as_pure(tiny_params()))['q']['q_in'] == 'poet'
+  assert labels['q']['in_blocks'] == 'poet'
+  assert labels['q']['out_blocks'] == 'poet'
+  assert optim.poet_param_labels(nnx.as_pure(tiny_params()))['q']['in_blocks'] == 'poet'
   assert labels['head']['kernel'] == 'base'
   assert labels['norm']['scale'] == 'base'
 
@@ -77,7 +78,7 @@ def test_reference_convention_matches_the_reference_update():
   leaf = lambda tree, *keys: [np.asarray(t[keys[0]][keys[1]][...])
                               for t in tree]
   np.testing.assert_allclose(
-      p['q']['q_in'][...], reference_adam(leaf(grads, 'q', 'q_in'), 5e-4),
+      p['q']['in_blocks'][...], reference_adam(leaf(grads, 'q', 'in_blocks'), 5e-4),
       rtol=1e-5)
   np.testing.assert_allclose(
       p['head']['kernel'][...],
@@ -90,7 +91,7 @@ def test_reference_convention_matches_the_reference_update():
   def first(convention):
     tx = optim.poet(1e-2, 1e-3, adam_convention=convention)
     u, _ = tx.update(grads[0], tx.init(params), params)
-    return np.abs(u['q']['q_in'][...]).mean()
+    return np.abs(u['q']['in_blocks'][...]).mean()
 
   assert first('optax') > 1.2 * first('reference')
 
@@ -104,8 +105,8 @@ def test_poet_routes_each_group_to_its_rule():
   updates, _ = tx.update(g, state, params)
   # First Adam step is -lr * sign(g) (up to the effective eps, 3.2e-5 at
   # t = 1) for both groups.
-  np.testing.assert_allclose(updates['q']['q_in'][...],
-                             -0.5e-3 * jnp.sign(g['q']['q_in'][...]),
+  np.testing.assert_allclose(updates['q']['in_blocks'][...],
+                             -0.5e-3 * jnp.sign(g['q']['in_blocks'][...]),
                              rtol=1e-2)
   # Base: decay after the step on the 2-D kernel (params are ones), none on
   # the norm scale.
@@ -122,9 +123,16 @@ def test_poet_refuses_a_model_without_generators():
   try:
     optim.poet(1e-2, 1e-3).init(params)
   except ValueError as e:
-    assert 'no POET generator leaf' in str(e)
+    assert 'no POET leaf' in str(e)
   else:
     raise AssertionError('poet() trained a model with no generator')
+
+
+def test_poet_refuses_orthogonal_blocks_handed_over_directly():
+  # Adam on the blocks' entries would step off the orthogonal group.
+  params = {'in_blocks': jnp.ones((2, 4, 4)), 'kernel': jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match='reparameterize'):
+    optim.poet(1e-2, 1e-3).init(params)
 
 
 def test_clip_matches_torch_clip_grad_norm():
@@ -177,7 +185,7 @@ def test_reset_drops_accumulated_generator_gradients():
   state = tx.init(params)
   _, state = tx.update(grads_like(params, 0), state, params)
   reset = optim.reset_poet_state(state)
-  assert float(jnp.abs(reset.acc_grads['q']['q_in'][...]).max()) == 0.0
+  assert float(jnp.abs(reset.acc_grads['q']['in_blocks'][...]).max()) == 0.0
   np.testing.assert_array_equal(reset.acc_grads['head']['kernel'][...],
                                 state.acc_grads['head']['kernel'][...])
   assert int(reset.mini_step) == int(state.mini_step) == 1
@@ -187,8 +195,8 @@ def test_reset_drops_accumulated_generator_gradients():
   alone, _ = optim.poet(1e-2, 1e-3).update(
       jax.tree.map(lambda x: x / 2, g), optim.poet(1e-2, 1e-3).init(params),
       params)
-  np.testing.assert_allclose(after['q']['q_in'][...],
-                             alone['q']['q_in'][...], rtol=1e-5)
+  np.testing.assert_allclose(after['q']['in_blocks'][...],
+                             alone['q']['in_blocks'][...], rtol=1e-5)
 
 
 def _run(tx, params, steps):
@@ -231,8 +239,8 @@ def test_reset_restarts_bias_correction():
   g = grads_like(params, 42)
   fresh, _ = tx.update(g, tx.init(p), p)
   after_reset, _ = tx.update(g, optim.reset_poet_state(state), p)
-  np.testing.assert_allclose(after_reset['q']['q_in'][...],
-                             fresh['q']['q_in'][...], rtol=1e-6)
+  np.testing.assert_allclose(after_reset['q']['in_blocks'][...],
+                             fresh['q']['in_blocks'][...], rtol=1e-6)
 
 
 def test_per_layer_equals_the_transformation_on_each_layer():

@@ -8,6 +8,7 @@ from flax import nnx
 from poet_jax import config as config_lib
 from poet_jax import config_checks
 from poet_jax import layers
+from poet_jax import orthogonal
 from poet_jax import quant
 
 # (in, out, block size) per variant; 8-bit groups of 8 rows.
@@ -26,9 +27,13 @@ def make(variant='block', compute='fast', w0_dtype=quant.DTYPE, seed=0,
 
 
 def set_generators(layer, key, scale):
-  k1, k2 = jax.random.split(key)
-  layer.q_in[...] = scale * jax.random.normal(k1, layer.q_in.shape)
-  layer.q_out[...] = scale * jax.random.normal(k2, layer.q_out.shape)
+  """Blocks from random generators of the given scale."""
+  for k, blocks in zip(jax.random.split(key), (layer.in_blocks,
+                                                layer.out_blocks)):
+    b = blocks.shape[-1]
+    u = scale * jax.random.normal(
+        k, blocks.shape[:-2] + (orthogonal.num_generator_params(b),))
+    blocks[...] = orthogonal.orthogonal_blocks(u, b)
 
 
 def inputs(m=32, seed=1):
@@ -118,7 +123,7 @@ def test_layer_stores_codes_and_keeps_no_float_w0():
   state = nnx.state(layer, layers.FrozenWeight)
   assert {k: v.dtype for k, v in state.items()} == {
       'w0': jnp.uint8, 'w0_scale': jnp.float32, 'w0_zero': jnp.float32}
-  assert set(nnx.state(layer, nnx.Param).keys()) == {'q_in', 'q_out'}
+  assert set(nnx.state(layer, nnx.Param).keys()) == set(layers.BLOCK_NAMES)
 
 
 @pytest.mark.parametrize('variant', ['block', 'full'])

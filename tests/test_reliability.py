@@ -32,6 +32,7 @@ from poet_jax import metrics as metrics_lib
 from poet_jax import optim
 from poet_jax import optimizers
 from poet_jax import orthogonal
+from poet_jax import reparam
 from poet_jax import steps as steps_lib
 from poet_jax import tokenizer as tokenizer_lib
 from poet_jax import train_lib
@@ -346,6 +347,11 @@ def test_logged_learning_rates_are_the_applied_ones():
       float(jnp.abs(x - y).max()) for x, y, l in zip(
           jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(labels))
       if l == group)
+  # The generators live in the optimizer (reparam.reparameterize).
+  generators = lambda state: jax.tree.map(
+      np.asarray, reparam.generators(state['opt_state']))
+  largest_step = lambda a, b: max(float(np.abs(x - y).max()) for x, y in
+                                  zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   rng = np.random.default_rng(0)
   rates = []
   for i in range(1, 6):
@@ -353,6 +359,7 @@ def test_logged_learning_rates_are_the_applied_ones():
     if i == 2:
       batch[0, 3] = vocab  # out of the vocabulary: the loss is NaN
     before = jax.tree.map(np.asarray, state['params'])
+    before_generators = generators(state)
     state, m = step(state, batch)
     if i == 2:
       assert not bool(m['finite'])
@@ -361,8 +368,8 @@ def test_logged_learning_rates_are_the_applied_ones():
         largest(state['params'], before, 'base'), m['learning_rate'],
         rtol=1e-3)
     np.testing.assert_allclose(
-        largest(state['params'], before, 'poet'), m['poet_learning_rate'],
-        rtol=1e-3)
+        largest_step(generators(state), before_generators),
+        m['poet_learning_rate'], rtol=1e-3)
     rates.append(float(m['learning_rate']))
   # Four updates were applied: the schedule went through its first four
   # values, without a gap at the dropped step.
@@ -381,7 +388,9 @@ def _generator_run(max_q_norm: float, steps: int = 300):
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (64, 32))
   y = x @ jax.random.normal(kw, (32, 32))
-  tx = optax.chain(optim.scale_by_poet(scale=1.0), optax.scale(-0.02))
+  tx = reparam.reparameterize(
+      optax.chain(optim.scale_by_poet(scale=1.0), optax.scale(-0.02)),
+      max_q_norm=max_q_norm or None)
 
   def loss(p):
     return jnp.mean((nnx.merge(graphdef, p, rest)(x) - y) ** 2)
@@ -390,13 +399,11 @@ def _generator_run(max_q_norm: float, steps: int = 300):
     p, s = carry
     updates, s = tx.update(jax.grad(loss)(p), s, p)
     p = optax.apply_updates(p, updates)
-    if max_q_norm:
-      p = optim.clip_generator_norms(p, max_q_norm)
     model = nnx.merge(graphdef, p, rest)
     err = jnp.max(jnp.stack([orthogonal.orthogonality_error(g).max()
                              for g in model.orthogonal_blocks()]))
-    qnorm = jnp.max(jnp.stack([jnp.sqrt(2.0) * jnp.linalg.norm(
-        u[...], axis=-1).max() for u in (model.q_in, model.q_out)]))
+    qnorm = jnp.max(jnp.stack([n.max() for n in jax.tree.leaves(
+        reparam.generator_norms(s))]))
     return (p, s), (err, qnorm)
 
   params = nnx.as_pure(params)
@@ -424,14 +431,19 @@ def test_numerical_trouble_is_warned_once_with_the_step_and_layer():
   names = metrics_lib.poet_layer_names(model())
   assert len(names) == len(set(names)) == 7 * c.model.num_layers
   warned = set()
-  healthy = metrics_lib.poet_layer_health(model())
+  generators = reparam.generators(state['opt_state'])
+  healthy = metrics_lib.poet_layer_health(model(), generators)
   assert metrics_lib.numerical_warnings(3, names, healthy, warned) == []
-  # Layer 1's up projection: one input block with ||Q||_F = 1.5.
-  q = state['params']['blocks']['mlp']['up']['q_in']
+  # Layer 1's up projection: one input block with ||Q||_F = 1.5, its
+  # generator in the optimizer and its block the map's image.
+  q = generators['blocks']['mlp']['up']['in_blocks']
   u = np.zeros(q.shape[-1], np.float32)
   u[:2] = 1.5 / np.sqrt(2) / np.sqrt(2)
-  state['params']['blocks']['mlp']['up']['q_in'] = q.at[1, 0].set(u)
-  health = metrics_lib.poet_layer_health(model())
+  generators['blocks']['mlp']['up']['in_blocks'] = q.at[1, 0].set(u)
+  blocks = state['params']['blocks']['mlp']['up']['in_blocks']
+  state['params']['blocks']['mlp']['up']['in_blocks'] = blocks.at[1, 0].set(
+      orthogonal.orthogonal_blocks(jnp.asarray(u), blocks.shape[-1]))
+  health = metrics_lib.poet_layer_health(model(), generators)
   np.testing.assert_allclose(health['q_norm'].max(), 1.5, rtol=1e-5)
   lines = metrics_lib.numerical_warnings(7, names, health, warned)
   assert len(lines) == 2, lines

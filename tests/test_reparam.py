@@ -1,8 +1,6 @@
-"""poet_kernels: POET through optax alone, on models that are not POET models."""
+"""reparameterize: the optax transformation that owns POET's generators."""
 import functools
-import warnings
 
-import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,158 +10,195 @@ import pytest
 from flax import nnx
 
 import poet_jax
-from poet_jax import inject
-from poet_jax import reparam
+from poet_jax import orthogonal
+
+B = 4
 
 
-class MLP(linen.Module):
-  """A flax.linen model: two POET-able kernels, biases, and a head."""
+class Net(nnx.Module):
+  """A POET layer and a dense head: POET and base leaves together."""
 
-  @linen.compact
+  def __init__(self, rngs):
+    self.poet = poet_jax.POETLinear(8, 12, block_size=B, rngs=rngs)
+    self.head = nnx.Linear(12, 3, rngs=rngs)
+
   def __call__(self, x):
-    x = jax.nn.gelu(linen.Dense(32, name='fc1')(x))
-    x = jax.nn.gelu(linen.Dense(32, name='fc2')(x))
-    return linen.Dense(4, name='head')(x)
+    return self.head(jnp.tanh(self.poet(x)))
 
 
-def data():
-  x = jax.random.normal(jax.random.key(1), (64, 16))
-  y = jnp.sin(x[:, :4] * 2.0)
-  return x, y
+X = jax.random.normal(jax.random.key(1), (16, 8))
+Y = jax.random.normal(jax.random.key(2), (16, 3))
 
 
-def loss_fn(params, x, y):
-  return jnp.mean((MLP().apply({'params': params}, x) - y) ** 2)
+def split():
+  graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+  return graphdef, params.to_pure_dict(), rest.to_pure_dict()
 
 
-def make_tx(merge_every=10, **kw):
-  inner = optax.chain(poet_jax.clip_by_global_norm(1.0),
-                      poet_jax.poet(1e-2, 5e-2, weight_decay=0.0))
-  return reparam.poet_kernels(inner, block_size=8, merge_every=merge_every,
-                              key=jax.random.key(0), **kw)
+GRAPHDEF, PARAMS, REST = split()
+
+
+def loss(params, x=X, y=Y):
+  return jnp.mean((nnx.merge(GRAPHDEF, params, REST)(x) - y) ** 2)
+
+
+def with_generators(params, u_in, u_out):
+  """params with the POET layer's blocks = map(generators)."""
+  p = jax.tree.map(lambda a: a, params)
+  p['poet']['in_blocks'] = orthogonal.orthogonal_blocks(u_in, B)
+  p['poet']['out_blocks'] = orthogonal.orthogonal_blocks(u_out, B)
+  return p
+
+
+def random_generators(seed, scale=0.1):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  n = orthogonal.num_generator_params(B)
+  return scale * jax.random.normal(k1, (2, n)), scale * jax.random.normal(
+      k2, (3, n))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def step(tx, params, state, x, y):
-  loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+def step(tx, params, state, x=X, y=Y):
+  value, grads = jax.value_and_grad(loss)(params, x, y)
   updates, state = tx.update(grads, state, params)
-  return optax.apply_updates(params, updates), state, loss
+  return optax.apply_updates(params, updates), state, value
 
 
-def train(tx, params, steps):
-  x, y = data()
+def test_generator_gradient_is_the_gradient_through_the_map():
+  # With an identity inner optimizer the generators move by their gradient:
+  # that of the old layer, which built its blocks from generators.
+  u_in, u_out = random_generators(0)
+  params = with_generators(PARAMS, u_in, u_out)
+  tx = poet_jax.reparameterize(optax.identity())
   state = tx.init(params)
-  losses = []
-  for _ in range(steps):
-    params, state, loss = step(tx, params, state, x, y)
-    losses.append(float(loss))
-  return params, state, losses
+  state = state._replace(generators={**state.generators, 'poet': {
+      'in_blocks': u_in, 'out_blocks': u_out}})
+  new_params, state, _ = step(tx, params, state)
+
+  def old_loss(u_in, u_out):
+    return loss(with_generators(PARAMS, u_in, u_out))
+
+  g_in, g_out = jax.grad(old_loss, argnums=(0, 1))(u_in, u_out)
+  got = state.generators['poet']
+  np.testing.assert_allclose(got['in_blocks'] - u_in, g_in, rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(got['out_blocks'] - u_out, g_out, rtol=1e-5,
+                             atol=1e-7)
+  # The blocks become map(new generators), to one rounding of the addition.
+  np.testing.assert_allclose(
+      new_params['poet']['in_blocks'],
+      orthogonal.orthogonal_blocks(got['in_blocks'], B), rtol=0, atol=1e-7)
+  assert state.generators['head'] == {'bias': None, 'kernel': None}
 
 
-def singular_values(k):
-  return np.linalg.svd(np.asarray(k, np.float64), compute_uv=False)
+def test_a_global_norm_clip_sees_every_gradient():
+  limit = 1e-3
+  tx = poet_jax.reparameterize(optax.clip_by_global_norm(limit))
+  state = tx.init(PARAMS)
+  new_params, state, _ = step(tx, PARAMS, state)
+  plain = poet_jax.reparameterize(optax.identity())
+  _, unclipped, _ = step(plain, PARAMS, plain.init(PARAMS))
+  grads = jax.grad(loss)(PARAMS)
+  base_norm_sq = sum(float(jnp.sum(g ** 2)) for g in
+                     jax.tree.leaves(grads['head']))
+  gen_norm_sq = sum(float(jnp.sum(u ** 2)) for u in
+                    jax.tree.leaves(unclipped.generators))
+  factor = limit / np.sqrt(base_norm_sq + gen_norm_sq)
+  assert factor < 0.5  # the clip acts, on the norm of both groups together
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, factor * b, rtol=1e-5, atol=1e-9), state.generators,
+               unclipped.generators)
+  np.testing.assert_allclose(new_params['head']['kernel'] -
+                             PARAMS['head']['kernel'],
+                             factor * grads['head']['kernel'], rtol=1e-4,
+                             atol=2e-7)  # rounding of p + u - p
 
 
-@pytest.fixture(scope='module')
-def linen_params():
-  return MLP().init(jax.random.key(0), jnp.zeros((1, 16)))['params']
+def make_tx(merge_every=None, **kw):
+  return poet_jax.reparameterize(
+      optax.chain(poet_jax.clip_by_global_norm(1.0),
+                  poet_jax.poet(1e-2, 1e-1, weight_decay=0.0)),
+      merge_every=merge_every, **kw)
 
 
-def test_trains_a_linen_model_and_keeps_every_spectrum(linen_params):
-  # The exact Cayley map is orthogonal to rounding, so the spectrum must be
-  # too (the Neumann series is off by its truncation at this large a step).
-  tx = make_tx(merge_every=10, orthogonal_map='exact')
-  params, state, losses = train(tx, linen_params, 25)
-  assert losses[-1] < 0.7 * losses[0], losses
-  for name in ('fc1', 'fc2'):
-    before = singular_values(linen_params[name]['kernel'])
-    after = singular_values(params[name]['kernel'])
-    np.testing.assert_allclose(after, before, rtol=1e-4)
-    assert not np.allclose(params[name]['kernel'],
-                           linen_params[name]['kernel'], atol=1e-3)
-  # The biases and the head train as base leaves; fc1's kernel is W0-backed.
-  assert state.w0['head']['kernel'] is None
-  assert state.w0['fc1']['bias'] is None
-  assert not np.allclose(params['head']['kernel'],
-                         linen_params['head']['kernel'])
+def test_multisteps_maps_once_per_update():
+  # Two micro-batches through MultiSteps equal one update on their mean:
+  # the transformation (and its map) runs once, on the accumulated gradient.
+  halves = [(X[:8], Y[:8]), (X[8:], Y[8:])]
+  tx = optax.MultiSteps(make_tx(), every_k_schedule=2)
+  params, state = PARAMS, tx.init(PARAMS)
+  for x, y in halves:
+    params, state, _ = step(tx, params, state, x, y)
+  assert int(poet_jax.update_count(state)) == 1
+  one = make_tx()
+  grads = jax.tree.map(lambda a, b: (a + b) / 2,
+                       *[jax.grad(loss)(PARAMS, x, y) for x, y in halves])
+  updates, ref_state = jax.jit(one.update)(grads, one.init(PARAMS), PARAMS)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               params, optax.apply_updates(PARAMS, updates))
 
 
-def test_merge_keeps_the_kernel_and_restarts_the_generators(linen_params):
-  tx = make_tx(merge_every=5)
-  params4, state4, _ = train(tx, linen_params, 4)
-  x, y = data()
-  params5, state5, _ = step(tx, params4, state4, x, y)
-  assert int(state5.count) == 5
-  assert float(jnp.abs(state5.generators['fc1']['kernel']['q_in']).max()) == 0.0
-  assert int(poet_jax.optim.poet_step_count(state5.inner_state)) == 0
-  assert not np.array_equal(state5.in_place['fc1']['kernel'],
-                            state4.in_place['fc1']['kernel'])
-  # W0 in its new frame at zero generators is the kernel the step produced.
-  eye = lambda k: jnp.broadcast_to(jnp.eye(8), (k, 8, 8))
-  k = poet_jax.spo.block_kernel(
-      state5.w0['fc1']['kernel'], eye(16 // 8), eye(32 // 8),
-      state5.in_place['fc1']['kernel'], state5.out_place['fc1']['kernel'])
-  np.testing.assert_allclose(k, params5['fc1']['kernel'], rtol=1e-5,
-                             atol=1e-6)
+def test_merges_reset_on_the_counter():
+  tx = make_tx(merge_every=2)
+  params, state = PARAMS, tx.init(PARAMS)
+  params, state, _ = step(tx, params, state)
+  assert not bool(poet_jax.merge_due(state, 2))
+  assert float(jnp.abs(state.generators['poet']['in_blocks']).max()) > 0
+  base = state.inner_state[1].inner_states['base']
+  params, state, _ = step(tx, params, state)
+  assert bool(poet_jax.merge_due(state, 2))
+  assert int(poet_jax.merge_count(state, 2)) == 1
+  assert all(float(jnp.abs(u).max()) == 0.0
+             for u in jax.tree.leaves(state.generators))
+  assert int(poet_jax.optim.poet_step_count(state)) == 0
+  assert all(float(jnp.abs(m).max()) == 0.0 for m in jax.tree.leaves(
+      state.inner_state[1].inner_states['poet']))
+  # The base group's Adam state went on (count 2), untouched by the reset.
+  assert int(base.inner_state[0].count) + 1 == int(
+      state.inner_state[1].inner_states['base'].inner_state[0].count)
+  # Inside MultiSteps a merging update is due only on the call that made it.
+  ms = optax.MultiSteps(make_tx(merge_every=1), every_k_schedule=2)
+  s = ms.init(PARAMS)
+  _, s, _ = step(ms, PARAMS, s)
+  assert not bool(poet_jax.merge_due(s, 1))
+  _, s, _ = step(ms, PARAMS, s)
+  assert bool(poet_jax.merge_due(s, 1))
+  _, s, _ = step(ms, PARAMS, s)
+  assert not bool(poet_jax.merge_due(s, 1))
 
 
-def test_equals_the_poet_layer_from_the_same_w0_and_placements():
-  """The optax-only route and POETLinear (materialize) are one trajectory."""
-  layer = poet_jax.POETLinear(16, 24, block_size=8, compute='materialize',
-                              rngs=nnx.Rngs(3))
-  x = jax.random.normal(jax.random.key(2), (32, 16))
-  target = jax.random.normal(jax.random.key(3), (32, 24))
-  inner = lambda: poet_jax.poet(1e-2, 5e-2, weight_decay=0.0)
-  # Route A: the layer, its generators trained by poet().
-  opt = nnx.Optimizer(layer, inner(), wrt=nnx.Param)
-  layer_step = nnx.jit(lambda m, o: o.update(m, nnx.grad(
-      lambda m: jnp.mean((m(x) - target) ** 2))(m)))
-  # Route B: a plain kernel, with the layer's W0 and placements injected.
-  params = {'kernel': layer.base_weight()}
-  tx = reparam.poet_kernels(inner(), block_size=8, merge_every=1000,
-                            key=jax.random.key(0))
-  state = tx.init(params)
-  state = state._replace(w0={'kernel': layer.w0[...]},
-                         in_place={'kernel': layer.in_place[...]},
-                         out_place={'kernel': layer.out_place[...]})
-  dense_loss = lambda p: jnp.mean((x @ p['kernel'] - target) ** 2)
-  for _ in range(6):
-    layer_step(layer, opt)
-    grads = jax.grad(dense_loss)(params)
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(params['kernel'], layer.effective_weight(),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state.generators['kernel']['q_in'],
-                             layer.q_in[...], rtol=1e-5, atol=1e-7)
+def test_max_q_norm_caps_every_block():
+  tx = poet_jax.reparameterize(optax.sgd(100.0), max_q_norm=0.5)
+  params, state, _ = step(tx, PARAMS, tx.init(PARAMS))
+  norms = jax.tree.leaves(poet_jax.generator_norms(state))
+  assert max(float(n.max()) for n in norms) == pytest.approx(0.5, rel=1e-5)
+  np.testing.assert_allclose(
+      params['poet']['out_blocks'],
+      orthogonal.orthogonal_blocks(state.generators['poet']['out_blocks'], B),
+      atol=1e-6)
 
 
-def test_multisteps_and_a_checkpoint_round_trip(linen_params, tmp_path):
-  tx = optax.MultiSteps(make_tx(merge_every=3), every_k_schedule=2)
-  params, state, losses = train(tx, linen_params, 6)
-  assert losses[-1] < losses[0]
+def test_state_survives_an_orbax_round_trip(tmp_path):
+  tx = make_tx(merge_every=3)
+  params, state, _ = step(tx, PARAMS, tx.init(PARAMS))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / 'state', state)
   checkpointer.wait_until_finished()
-  restored = checkpointer.restore(tmp_path / 'state',
-                                  jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                               state))
+  restored = checkpointer.restore(
+      tmp_path / 'state', jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                       state))
   jax.tree.map(np.testing.assert_array_equal, restored, state)
-  x, y = data()
-  a = step(tx, params, state, x, y)
-  b = step(tx, params, restored, x, y)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  jax.tree.map(np.testing.assert_array_equal, step(tx, params, state),
+               step(tx, params, restored))
 
 
-def test_selection_is_never_silent(linen_params):
-  with pytest.raises(ValueError, match='block_size=5 does not divide'):
-    reparam.select_kernels(linen_params, 5, exclude=())
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    selected = reparam.select_kernels(
-        {'a': jnp.ones((16, 8)), 'b': jnp.ones((16, 6))}, 8,
-        on_indivisible='skip')
-  assert selected == {'a': True, 'b': False}
-  assert 'b' in str(caught[0].message)
-  with pytest.raises(ValueError, match='no 2-D kernel selected'):
-    reparam.select_kernels({'head': {'kernel': jnp.ones((8, 8))}}, 8)
+def test_refusals():
+  with pytest.raises(ValueError, match='no POET leaf'):
+    make_tx().init({'kernel': jnp.ones((4, 4))})
+  with pytest.raises(ValueError, match='orthogonal_map'):
+    poet_jax.reparameterize(optax.identity(), orthogonal_map='cayley')
+  with pytest.raises(ValueError, match='merge_every'):
+    poet_jax.reparameterize(optax.identity(), merge_every=0)
+  with pytest.raises(ValueError, match='ReparameterizeState'):
+    poet_jax.merge_due(optax.adam(1e-3).init(PARAMS), 2)

@@ -63,8 +63,10 @@ def test_generators_stay_replicated():
   mesh = sharding.make_mesh(c.mesh)
   _, abstract = train_state.abstract_state(c, VOCAB)
   shardings = sharding.state_shardings(mesh, abstract)
-  q = shardings['params']['blocks']['mlp']['up']['q_in']
-  assert q.is_fully_replicated
+  blocks = shardings['params']['blocks']['mlp']['up']['in_blocks']
+  assert blocks.is_fully_replicated
+  gens = shardings['opt_state'].generators['blocks']['mlp']['up']['in_blocks']
+  assert gens.is_fully_replicated
 
 
 @pytest.mark.parametrize('mesh,devices,batch,message', [
