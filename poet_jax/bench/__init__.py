@@ -17,6 +17,9 @@ is against a baseline measured in the same run. Sections:
           (W0 products, block products, Cayley–Neumann maps, gathers,
           layout copies), each timed alone, against the whole: where the
           time over the FLOP floor goes
+  blocks  the model's blocks (in its scan) at the ref batch, forward and
+          forward + backward: ms, the backward's cost over the forward,
+          GFLOP/s (matmul_flops) against the matmul rate
   step    the jitted train step of llama_60m at batch 32 x 256: AdamW, GaLore,
           Muon, POET with each compute path; ms per step, tokens/s, ratio to
           AdamW, achieved FLOP rate (the step's matrix-product FLOPs counted
@@ -37,10 +40,11 @@ interleaved (round-robin, the order rotated each round) so that load from
 other processes falls on all of them alike, and inputs rotated over several
 arrays. Progress goes to stderr; the tables to stdout.
 
-One module per section (layer, breakdown, steps, memory, reference), the
+One module per section (layer, breakdown, blocks, steps, memory, reference), the
 shared timing in common, FLOP counting in flops, the Markdown in tables and
 the command line in cli.
 """
+from poet_jax.bench.blocks import bench_blocks
 from poet_jax.bench.breakdown import bench_breakdown
 from poet_jax.bench.cli import (ALL_SECTIONS, METHODS, POET_PATHS, SECTIONS,
                                 main, run)

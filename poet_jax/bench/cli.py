@@ -6,6 +6,7 @@ import os
 
 from poet_jax import config as config_lib
 from poet_jax.bench import reference
+from poet_jax.bench.blocks import bench_blocks
 from poet_jax.bench.breakdown import bench_breakdown
 from poet_jax.bench.common import FULL, TINY, Sizes, log, machine
 from poet_jax.bench.flops import bench_matmul
@@ -17,7 +18,8 @@ from poet_jax.bench.tables import print_tables
 
 # What a run without --only runs; 'reference' needs the official code
 # installed (reference.py) and runs only when asked for.
-SECTIONS = ('matmul', 'layer', 'breakdown', 'step', 'ref', 'wide', 'memory')
+SECTIONS = ('matmul', 'layer', 'breakdown', 'blocks', 'step', 'ref', 'wide',
+            'memory')
 ALL_SECTIONS = SECTIONS + ('reference',)
 METHODS = ('adamw', 'galore', 'muon', 'poet-fast', 'poet-mem',
            'poet-materialize', 'poet-auto', 'poetxq-mem')
@@ -49,7 +51,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
   rate = None
-  if 'matmul' in sections or {'step', 'ref', 'wide'} & set(sections):
+  if 'matmul' in sections or {'blocks', 'step', 'ref', 'wide'} & set(
+      sections):
     log('matmul rate')
     rows += bench_matmul(sizes, reps)
     rate = rows[-1]['gflops_per_s']
@@ -57,6 +60,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
     rows += bench_layer(sizes, reps, profile_dir)
   if 'breakdown' in sections:
     rows += bench_breakdown(sizes, reps)
+  if 'blocks' in sections:
+    rows += bench_blocks(sizes, reps, _pairs(['adamw']), matmul_rate=rate)
   step_reps = step_reps or max(2, reps // 4)
   rows += _step_sections(sections, sizes, methods, step_reps, rate)
   if 'memory' in sections:

@@ -77,6 +77,21 @@ def _print_breakdown(rows, out) -> None:
   print(f"| whole layer, measured | | {whole['ms']:.1f} | 1.00 |", file=out)
 
 
+def _print_blocks(rows, out) -> None:
+  first = rows[0]
+  print(f"\n## the {first['layers']} blocks of {first['model']} (features: "
+        f"embedding, blocks, norm), batch {first['batch'][0]} x "
+        f"{first['batch'][1]}", file=out)
+  print('| method | part | ms | x forward | GFLOP | GFLOP/s | of matmul rate |',
+        file=out)
+  print('|---|---|---|---|---|---|---|', file=out)
+  for r in rows:
+    print(f"| {r['method']} | {r['part']} | {_fmt(r['ms'], '.1f')} | "
+          f"{_fmt(r['ratio_to_forward'])} | {_fmt(r['flops'] / 1e9, '.1f')} | "
+          f"{_fmt(r['gflops_per_s'], '.1f')} | "
+          f"{_fmt(r.get('fraction_of_matmul_rate'))} |", file=out)
+
+
 def _print_memory(rows, out) -> None:
   print(f"\n## dry-run peak memory per device, batch 1, "
         f"{rows[0]['dtype']} (ours GiB; paper GB, H100)", file=out)
@@ -128,7 +143,8 @@ def print_tables(report: dict, out=None) -> None:
           f"{r['gflops_per_s']:.1f} GFLOP/s", file=out)
   printers = [('layer', _print_layer)] + [
       (s, _print_steps) for s in ('step', 'ref', 'wide')] + [
-          ('breakdown', _print_breakdown), ('memory', _print_memory),
+          ('breakdown', _print_breakdown), ('blocks', _print_blocks),
+          ('memory', _print_memory),
           ('reference', _print_reference)]
   for section, printer in printers:
     if by(section):
