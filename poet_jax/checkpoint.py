@@ -38,7 +38,7 @@ def _reason(e: BaseException) -> str:
 def _hooked_temporary_path(before_commit: Callable[[int], None]):
   """orbax's atomic-rename temporary path, calling before_commit(step) once
   everything is written and just before the rename that commits it (test
-  hook, see train_lib's fault injection)."""
+  hook, see hooks.py and tests/faults.py)."""
   base = ocp.path.atomicity.AtomicRenameTemporaryPath
 
   class HookedTemporaryPath(base):

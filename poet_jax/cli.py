@@ -219,10 +219,10 @@ def _with_installed_configs(argv) -> list[str]:
 def parse_command_line(argv, devices=None):
   """argv -> Command, or the one line saying why it cannot run.
 
-  Every config key is checked (poet_jax.config.validate); with `devices`
-  (a list of jax devices) the mesh is checked against them too (train.py
-  itself does that in train_lib.train, after jax.distributed is up). Never
-  raises for bad input.
+  Every config key is checked (poet_jax.config_checks.validate); with
+  `devices` (a list of jax devices) the mesh is checked against them too
+  (train.py itself does that in train_lib.train, after jax.distributed is
+  up). Never raises for bad input.
   """
   argv = _with_installed_configs(argv)
   flag_values = flags.FlagValues()
@@ -240,8 +240,9 @@ def parse_command_line(argv, devices=None):
     return (f'unexpected argument {_one_line(rest[1], 60)!r}; flags look like '
             '--config.KEY=VALUE (see --help)')
   from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import config_checks  # pylint: disable=g-import-not-at-top
   try:
-    config_lib.validate(c)
+    config_checks.validate(c)
   except config_lib.ConfigError as e:
     return _one_line(e)
   workdir = flag_values.workdir
@@ -344,6 +345,7 @@ def main(argv=None) -> int:
     return EXIT_BAD_INPUT
   # pylint: disable=g-import-not-at-top
   from poet_jax import checkpoint as checkpoint_lib
+  from poet_jax import stopping
   from poet_jax import train_lib
   # pylint: enable=g-import-not-at-top
   stderr, quiet = sys.stderr, _NoOrbaxErrors()
@@ -360,7 +362,7 @@ def main(argv=None) -> int:
   except train_lib.USER_ERRORS as e:
     _error(str(e))
     return EXIT_BAD_INPUT
-  except train_lib.Interrupted as e:
+  except stopping.Interrupted as e:
     print(f'{e} during start-up, before the first step: nothing new to save; '
           'run the same command to resume', flush=True)
     return train_lib.EXIT_INTERRUPTED

@@ -4,7 +4,7 @@
       [--data=NAME] [--split=validation] [--eval_tokens=N]
 
 By default the run's own corpus, held-out split and number of tokens, in the
-same batches and with the same jitted evaluation step (train_lib.eval_step)
+same batches and with the same jitted evaluation step (steps.eval_step)
 on the run's mesh: the printed line equals the trainer's evaluation line of
 that step. --data and --split evaluate on any corpus the trainer supports
 (data.name), tokenized with the run's tokenizer.
@@ -20,10 +20,11 @@ from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import restore
 from poet_jax import sharding as sharding_lib
-from poet_jax import train_lib
+from poet_jax import steps as steps_lib
+from poet_jax import train_state
 
 
-def evaluate(run: restore.Run, steps: train_lib.CompiledSteps, data_name: str,
+def evaluate(run: restore.Run, steps: steps_lib.CompiledSteps, data_name: str,
              split: str, eval_tokens: int, progress: bool = False) -> float:
   """Mean next-token loss (nats) over the evaluation batches of a split.
 
@@ -69,8 +70,8 @@ def _body(fv: flags.FlagValues) -> int:
   run = restore.load_run(
       fv.workdir, fv.step,
       shardings=lambda a: sharding_lib.state_shardings(mesh, a))
-  _, abstract = train_lib.abstract_state(c, run.model.cfg.vocab_size)
-  steps = train_lib.compile_steps(run.setup, abstract, mesh)
+  _, abstract = train_state.abstract_state(c, run.model.cfg.vocab_size)
+  steps = steps_lib.compile_steps(run.setup, abstract, mesh)
   loss = evaluate(run, steps, fv.data or c.data.name, fv.split,
                   fv.eval_tokens or c.eval_tokens)
   print(f'step {run.step}: eval loss {loss:.4f}, perplexity '

@@ -29,8 +29,10 @@ import time
 import jax
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import experiments_report as report
 from poet_jax import metrics as metrics_lib
+from poet_jax import stopping
 from poet_jax import train_lib
 
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
@@ -98,7 +100,7 @@ def make_config(scale: dict, overrides: dict):
   """base_config() with the scale's and the run's overrides, validated."""
   c = config_lib.base_config()
   c.update_from_flattened_dict({**_COMMON, **scale['base'], **overrides})
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 
@@ -352,7 +354,7 @@ def main(argv) -> int:
   except train_lib.USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
-  except train_lib.Interrupted as e:
+  except stopping.Interrupted as e:
     print(f'{e}: stopped; run the same command to resume', flush=True)
     return train_lib.EXIT_INTERRUPTED
   except SystemExit as e:  # a run's own exit code (3: interrupted, resumable)

@@ -16,7 +16,7 @@ from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import layers
 from poet_jax import metrics as metrics_lib
 from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_lib
+from poet_jax import train_state
 
 # The POET papers' numbers (spec sections 2, 5, 6, 9): validation perplexity
 # on C4. Table 2 at 60M / 130M, POET-BS b = 256.
@@ -193,11 +193,11 @@ def layer_spectra(run, result: dict):
   c = run.config(result['overrides'])
   vocab = (c.model.vocab_size or
            tokenizer_lib.load_tokenizer(c.data.tokenizer).vocab_size)
-  setup, start = train_lib.init_state(c, vocab)
+  setup, start = train_state.init_state(c, vocab)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      train_lib.abstract_state(c, vocab)[1])
+      train_state.abstract_state(c, vocab)[1])
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(run.workdir(result['overrides']), 'checkpoints'))
   try:

@@ -25,7 +25,7 @@ from poet_jax import model as model_lib
 from poet_jax import restore
 from poet_jax import spo
 from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_lib
+from poet_jax import train_state
 
 INDEX_FILE = 'model.safetensors.index.json'
 
@@ -147,11 +147,11 @@ def check_tensors(path: str, hf: dict, cfg: model_lib.LlamaConfig) -> None:
 
 def run_model_config(c) -> model_lib.LlamaConfig:
   tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer)
-  return train_lib.model_config(c, c.model.vocab_size or tokenizer.vocab_size)
+  return train_state.model_config(c, c.model.vocab_size or tokenizer.vocab_size)
 
 
 def check_init_from(c) -> None:
-  """config.validate's check of init_from: reads headers only, no weights.
+  """config_checks.validate's check of init_from: reads headers only, no weights.
 
   Raises ConfigError (one line) if the directory is not a Llama checkpoint
   of the run's sizes.
@@ -198,7 +198,7 @@ def _set_kernel(layer, kernel: jax.Array) -> None:
   layer.q_out[...] = jnp.zeros_like(layer.q_out[...])
 
 
-def init_state_from(path: str, setup: train_lib.Setup, state: dict,
+def init_state_from(path: str, setup: train_state.Setup, state: dict,
                     shardings) -> dict:
   """A fresh train state with the checkpoint's weights (see module doc).
 

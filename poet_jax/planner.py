@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from poet_jax import sharding as sharding_lib
-from poet_jax import train_lib
+from poet_jax import steps as steps_lib
+from poet_jax import train_state
 
 GIB = 1024 ** 3
 # About the most memory one accelerator holds today (MI300X, B200): a peak
@@ -30,8 +31,8 @@ def plan(c, devices=None) -> dict:
   """Per-device memory (GiB), parameter counts and FLOPs of one train step."""
   mesh = sharding_lib.make_mesh(c.mesh, devices)
   sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
-  setup, abstract = train_lib.abstract_state(c, vocab_size(c))
-  steps = train_lib.compile_steps(setup, abstract, mesh)
+  setup, abstract = train_state.abstract_state(c, vocab_size(c))
+  steps = steps_lib.compile_steps(setup, abstract, mesh)
   state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, steps.state_sharding)
@@ -41,7 +42,7 @@ def plan(c, devices=None) -> dict:
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  trainable, frozen = train_lib.count_params(abstract)
+  trainable, frozen = train_state.count_params(abstract)
   argument = mem.argument_size_in_bytes
   output = mem.output_size_in_bytes
   temp = mem.temp_size_in_bytes

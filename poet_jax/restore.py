@@ -19,10 +19,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import model as model_lib
 from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_lib
+from poet_jax import train_state
 
 ATTENTION = ('q', 'k', 'v', 'o')
 MLP = ('gate', 'up', 'down')
@@ -40,8 +41,8 @@ class Run:
   step: int
   meta: dict
   tokenizer: Any
-  setup: train_lib.Setup
-  state: dict            # the train state (train_lib), on device
+  setup: train_state.Setup
+  state: dict            # the train state (train_state.py), on device
 
   @property
   def model(self) -> model_lib.Llama:
@@ -65,7 +66,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     c.update(saved)
     # init_from only seeded step 0; the checkpoint holds the weights now.
     c.init_from = ''
-    config_lib.validate(c)
+    config_checks.validate(c)
   except (ValueError, TypeError, KeyError) as e:
     raise RunError(f'{path} cannot be used ({e}); it should be the one '
                    'train.py wrote') from None
@@ -131,7 +132,7 @@ def load_run(workdir: str, step: int | None = None, shardings=None) -> Run:
     elif step not in steps:
       raise RunError(f'{workdir} has no checkpoint of step {step}; it has '
                      f'steps {", ".join(map(str, steps))}')
-    setup, abstract = train_lib.abstract_state(c, vocab)
+    setup, abstract = train_state.abstract_state(c, vocab)
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       target_sh = jax.tree.map(lambda _: device, abstract)

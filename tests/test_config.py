@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from poet_jax import cli as train
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from train_util import ROOT
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:the load_module:DeprecationWarning')  # ml_collections
 
-DEFAULTS = config_lib._leaves(config_lib.base_config())  # pylint: disable=protected-access
+DEFAULTS = config_checks._leaves(config_lib.base_config())  # pylint: disable=protected-access
 DEVICES = jax.devices()
 
 
@@ -109,7 +110,7 @@ arguments = st.one_of(
 def test_any_command_line_is_a_config_or_one_clear_line(args):
   result = parse(*args)
   if isinstance(result, train.Command):
-    config_lib.validate(result.config)  # and it stays valid
+    config_checks.validate(result.config)  # and it stays valid
     assert result.workdir.strip()
     return
   assert_one_clear_line(result)
@@ -157,7 +158,7 @@ def test_valid_overrides_give_exactly_those_values(overrides):
   # The default batch of 16 divides every data-parallel mesh of 8 devices.
   result = parse(*args)
   assert isinstance(result, train.Command), (args, result)
-  got = config_lib._leaves(result.config)  # pylint: disable=protected-access
+  got = config_checks._leaves(result.config)  # pylint: disable=protected-access
   for key, value in overrides.items():
     assert got[key] == value and type(got[key]) is type(value), key
 
@@ -185,7 +186,7 @@ def test_every_key_is_type_checked(key):
   with node.ignore_type():
     node[leaf] = wrong_type(DEFAULTS[key])
   with pytest.raises(config_lib.ConfigError, match=f'^{key}='):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 @pytest.mark.parametrize('key', sorted(

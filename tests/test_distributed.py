@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from train_util import (CACHE_ENV, FAST_COMPILE, ROOT, TINY, numeric,
+from train_util import (CACHE_ENV, FAST_COMPILE, ROOT, TINY, TRAIN, numeric,
                         read_metrics)
 
 STEPS = 6
@@ -34,7 +34,7 @@ def launch(workdir, num_processes, devices_per_process, kill_at=None):
               f'--config.distributed.num_processes={num_processes}',
               f'--config.distributed.process_id={i}')
     procs.append(subprocess.Popen(
-        [sys.executable, 'train.py', f'--workdir={workdir}', *TINY, *ARGS,
+        [sys.executable, TRAIN, f'--workdir={workdir}', *TINY, *ARGS,
          *dist], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
   results = []

@@ -22,7 +22,7 @@ from poet_jax import cli as train
 from poet_jax import export
 from poet_jax import hf_import
 from poet_jax import restore
-from poet_jax import train_lib
+from poet_jax import train_state
 from trained_runs import trained_run
 from train_util import read_metrics, run_train
 
@@ -152,7 +152,7 @@ def test_export_import_export_is_bit_identical(exported, tmp_path):
   run, out = exported
   c = run.config
   c.init_from = out
-  setup, state = train_lib.init_state(c, run.model.cfg.vocab_size)
+  setup, state = train_state.init_state(c, run.model.cfg.vocab_size)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = hf_import.init_state_from(out, setup, state,
                                     jax.tree.map(lambda _: device, state))
@@ -181,7 +181,7 @@ def test_training_from_an_export_starts_where_the_run_ended(tmp_path_factory):
 
 def write_config(directory, **changes):
   hf = export.hf_config(restore.dense_config(
-      train_lib.model_config(train.parse_command_line(
+      train_state.model_config(train.parse_command_line(
           ['train.py', *TINY_FLAGS]).config, 257)), 256, 32)
   hf.update(changes)
   os.makedirs(directory, exist_ok=True)

@@ -256,7 +256,8 @@ def test_per_layer_equals_the_transformation_on_each_layer():
 def test_every_baseline_trains_the_model():
   """adamw, galore and muon build on the stacked Llama and lower the loss."""
   from poet_jax import config as config_lib
-  from poet_jax import train_lib
+  from poet_jax import steps as steps_lib
+  from poet_jax import train_state
   batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
   for name in ('adamw', 'galore', 'muon'):
     c = config_lib.base_config()
@@ -264,8 +265,8 @@ def test_every_baseline_trains_the_model():
     c.optimizer.name = name
     c.optimizer.galore_rank = 4
     c.train.update(lr=1e-2, warmup_steps=0, steps=100)
-    setup, state = train_lib.init_state(c, vocab_size=64)
-    step = jax.jit(lambda s, b: train_lib.train_step(setup, s, b))
+    setup, state = train_state.init_state(c, vocab_size=64)
+    step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
     losses = []
     for _ in range(5):
       state, metrics = step(state, batch)

@@ -9,7 +9,8 @@ import pytest
 from poet_jax import config as config_lib
 from poet_jax import planner
 from poet_jax import sharding
-from poet_jax import train_lib
+from poet_jax import steps as steps_lib
+from poet_jax import train_state
 
 
 def one_device(c):
@@ -29,16 +30,16 @@ def test_dry_run_of_a_tiny_config_matches_its_real_step(tmp_path):
     assert key in report
   # The same step compiled from real (allocated) arrays.
   mesh = sharding.make_mesh(c.mesh)
-  setup, abstract = train_lib.abstract_state(c, 257)
-  steps = train_lib.compile_steps(setup, abstract, mesh)
-  state = jax.jit(lambda: train_lib.init_state(c, 257)[1],
+  setup, abstract = train_state.abstract_state(c, 257)
+  steps = steps_lib.compile_steps(setup, abstract, mesh)
+  state = jax.jit(lambda: train_state.init_state(c, 257)[1],
                   out_shardings=steps.state_sharding)()
   batch = jnp.zeros((c.train.batch_size, c.train.seq_len + 1), jnp.int32)
   compiled = steps.train.lower(state, batch).compile()
   mem = compiled.memory_analysis()
   assert report['argument_gib'] * planner.GIB == mem.argument_size_in_bytes
   assert report['temp_gib'] * planner.GIB == mem.temp_size_in_bytes
-  trainable, frozen = train_lib.count_params(state)
+  trainable, frozen = train_state.count_params(state)
   assert (report['trainable_params'], report['frozen_params']) == (trainable,
                                                                    frozen)
   actual_bytes = sum(x.nbytes for x in jax.tree.leaves(state))

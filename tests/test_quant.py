@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import quant
 
@@ -101,12 +102,12 @@ def test_config_rejects_a_group_that_does_not_divide_a_width():
   with pytest.raises(config_lib.ConfigError,
                      match=r'w0_group_size=256 does not divide model.dim=128'
                      r'.*such as 128'):
-    config_lib.validate(c)
+    config_checks.validate(c)
   c.model.w0_group_size = 128
-  config_lib.validate(c)
+  config_checks.validate(c)
   c.model.w0_dtype = 'int4'
   with pytest.raises(config_lib.ConfigError, match='model.w0_dtype'):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 # --------------------------------------------------------------- layer
@@ -242,18 +243,19 @@ def test_checkpoint_stores_the_codes_and_resume_is_exact(tmp_path):
   """Train steps with merges, save, restore, step on: bit for bit."""
   from poet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from poet_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.model.dim, c.model.num_layers, c.model.num_heads = 32, 1, 2
   c.model.ffn_dim, c.poet.block_size, c.poet.merge_every = 64, 8.0, 2
   c.model.w0_dtype, c.model.w0_group_size = 'int8', 16
   c.train.batch_size, c.train.seq_len, c.mesh.data = 2, 16, 1
   vocab = 64
-  setup, abstract = train_lib.abstract_state(c, vocab)
-  steps = train_lib.compile_steps(setup, abstract,
+  setup, abstract = train_state.abstract_state(c, vocab)
+  steps = steps_lib.compile_steps(setup, abstract,
                                   sharding_lib.make_mesh(c.mesh,
                                                          jax.devices()[:1]))
-  state = jax.jit(lambda: train_lib.init_state(c, vocab)[1],
+  state = jax.jit(lambda: train_state.init_state(c, vocab)[1],
                   out_shardings=steps.state_sharding)()
   batch = lambda i: jax.random.randint(jax.random.key(i), (2, 17), 0, vocab)
   codes0 = state['frozen']['blocks']['mlp']['down']['w0']

@@ -2,7 +2,7 @@
 
 The subprocess runs train the tiny model for 8 steps (checkpoints every 2,
 merges at 3 and 6) and are compared with one uninterrupted reference run.
-Faults are injected at deterministic points with train_lib._Faults
+Faults are injected at deterministic points with tests/faults.py
 (POET_JAX_FAULT, test-only). Where a subprocess is not needed (a file that
 cannot be read, a config that cannot run) train.main runs in-process.
 """
@@ -30,9 +30,13 @@ from poet_jax import data as data_lib
 from poet_jax import layers
 from poet_jax import metrics as metrics_lib
 from poet_jax import optim
+from poet_jax import optimizers
 from poet_jax import orthogonal
+from poet_jax import steps as steps_lib
 from poet_jax import tokenizer as tokenizer_lib
 from poet_jax import train_lib
+from poet_jax import train_state
+from poet_jax import workdir as workdir_lib
 from train_util import (ROOT, numeric, read_metrics, run_train,
                         train_command, train_env)
 
@@ -300,8 +304,8 @@ def test_jitted_step_drops_a_non_finite_update_and_counts_it():
   c.model.dim, c.model.num_layers, c.model.ffn_dim = 16, 1, 32
   c.train.batch_size, c.train.seq_len = 2, 8
   vocab = 64
-  setup, state = train_lib.init_state(c, vocab)
-  step = jax.jit(lambda s, b: train_lib.train_step(setup, s, b))
+  setup, state = train_state.init_state(c, vocab)
+  step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
   good = np.random.default_rng(0).integers(0, vocab, (2, 9), np.int32)
   bad = good.copy()
   bad[1, 5] = vocab  # outside the vocabulary: the embedding gives NaN
@@ -335,8 +339,8 @@ def test_logged_learning_rates_are_the_applied_ones():
   c.train.grad_clip = c.train.weight_decay = 0.0
   c.poet.lr = 1e-2
   vocab = 64
-  setup, state = train_lib.init_state(c, vocab)
-  step = jax.jit(lambda s, b: train_lib.train_step(setup, s, b))
+  setup, state = train_state.init_state(c, vocab)
+  step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
   labels = optim.poet_param_labels(state['params'])
   largest = lambda a, b, group: max(
       float(jnp.abs(x - y).max()) for x, y, l in zip(
@@ -362,7 +366,7 @@ def test_logged_learning_rates_are_the_applied_ones():
     rates.append(float(m['learning_rate']))
   # Four updates were applied: the schedule went through its first four
   # values, without a gap at the dropped step.
-  lr = train_lib.schedule(c, c.train.lr)
+  lr = optimizers.schedule(c, c.train.lr)
   np.testing.assert_allclose(rates, [lr(i) for i in range(4)], rtol=1e-6)
 
 
@@ -415,7 +419,7 @@ def test_max_q_norm_keeps_the_orthogonality_error_bounded():
 
 def test_numerical_trouble_is_warned_once_with_the_step_and_layer():
   c = tiny_config()
-  setup, state = train_lib.init_state(c, 257)
+  setup, state = train_state.init_state(c, 257)
   model = lambda: nnx.merge(setup.graphdef, state['params'], state['frozen'])
   names = metrics_lib.poet_layer_names(model())
   assert len(names) == len(set(names)) == 7 * c.model.num_layers
@@ -518,8 +522,8 @@ def no_compile(monkeypatch):
   """Fails a test whose run gets as far as building or compiling a step."""
   def refuse(*args, **kwargs):
     raise AssertionError('the run got as far as building the model')
-  monkeypatch.setattr(train_lib, 'abstract_state', refuse)
-  monkeypatch.setattr(train_lib, 'compile_steps', refuse)
+  monkeypatch.setattr(train_state, 'abstract_state', refuse)
+  monkeypatch.setattr(steps_lib, 'compile_steps', refuse)
 
 
 def _corpus_of(directory, sizes):
@@ -633,7 +637,7 @@ def test_disk_full_during_a_save(small_tmpfs, reference, tmp_path):
 
 def _tiny_target():
   """The tiny run's state as restore targets on one device."""
-  _, abstract = train_lib.abstract_state(tiny_config(), 257)
+  _, abstract = train_state.abstract_state(tiny_config(), 257)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
@@ -734,7 +738,7 @@ def _run_dir_with_checkpoint(workdir, argv, meta=None):
   command = train.parse_command_line(['train.py', *argv])
   assert not isinstance(command, str), command
   os.makedirs(workdir)
-  train_lib.write_config(workdir, command.config)
+  workdir_lib.write_config(workdir, command.config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   ckpt.save(2, {'w': jnp.arange(4.0)}, {'step': 2, **(meta or {})})
   ckpt.close()

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import sharding
-from poet_jax import train_lib
+from poet_jax import steps as steps_lib
+from poet_jax import train_state
 
 VOCAB = 64
 STEPS = 5  # merges after steps 2 and 4
@@ -21,15 +23,15 @@ def tiny_config(**mesh):
   c.train.lr = c.poet.lr = 1e-2
   for axis, size in mesh.items():
     c.mesh[axis] = size
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 
 def train_losses(c):
   mesh = sharding.make_mesh(c.mesh)
-  setup, abstract = train_lib.abstract_state(c, VOCAB)
-  steps = train_lib.compile_steps(setup, abstract, mesh)
-  state = jax.jit(lambda: train_lib.init_state(c, VOCAB)[1],
+  setup, abstract = train_state.abstract_state(c, VOCAB)
+  steps = steps_lib.compile_steps(setup, abstract, mesh)
+  state = jax.jit(lambda: train_state.init_state(c, VOCAB)[1],
                   out_shardings=steps.state_sharding)()
   rng = np.random.default_rng(0)
   losses = []
@@ -58,7 +60,7 @@ def test_data_x_fsdp_mesh_trains_like_one_device():
 def test_generators_stay_replicated():
   c = tiny_config(data=4, fsdp=2)
   mesh = sharding.make_mesh(c.mesh)
-  _, abstract = train_lib.abstract_state(c, VOCAB)
+  _, abstract = train_state.abstract_state(c, VOCAB)
   shardings = sharding.state_shardings(mesh, abstract)
   q = shardings['params']['blocks']['mlp']['up']['q_in']
   assert q.is_fully_replicated

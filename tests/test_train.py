@@ -97,10 +97,11 @@ def small_config(**train):
 
 def _run_steps(c, batches):
   import jax  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  setup, state = train_lib.init_state(c, 64)
-  step = jax.jit(lambda s, b: train_lib.train_step(setup, s, b))
-  evaluate = jax.jit(lambda s, b: train_lib.eval_step(setup, s, b))
+  from poet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  setup, state = train_state.init_state(c, 64)
+  step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
+  evaluate = jax.jit(lambda s, b: steps_lib.eval_step(setup, s, b))
   losses = []
   for batch in batches:
     state, m = step(state, batch)
@@ -113,12 +114,12 @@ def test_grad_accumulation_equals_the_whole_batch():
   whole batch at once, to float32 rounding, across merges (at 2, 4, 6)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 64, (4, 9), np.int32) for _ in range(6)]
   whole = _run_steps(small_config(), batches)
   # The merges changed W0: the comparison covers them.
-  initial = train_lib.init_state(small_config(), 64)[1]
+  initial = train_state.init_state(small_config(), 64)[1]
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(initial['frozen']), jax.tree.leaves(whole[1]['frozen'])))
   losses, state, evaluation = _run_steps(small_config(grad_accum_steps=4),

@@ -28,9 +28,13 @@ CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': XLA_CACHE,
              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
+# train.py with the test-only fault hooks (tests/faults.py) installed; they
+# act only when a test sets POET_JAX_FAULT or POET_JAX_KILL_AT_STEP.
+TRAIN = os.path.join(ROOT, 'tests', 'run_with_faults.py')
+
+
 def train_command(workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, 'train.py'),
-          f'--workdir={workdir}', *TINY, *overrides]
+  return [sys.executable, TRAIN, f'--workdir={workdir}', *TINY, *overrides]
 
 
 # Less LLVM optimization: the tiny model's programs compile in about 60% of

@@ -1,0 +1,190 @@
+"""A run's start-up: every check that can refuse it (exit 2) before anything
+is written or compiled, then its data, checkpoints, compiled steps and its
+state, fresh or restored (docs/reliability.md)."""
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from poet_jax import checkpoint as checkpoint_lib
+from poet_jax import config as config_lib
+from poet_jax import data as data_lib
+from poet_jax import hooks
+from poet_jax import layers
+from poet_jax import metrics as metrics_lib
+from poet_jax import sharding as sharding_lib
+from poet_jax import steps as steps_lib
+from poet_jax import tokenizer as tokenizer_lib
+from poet_jax import train_state
+from poet_jax import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop works with, once start-up is done."""
+  config: Any
+  workdir: str
+  ckpt: checkpoint_lib.Checkpointer
+  setup: train_state.Setup
+  steps: steps_lib.CompiledSteps
+  state: dict
+  start: int                 # the step the loop starts after
+  vocab: int
+  train_data: Any            # data_lib token stream
+  eval_batches: list         # this process's rows of each held-out batch
+  inputs: dict               # tokenizer and data identities, for checkpoints
+  layer_names: list          # POET layers, for the numerical warnings
+  log: metrics_lib.MetricsLog | None  # None except on the main process
+  say: Callable
+
+
+def _load_tokenizer(spec: str):
+  """tokenizer_lib.load_tokenizer, refusing an empty model file, which
+  sentencepiece would load as a model without pieces."""
+  path = os.path.expanduser(spec)
+  if spec != 'byte' and os.path.isfile(path) and not os.path.getsize(path):
+    raise tokenizer_lib.TokenizerError(
+        f'tokenizer file {path} is empty; set data.tokenizer to a '
+        "SentencePiece .model file or to 'byte'")
+  return tokenizer_lib.load_tokenizer(spec)
+
+
+def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
+  """The tokenizer or data a checkpoint was trained on is the one at hand.
+
+  A tokenizer file that was replaced (or damaged yet still loads) or another
+  corpus would silently change the run: refuse, naming both. Checkpoints
+  that did not record it pass.
+  """
+  then = trained_on.get(key)
+  if then is not None and then != now:
+    raise config_lib.ConfigError(
+        f'the {key} differs from the one checkpoint {ckpt.step_path(step)} '
+        f'was trained with ({then!r}, now {now!r}); restore the original '
+        'or use a new --workdir')
+
+
+def _open_checkpoints(c, workdir: str) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
+      before_commit=hooks.current.before_commit)
+
+
+def _tokenizer_and_vocab(c):
+  """The tokenizer and the model's vocabulary size, or ConfigError."""
+  tokenizer = _load_tokenizer(c.data.tokenizer)
+  vocab = c.model.vocab_size or tokenizer.vocab_size
+  if vocab < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary '
+        f'({tokenizer.vocab_size}); set it to 0 or at least that')
+  return tokenizer, vocab
+
+
+def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
+  """(train stream, eval stream, inputs): the data, checked to be what the
+  checkpoint was trained on and to hold one batch of each split."""
+  data_dir = c.data.data_dir or config_lib.default_data_dir()
+  train_data, eval_data = data_lib.open_train_and_eval(
+      c.data.name, data_dir, tokenizer, c.train.seq_len,
+      c.data.max_tokens or None, progress=progress)
+  inputs = {'tokenizer': tokenizer.identity,
+            'data': f'{train_data.name}, {len(train_data.tokens)} tokens'}
+  _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
+  for split, stream in zip(data_lib.SPLITS, (train_data, eval_data)):
+    data_lib.check_one_batch(stream, c.train.batch_size, c.data.name,
+                             split, c.data.max_tokens)
+  return train_data, eval_data, inputs
+
+
+def _describe_model(c, setup, abstract, mesh, say) -> list:
+  """Says the model's size (and POET's compute choices); returns the POET
+  layer names."""
+  trainable, frozen = train_state.count_params(abstract)
+  layer_names = metrics_lib.poet_layer_names(
+      nnx.merge(setup.graphdef, abstract['params'], abstract['frozen']))
+  say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen '
+      f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
+  if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
+    model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
+    say(layers.describe_choices(
+        model, c.train.batch_size // c.train.grad_accum_steps
+        * c.train.seq_len))
+  return layer_names
+
+
+def _initial_state(c, vocab, setup, abstract, steps, ckpt, latest, say):
+  """A fresh state (or one from init_from) without a checkpoint; else the
+  latest checkpoint's, restored to the steps' shardings."""
+  if latest is None:
+    state = jax.jit(lambda: train_state.init_state(c, vocab)[1],
+                    out_shardings=steps.state_sharding)()
+    if c.init_from:  # a pretrained Hugging Face Llama (hf_import.py)
+      from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
+      state = hf_import.init_state_from(c.init_from, setup, state,
+                                        steps.state_sharding)
+      say(f'initialized from {c.init_from}')
+  else:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, steps.state_sharding)
+    state, _ = ckpt.restore(latest, target)
+    say(f'resumed from {ckpt.directory} at step {latest}')
+  return state
+
+
+def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
+  """Checks, then builds, everything the loop needs.
+
+  Raises train_lib.USER_ERRORS for bad input, before anything is written
+  to the work directory and before any compile; stopping.Interrupted for a
+  signal during start-up.
+  """
+  is_main = jax.process_index() == 0
+  workdir_lib.check_writable(workdir)
+  mesh = sharding_lib.make_mesh(c.mesh)
+  sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
+  tokenizer, vocab = _tokenizer_and_vocab(c)
+  # Opening creates the directory: only an existing one is opened now.
+  ckpt = (_open_checkpoints(c, workdir)
+          if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
+  try:
+    latest = ckpt.latest_step() if ckpt else None
+    workdir_lib.check_config_matches(workdir, c,
+                                     has_checkpoint=latest is not None)
+    # What the checkpoint was trained on must be what is at hand: checked
+    # for the tokenizer before the data is tokenized with it.
+    trained_on = ckpt.read_meta(latest) if latest is not None else {}
+    _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
+    train_data, eval_data, inputs = _open_data(
+        c, tokenizer, ckpt, latest, trained_on, progress and is_main)
+    # Nothing refused the run: from here on it writes.
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      workdir_lib.write_config(workdir, c)
+    ckpt = ckpt or _open_checkpoints(c, workdir)
+
+    setup, abstract = train_state.abstract_state(c, vocab)
+    steps = steps_lib.compile_steps(setup, abstract, mesh)
+    layer_names = _describe_model(c, setup, abstract, mesh, say)
+    hooks.current.started()
+    state = _initial_state(c, vocab, setup, abstract, steps, ckpt, latest,
+                           say)
+    start = int(state['step'])
+    log = metrics_lib.MetricsLog(
+        os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
+        tensorboard_dir=(os.path.join(workdir, 'tensorboard')
+                         if c.tensorboard else None)) if is_main else None
+  except BaseException:
+    if ckpt:
+      ckpt.abandon()
+    raise
+
+  num_eval = max(1, c.eval_tokens // c.train.seq_len)
+  eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval,
+                                       jax.process_index(),
+                                       jax.process_count())
+  return Run(c, workdir, ckpt, setup, steps, state, start, vocab, train_data,
+             eval_batches, inputs, layer_names, log, say)

@@ -1,0 +1,173 @@
+"""What one step computes: the train step (micro-batch accumulation, the
+non-finite guard, the merge), the evaluation step, the POET diagnostics, and
+their compilation with explicit shardings.
+
+The train step is one jax.jit with a donated state; the merge is a lax.cond
+inside it, keyed on the step.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from poet_jax import merge as merge_lib
+from poet_jax import metrics as metrics_lib
+from poet_jax import model as model_lib
+from poet_jax import optim
+from poet_jax import optimizers
+from poet_jax import sharding as sharding_lib
+from poet_jax import train_state
+
+
+def _where(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _micro_batches(batch: jax.Array, k: int) -> jax.Array:
+  """(B, T+1) -> (k, B/k, T+1); micro-batch j holds rows j, j+k, j+2k, ...
+
+  Strided rows keep every micro-batch split over the batch devices as the
+  batch is (the row axis stays the sharded one), so nothing moves.
+  """
+  return batch.reshape(batch.shape[0] // k, k, -1).swapaxes(0, 1)
+
+
+def _accumulate(fn, params, batch: jax.Array, k: int):
+  """The sum of fn(params, micro_batch) over k micro-batches (float32).
+
+  A lax.scan: the compiled step keeps one micro-batch's activations.
+  """
+  if k == 1:
+    return fn(params, batch)
+  micro = _micro_batches(batch, k)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(fn, params, micro[0]))
+
+  def body(total, tokens):
+    out = jax.tree.map(lambda x: x.astype(jnp.float32), fn(params, tokens))
+    return jax.tree.map(jnp.add, total, out), None
+
+  return jax.lax.scan(body, zeros, micro)[0]
+
+
+def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
+  """One optimizer step over train.grad_accum_steps micro-batches, the
+  generator guard, and a merge when due (after the step, on its count)."""
+  c = setup.config
+
+  def loss_fn(params, tokens):
+    model = nnx.merge(setup.graphdef, params, state['frozen'])
+    return model_lib.next_token_loss(model, tokens)
+
+  k = c.train.grad_accum_steps
+  loss, grads = _accumulate(jax.value_and_grad(loss_fn), state['params'],
+                            batch, k)
+  if k > 1:
+    # Equal micro-batches: the mean of their mean losses and gradients is
+    # the whole batch's, to float32 rounding.
+    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = setup.tx.update(grads, state['opt_state'],
+                                       state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  if c.optimizer.name == 'poet' and c.poet.max_q_norm:
+    params = optim.clip_generator_norms(params, c.poet.max_q_norm)
+  # A non-finite loss or gradient drops the whole update; detected here, on
+  # device, and reported with the next logged metrics.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params = _where(finite, params, state['params'])
+  opt_state = _where(finite, opt_state, state['opt_state'])
+  step = state['step'] + 1
+  frozen = state['frozen']
+  if c.optimizer.name == 'poet':
+    params, frozen, opt_state = merge_lib.merge_if_due(
+        setup.graphdef, params, frozen, opt_state, step, c.poet.merge_every,
+        jax.random.key(c.seed))
+  new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
+               'step': step,
+               'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
+               'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
+                                           step)}
+  metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+             **optimizers.applied_rates(
+                 c, state['step'] - state['nonfinite'])}
+  return new_state, metrics
+
+
+def eval_step(setup: train_state.Setup, state: dict, batch: jax.Array):
+  """Summed token loss and token count of one evaluation batch (taken in
+  train.grad_accum_steps micro-batches, like the train step)."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+
+  def summed(_, tokens):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        model(tokens[:, :-1]), tokens[:, 1:])
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+  return _accumulate(summed, None, batch, setup.config.train.grad_accum_steps)
+
+
+def diagnostics(setup: train_state.Setup, state: dict) -> dict:
+  """metrics_lib.poet_diagnostics, and under 'layers' the per-layer
+  metrics_lib.poet_layer_health behind the numerical warnings."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  return {**metrics_lib.poet_diagnostics(model),
+          'layers': metrics_lib.poet_layer_health(model)}
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+  train: Callable
+  eval: Callable
+  diagnostics: Callable
+  state_sharding: Any
+  batch_sharding: Any
+
+
+def compiler_options(c) -> dict:
+  """XLA options of the steps.
+
+  XLA:CPU multiplies bf16 matrices by converting them to f32, and its
+  loop-invariant code motion then hoists those converts out of the layer
+  scan: an f32 copy of every layer's W0 at once (about 2x the model's bf16
+  weights, measured at llama_8b). Accelerators multiply bf16 natively; on CPU
+  we turn that pass off for bf16 runs so each layer converts its own slice.
+  """
+  bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
+  if bf16 and jax.default_backend() == 'cpu':
+    return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+  return {}
+
+
+def compile_steps(setup: train_state.Setup, abstract: Any,
+                  mesh) -> CompiledSteps:
+  """jax.jit of every step with explicit shardings; the state is donated."""
+  options = compiler_options(setup.config)
+  state_sh = sharding_lib.state_shardings(mesh, abstract)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train = jax.jit(lambda s, b: train_step(setup, s, b),
+                  in_shardings=(state_sh, batch_sh),
+                  out_shardings=(state_sh, replicated), donate_argnums=0,
+                  compiler_options=options)
+  evaluate = jax.jit(lambda s, b: eval_step(setup, s, b),
+                     in_shardings=(state_sh, batch_sh),
+                     out_shardings=replicated)
+  diag = jax.jit(lambda s: diagnostics(setup, s), in_shardings=(state_sh,),
+                 out_shardings=replicated)
+  return CompiledSteps(train, evaluate, diag, state_sh, batch_sh)
+
+
+def compile_ahead(c, steps: CompiledSteps, state) -> None:
+  """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
+  executables), so that the clocks of tokens/s and of the time left, started
+  after this, leave compilation out."""
+  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
+                               jnp.int32, sharding=steps.batch_sharding)
+  steps.train.lower(state, batch).compile()
+  steps.eval.lower(state, batch).compile()
+  if c.optimizer.name == 'poet':
+    steps.diagnostics.lower(state).compile()
