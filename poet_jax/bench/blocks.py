@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from poet_jax import model as model_lib
-from poet_jax import train_lib
+from poet_jax import train_state
 from poet_jax.bench.common import Sizes, interleaved, log
 from poet_jax.bench.flops import matmul_flops
 from poet_jax.bench.steps import step_config
@@ -20,7 +20,7 @@ from poet_jax.bench.steps import step_config
 
 def _calls(c, batch):
   """Jitted forward and forward + backward of the features, and their FLOPs."""
-  model = model_lib.Llama(train_lib.model_config(c, c.model.vocab_size),
+  model = model_lib.Llama(train_state.model_config(c, c.model.vocab_size),
                           rngs=nnx.Rngs(params=0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rng = np.random.default_rng(0)

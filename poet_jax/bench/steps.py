@@ -19,7 +19,8 @@ from poet_jax import config as config_lib
 from poet_jax import layers
 from poet_jax import merge as merge_lib
 from poet_jax import sharding as sharding_lib
-from poet_jax import train_lib
+from poet_jax import steps as steps_lib
+from poet_jax import train_state
 from poet_jax.bench.common import GIB, Sizes, interleaved, log
 from poet_jax.bench.flops import matmul_flops
 
@@ -68,8 +69,8 @@ class _Method:
   def __init__(self, c, mesh):
     self.config = c
     vocab = c.model.vocab_size
-    self.setup, abstract = train_lib.abstract_state(c, vocab)
-    steps = train_lib.compile_steps(self.setup, abstract, mesh)
+    self.setup, abstract = train_state.abstract_state(c, vocab)
+    steps = steps_lib.compile_steps(self.setup, abstract, mesh)
     self.state_sharding = steps.state_sharding
     self.batch_sharding = steps.batch_sharding
     state = jax.tree.map(
@@ -85,7 +86,7 @@ class _Method:
     # XLA's count, for comparison: a scanned layer's body only once.
     self.xla_flops = float(cost.get('flops', 0.0))
     self.peak_bytes = _peak_bytes(self.step)
-    self.init = jax.jit(lambda: train_lib.init_state(c, vocab)[1],
+    self.init = jax.jit(lambda: train_state.init_state(c, vocab)[1],
                         out_shardings=steps.state_sharding)
     self.state = None
     self.batches = _batches(c, self.batch_sharding)

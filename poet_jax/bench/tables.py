@@ -9,12 +9,19 @@ def _fmt(x, spec='.2f'):
   return '' if x is None else str(x)
 
 
+def _table(out, title: str, columns: str) -> None:
+  """A Markdown table's title (if any), header and rule."""
+  names = columns.split(', ')
+  if title:
+    print(f'\n## {title}', file=out)
+  print('| ' + ' | '.join(names) + ' |', file=out)
+  print('|' + '---|' * len(names), file=out)
+
+
 def _print_layer(rows, out) -> None:
-  print('\n## one layer, forward + backward (median ms; ratio to dense; '
-        'FLOP ratio with the orthogonal maps)', file=out)
-  print('| shape | tokens | path | ms | x dense | FLOPs x dense | note |',
-        file=out)
-  print('|---|---|---|---|---|---|---|', file=out)
+  _table(out, 'one layer, forward + backward (median ms; ratio to dense; '
+         'FLOP ratio with the orthogonal maps)',
+         'shape, tokens, path, ms, x dense, FLOPs x dense, note')
   for r in rows:
     note = ''
     if r['path'] == 'auto':
@@ -29,11 +36,10 @@ def _print_layer(rows, out) -> None:
 
 def _print_steps(rows, out) -> None:
   first = rows[0]
-  print(f"\n## train step, {first['model']} ({first.get('layers')} layers),"
-        f" batch {first['batch'][0]} x {first['batch'][1]}", file=out)
-  print('| method | ms/step | tokens/s | x AdamW | GFLOP/s | of matmul rate'
-        ' | peak GiB | peak x AdamW |', file=out)
-  print('|---|---|---|---|---|---|---|---|', file=out)
+  _table(out, f"train step, {first['model']} ({first.get('layers')} "
+         f"layers), batch {first['batch'][0]} x {first['batch'][1]}",
+         'method, ms/step, tokens/s, x AdamW, GFLOP/s, of matmul rate, '
+         'peak GiB, peak x AdamW')
   for r in rows:
     if r['method'] == 'poet merge':
       continue
@@ -59,10 +65,9 @@ def _print_steps(rows, out) -> None:
 def _print_breakdown(rows, out) -> None:
   whole = rows[-1]
   m, n = whole['shape']
-  print(f"\n## 'fast' {m} x {n}, N={whole['tokens']}, in pieces timed "
-        f"alone (ms per forward + backward; fraction of the whole)", file=out)
-  print('| piece | counts as | ms | of whole |', file=out)
-  print('|---|---|---|---|', file=out)
+  _table(out, f"'fast' {m} x {n}, N={whole['tokens']}, in pieces timed "
+         f"alone (ms per forward + backward; fraction of the whole)",
+         'piece, counts as, ms, of whole')
   for r in rows[:-1]:
     times = f" (x{r['times']})" if r['times'] > 1 else ''
     print(f"| {r['piece']}{times} | {r['group']} | {r['ms']:.1f} | "
@@ -79,12 +84,10 @@ def _print_breakdown(rows, out) -> None:
 
 def _print_blocks(rows, out) -> None:
   first = rows[0]
-  print(f"\n## the {first['layers']} blocks of {first['model']} (features: "
-        f"embedding, blocks, norm), batch {first['batch'][0]} x "
-        f"{first['batch'][1]}", file=out)
-  print('| method | part | ms | x forward | GFLOP | GFLOP/s | of matmul rate |',
-        file=out)
-  print('|---|---|---|---|---|---|---|', file=out)
+  _table(out, f"the {first['layers']} blocks of {first['model']} "
+         f"(features: embedding, blocks, norm), batch {first['batch'][0]} x "
+         f"{first['batch'][1]}",
+         'method, part, ms, x forward, GFLOP, GFLOP/s, of matmul rate')
   for r in rows:
     print(f"| {r['method']} | {r['part']} | {_fmt(r['ms'], '.1f')} | "
           f"{_fmt(r['ratio_to_forward'])} | {_fmt(r['flops'] / 1e9, '.1f')} | "
@@ -93,11 +96,10 @@ def _print_blocks(rows, out) -> None:
 
 
 def _print_memory(rows, out) -> None:
-  print(f"\n## dry-run peak memory per device, batch 1, "
-        f"{rows[0]['dtype']} (ours GiB; paper GB, H100)", file=out)
-  print('| model | seq | method | W0 | peak GiB | x AdamW | - POET-X mem '
-        'GiB | paper GB |', file=out)
-  print('|---|---|---|---|---|---|---|---|', file=out)
+  _table(out, f"dry-run peak memory per device, batch 1, {rows[0]['dtype']}"
+         ' (ours GiB; paper GB, H100)',
+         'model, seq, method, W0, peak GiB, x AdamW, - POET-X mem GiB, '
+         'paper GB')
   for r in rows:
     if 'error' in r:
       print(f"| {r['model']} | {r['seq_len']} | {r['method']} | | failed: "
@@ -116,16 +118,16 @@ def _print_reference(rows, out) -> None:
     if r.get('skipped'):
       print(f"reference skipped: {r['skipped']}", file=out)
       return
-  print('| step | official ms | poet_jax ms | poet_jax / official |',
-        file=out)
-  print('|---|---|---|---|', file=out)
+  _table(out, '', 'step, official ms (quartiles), poet_jax ms (quartiles), '
+         'poet_jax / official')
   for r in rows:
     if 'error' in r:
       print(f"| {r['method']} | failed: {r['error'][:100]} | | |", file=out)
       continue
-    print(f"| {r['method']} | {_fmt(r['official_ms'], '.0f')} | "
-          f"{_fmt(r['ours_ms'], '.0f')} | {_fmt(r['ratio_to_official'])} |",
-          file=out)
+    spread = lambda t: (f"{1e3 * t['median_s']:.0f} ({1e3 * t['p25_s']:.0f}"
+                        f"-{1e3 * t['p75_s']:.0f})")
+    print(f"| {r['method']} | {spread(r['official'])} | {spread(r['ours'])} | "
+          f"{_fmt(r['ratio_to_official'])} |", file=out)
 
 
 def print_tables(report: dict, out=None) -> None:
