@@ -103,3 +103,21 @@ def test_time_rounds_reverses_the_second_round_and_warms_up_once():
   assert calls == [('a', 2, True), ('b', 2, True), ('c', 2, True),
                    ('c', 2, False), ('b', 2, False), ('a', 2, False)]
   assert times['a'] == [1.0, 1.0, 6.0, 6.0]
+
+
+def test_profile_op_times_sum_ops_per_call_and_skip_their_containers(
+    tmp_path):
+  import gzip
+  from poet_jax.bench import profile
+  events = [{'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 4000},
+            {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 2000},
+            {'ph': 'X', 'name': 'transpose_copy_fusion', 'dur': 1000},
+            {'ph': 'X', 'name': 'while.1', 'dur': 9000},  # holds the others
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 9000},
+            {'ph': 'i', 'name': 'marker'}]
+  (tmp_path / 'run').mkdir()
+  with gzip.open(tmp_path / 'run' / 'host.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  # Two calls traced: ms per call.
+  assert profile.op_times(str(tmp_path), calls=2) == {
+      'ynn_fusion.3': 3.0, 'transpose_copy_fusion': 0.5}

@@ -26,21 +26,24 @@ METHODS = ('adamw', 'galore', 'muon', 'poet-fast', 'poet-mem',
 POET_PATHS = ('fast', 'mem', 'materialize', 'auto')
 
 
-def _step_sections(sections, sizes: Sizes, methods, step_reps, rate):
+def _step_sections(sections, sizes: Sizes, methods, step_reps, rate,
+                   profile_dir=''):
   rows = []
   if 'step' in sections:
     rows += bench_steps('step', sizes, sizes.step_size, sizes.step_batch,
-                        _pairs(methods), step_reps, matmul_rate=rate)
+                        _pairs(methods), step_reps, matmul_rate=rate,
+                        profile_dir=profile_dir)
   if 'ref' in sections:
     ref = [m for m in methods if m in ('adamw', 'poet-fast', 'poet-mem',
                                        'poet-auto')]
     rows += bench_steps('ref', sizes, sizes.step_size, sizes.ref_batch,
-                        _pairs(ref), step_reps, matmul_rate=rate, merge=False)
+                        _pairs(ref), step_reps, matmul_rate=rate, merge=False,
+                        profile_dir=profile_dir)
   if 'wide' in sections:
     rows += bench_steps('wide', sizes, sizes.wide_size, sizes.wide_batch,
                         _pairs(methods), step_reps,
                         num_layers=sizes.wide_layers, matmul_rate=rate,
-                        merge=False)
+                        merge=False, profile_dir=profile_dir)
   return rows
 
 
@@ -63,7 +66,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
   if 'blocks' in sections:
     rows += bench_blocks(sizes, reps, _pairs(['adamw']), matmul_rate=rate)
   step_reps = step_reps or max(2, reps // 4)
-  rows += _step_sections(sections, sizes, methods, step_reps, rate)
+  rows += _step_sections(sections, sizes, methods, step_reps, rate,
+                         profile_dir)
   if 'memory' in sections:
     memory = [m for m in methods if m in ('adamw', 'galore',
                                           'poet-materialize', 'poet-fast',
@@ -106,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                       f'memory sections, of {METHODS}')
   parser.add_argument('--profile', default='', metavar='DIR',
                       help='also write a jax.profiler trace of every layer '
-                      'path of the layer section under DIR')
+                      'path of the layer section and of two steps of every '
+                      'method of the step sections under DIR (the steps\' '
+                      'op time by kind goes into their rows)')
   parser.add_argument('--tiny', action='store_true',
                       help='every section at a tiny size (the smoke test)')
   reference.add_flags(parser)

@@ -7,6 +7,7 @@ order. No merge falls in the timed steps (merges are every 400 steps); one
 whole-model merge is timed separately.
 """
 import math
+import os
 import time
 from typing import Callable
 
@@ -21,6 +22,7 @@ from poet_jax import merge as merge_lib
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
+from poet_jax.bench import profile as profile_lib
 from poet_jax.bench.common import GIB, Sizes, interleaved, log
 from poet_jax.bench.flops import matmul_flops
 
@@ -206,16 +208,35 @@ def _step_row(section, size, batch, name, method, seconds, adamw,
   return row
 
 
+def _profile(method: _Method, trace_dir: str) -> dict:
+  """Op time by kind of two steps from a fresh state (profile.profile)."""
+  method.state = method.init()
+  jax.block_until_ready(method.run(method.batches[0]))
+  result = profile_lib.profile(lambda i: method.run(method.batches[i % 4]),
+                               trace_dir)
+  method.state = None
+  return result
+
+
 def bench_steps(section: str, sizes: Sizes, size: str, batch: tuple,
                 methods: list[tuple[str, str]], reps: int, num_layers=0,
-                matmul_rate=None, merge=True) -> list[dict]:
-  """Train steps of several methods, interleaved in blocks (module doc)."""
+                matmul_rate=None, merge=True, profile_dir='') -> list[dict]:
+  """Train steps of several methods, interleaved in blocks (module doc).
+
+  With profile_dir, each method's row also gets `profile`: the XLA op time
+  of two traced steps by kind (trace under profile_dir/section-method).
+  """
   del sizes  # the size and batch are given; kept for a uniform signature
   built, failed = build_methods(section, size, batch, methods, num_layers)
   times = time_rounds({name: m.timed for name, m in built.items()}, reps)
   adamw = (built['adamw'], times['adamw']) if 'adamw' in built else None
   rows = [_step_row(section, size, batch, name, method, times[name], adamw,
                     matmul_rate) for name, method in built.items()]
+  for row, (name, method) in zip(rows, built.items()):
+    if profile_dir:
+      log(f'{section}: profiling {name}')
+      row['profile'] = _profile(method,
+                                os.path.join(profile_dir, f'{section}-{name}'))
   if merge:
     poet = [m for n, m in built.items() if n.startswith('poet')]
     if poet:

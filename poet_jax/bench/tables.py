@@ -56,6 +56,12 @@ def _print_steps(rows, out) -> None:
   for r in rows:
     if r['method'] == 'poet merge':
       print(f"one merge of the whole model: {r['ms']:.1f} ms", file=out)
+    if r.get('profile'):
+      kinds = r['profile']['ms_by_kind']
+      total = sum(kinds.values())
+      print(f"{r['method']}, XLA op time by kind (profile): " + ', '.join(
+          f'{k} {ms:.0f} ms ({ms / total:.0%})' for k, ms in kinds.items()),
+            file=out)
     if r.get('auto_choices'):
       picks = ', '.join(f'{k.split(".")[-1]}: {v}'
                         for k, v in r['auto_choices'].items())
