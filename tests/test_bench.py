@@ -108,7 +108,7 @@ def test_time_rounds_reverses_the_second_round_and_warms_up_once():
 def test_profile_op_times_sum_ops_per_call_and_skip_their_containers(
     tmp_path):
   import gzip
-  from poet_jax.bench import profile
+  from poet_jax.bench import op_profile as profile
   events = [{'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 4000},
             {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 2000},
             {'ph': 'X', 'name': 'transpose_copy_fusion', 'dur': 1000},

@@ -87,6 +87,10 @@ def _trainer(a):
 
 def main(argv=None) -> int:
   a = _flags(argv)
+  # Run as a script, this file's folder (poet_jax/bench) heads sys.path,
+  # where our modules would shadow the standard library's for torch.
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != here]
   sys.path[:0] = [a.src, os.path.join(a.src, 'examples')]
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(a.threads)

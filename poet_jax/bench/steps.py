@@ -22,7 +22,7 @@ from poet_jax import merge as merge_lib
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
-from poet_jax.bench import profile as profile_lib
+from poet_jax.bench import op_profile as profile_lib
 from poet_jax.bench.common import GIB, Sizes, interleaved, log
 from poet_jax.bench.flops import matmul_flops
 
@@ -209,7 +209,7 @@ def _step_row(section, size, batch, name, method, seconds, adamw,
 
 
 def _profile(method: _Method, trace_dir: str) -> dict:
-  """Op time by kind of two steps from a fresh state (profile.profile)."""
+  """Op time by kind of two steps from a fresh state (op_profile.profile)."""
   method.state = method.init()
   jax.block_until_ready(method.run(method.batches[0]))
   result = profile_lib.profile(lambda i: method.run(method.batches[i % 4]),
