@@ -41,8 +41,8 @@ other processes falls on all of them alike, and inputs rotated over several
 arrays. Progress goes to stderr; the tables to stdout.
 
 One module per section (layer, breakdown, blocks, steps, memory, reference), the
-shared timing in common, FLOP counting in flops, the Markdown in tables and
-the command line in cli.
+shared timing in common, FLOP counting in flops, the op time of a profile
+in op_profile, the Markdown in tables and the command line in cli.
 """
 from poet_jax.bench.blocks import bench_blocks
 from poet_jax.bench.breakdown import bench_breakdown
