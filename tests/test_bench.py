@@ -53,3 +53,71 @@ def test_matmul_flops_counts_a_scan_body_times_its_length():
   # Forward, then the input and the weight gradients: 3 products per layer.
   grad = jax.jit(jax.grad(lambda w, x: layers(w, x).sum()))
   assert bench.matmul_flops(grad.trace(*args).jaxpr) == 3 * 3 * one
+
+
+def test_reference_section_without_the_official_code_is_one_skip_row(
+    tmp_path, capsys):
+  path = tmp_path / 'bench.json'
+  assert bench.main(['--only=reference', f'--json={path}']) == 0
+  rows = json.loads(path.read_text())['rows']
+  assert len(rows) == 1 and rows[0]['section'] == 'reference'
+  assert '--reference_python' in rows[0]['skipped']
+  assert 'reference skipped: the official code is not set up' in (
+      capsys.readouterr().out)
+
+
+def test_reference_skip_reason_names_what_is_missing(tmp_path):
+  import sys
+  from poet_jax.bench import reference
+  # An executable that is there, a source tree that is not the official one.
+  reason = reference.skip_reason(reference.Args(sys.executable,
+                                                str(tmp_path)))
+  assert 'poet_torch/__init__.py' in reason
+  reason = reference.skip_reason(reference.Args(str(tmp_path / 'nope'),
+                                                str(tmp_path)))
+  assert 'is not an executable' in reason
+
+
+def test_reference_replies_parse_and_errors_raise():
+  import pytest
+  from poet_jax.bench import reference
+  assert reference.parse_reply('{"seconds": [1.5, 2.0]}\n') == {
+      'seconds': [1.5, 2.0]}
+  with pytest.raises(RuntimeError, match='driver failed: ImportError: x'):
+    reference.parse_reply('{"error": "ImportError: x"}')
+  with pytest.raises(RuntimeError, match='not a JSON line'):
+    reference.parse_reply('Traceback (most recent call last):')
+
+
+def test_time_rounds_reverses_the_second_round_and_warms_up_once():
+  from poet_jax.bench import steps
+  calls = []
+
+  def runner(name):
+    def timed(count, warmup):
+      calls.append((name, count, warmup))
+      return [float(len(calls))] * count
+    return timed
+
+  times = steps.time_rounds({n: runner(n) for n in 'abc'}, reps=4)
+  assert calls == [('a', 2, True), ('b', 2, True), ('c', 2, True),
+                   ('c', 2, False), ('b', 2, False), ('a', 2, False)]
+  assert times['a'] == [1.0, 1.0, 6.0, 6.0]
+
+
+def test_profile_op_times_sum_ops_per_call_and_skip_their_containers(
+    tmp_path):
+  import gzip
+  from poet_jax.bench import op_profile as profile
+  events = [{'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 4000},
+            {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 2000},
+            {'ph': 'X', 'name': 'transpose_copy_fusion', 'dur': 1000},
+            {'ph': 'X', 'name': 'while.1', 'dur': 9000},  # holds the others
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 9000},
+            {'ph': 'i', 'name': 'marker'}]
+  (tmp_path / 'run').mkdir()
+  with gzip.open(tmp_path / 'run' / 'host.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  # Two calls traced: ms per call.
+  assert profile.op_times(str(tmp_path), calls=2) == {
+      'ynn_fusion.3': 3.0, 'transpose_copy_fusion': 0.5}
