@@ -8,7 +8,6 @@ import copy
 import os
 
 import ml_collections
-from ml_collections import config_dict
 
 METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')

@@ -26,7 +26,6 @@ from poet_jax import startup
 from poet_jax import steps as steps_lib
 from poet_jax import stopping
 from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
 from poet_jax import workdir as workdir_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
@@ -325,9 +324,3 @@ def _global_batch(local: np.ndarray, sharding) -> jax.Array:
   """This process's rows of the global batch -> one global jax.Array."""
   return jax.make_array_from_process_local_data(sharding, local)
 
-
-# bench.py reaches these through train_lib until its own split (issue 18)
-# imports them from where they live.
-abstract_state = train_state.abstract_state
-init_state = train_state.init_state
-compile_steps = steps_lib.compile_steps
