@@ -138,6 +138,39 @@ def _draw_pair(key, shape):
                spo.draw_permutation(k_out, shape[1]))
 
 
+def _placements(key, shapes, selected):
+  """(in_place, out_place) trees of fresh permutations, None unselected."""
+  keys = iter(jax.random.split(key, len(jax.tree.leaves(selected))))
+  pairs = jax.tree.map(
+      lambda s, x: _draw_pair(next(keys), x.shape) if s else _Pair(None, None),
+      selected, shapes, is_leaf=_is_none)
+  pick = lambda i: jax.tree.map(lambda p: p[i], pairs,
+                                is_leaf=lambda p: isinstance(p, _Pair))
+  return pick(0), pick(1)
+
+
+def _merge(state, selected, key, make):
+  """W0 <- R W0 P in new frames drawn from `key`, generators <- 0, POET
+  state reset; make: generators -> blocks."""
+  new_in, new_out = _placements(key, state.w0, selected)
+
+  def fold(s, w0, i, o, gen, ni, no):
+    if not s:
+      return None
+    dtype = jnp.promote_types(w0.dtype, jnp.float32)
+    return spo.block_merge(
+        w0.astype(dtype), make(gen['in_blocks']).astype(dtype),
+        make(gen['out_blocks']).astype(dtype), i, o, ni, no
+    ).astype(w0.dtype)
+
+  w0 = jax.tree.map(fold, selected, state.w0, state.in_place,
+                    state.out_place, state.generators, new_in, new_out,
+                    is_leaf=_is_none)
+  zeros = jax.tree.map(jnp.zeros_like, state.generators)
+  return PoetKernelsState(state.count, w0, new_in, new_out, zeros,
+                          optim.reset_poet_state(state.inner_state))
+
+
 def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
                  merge_every: int, key: jax.Array, target=('*',),
                  exclude=DEFAULT_EXCLUDE, on_indivisible: str = 'raise',
@@ -169,20 +202,10 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
                              target=target, exclude=exclude,
                              on_indivisible=on_indivisible)
 
-  def placements(key, shapes, selected):
-    """(in_place, out_place) trees of fresh permutations, None unselected."""
-    keys = iter(jax.random.split(key, len(jax.tree.leaves(selected))))
-    pairs = jax.tree.map(
-        lambda s, x: _draw_pair(next(keys), x.shape) if s else _Pair(None, None),
-        selected, shapes, is_leaf=_is_none)
-    pick = lambda i: jax.tree.map(lambda p: p[i], pairs,
-                                  is_leaf=lambda p: isinstance(p, _Pair))
-    return pick(0), pick(1)
-
   def init_fn(params):
     selected = select(params)
-    in_place, out_place = placements(jax.random.fold_in(key, 0), params,
-                                     selected)
+    in_place, out_place = _placements(jax.random.fold_in(key, 0), params,
+                                      selected)
     w0 = jax.tree.map(
         lambda s, x, i, o: spo.to_block_frame(x, i, o) if s else None,
         selected, params, in_place, out_place, is_leaf=_is_none)
@@ -223,31 +246,10 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
         selected, inner_updates, kernels, params, is_leaf=leaf)
     state = PoetKernelsState(count, state.w0, state.in_place,
                              state.out_place, new, inner_state)
-    state = jax.lax.cond(count % merge_every == 0,
-                         functools.partial(_merge, selected),
-                         lambda s: s, state)
+    merge = lambda s: _merge(
+        s, selected, jax.random.fold_in(key, s.count // merge_every),
+        reparam.block_map(neumann_terms, orthogonal_map, block_size))
+    state = jax.lax.cond(count % merge_every == 0, merge, lambda s: s, state)
     return out, state
-
-  def _merge(selected, state):
-    """W0 <- R W0 P in new frames, generators <- 0, POET state reset."""
-    merge_key = jax.random.fold_in(key, state.count // merge_every)
-    new_in, new_out = placements(merge_key, state.w0, selected)
-    make = reparam.block_map(neumann_terms, orthogonal_map, block_size)
-
-    def fold(s, w0, i, o, gen, ni, no):
-      if not s:
-        return None
-      dtype = jnp.promote_types(w0.dtype, jnp.float32)
-      return spo.block_merge(
-          w0.astype(dtype), make(gen['in_blocks']).astype(dtype),
-          make(gen['out_blocks']).astype(dtype), i, o, ni, no
-      ).astype(w0.dtype)
-
-    w0 = jax.tree.map(fold, selected, state.w0, state.in_place,
-                      state.out_place, state.generators, new_in, new_out,
-                      is_leaf=_is_none)
-    zeros = jax.tree.map(jnp.zeros_like, state.generators)
-    return PoetKernelsState(state.count, w0, new_in, new_out, zeros,
-                            optim.reset_poet_state(state.inner_state))
 
   return optax.GradientTransformation(init_fn, update_fn)
