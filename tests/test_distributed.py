@@ -73,8 +73,10 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(
   checkpoint's asynchronous save has had a step's time to complete.
   """
   workdir = str(tmp_path)
-  for code, _, err in launch(workdir, 2, 4, kill_at=3):
-    assert code == -9, err[-3000:]
+  for i, (code, _, err) in enumerate(launch(workdir, 2, 4, kill_at=3)):
+    # Each process kills itself after step 3; when the coordinator (process
+    # 0) goes first, JAX aborts the other one (SIGABRT) before its own kill.
+    assert code == -9 or (i > 0 and code == -6), err[-3000:]
   before = read_metrics(workdir)
   assert max(e['step'] for e in before) == 3
   assert_close(before, reference[:len(before)])  # a merge after step 2
