@@ -155,6 +155,17 @@ def _check(fv: flags.FlagValues) -> None:
     raise cli.UsageError(f'--top_p={fv.top_p} must be in (0, 1]')
 
 
+def _warn_past_training_length(length: int, seq_len: int) -> None:
+  """One stderr line when generation runs past the trained sequence length:
+  the model has not seen those positions, and each new token attends to the
+  whole cache, so a long run costs time quadratic in its length."""
+  if length > seq_len:
+    print(f'warning: prompt + --max_new_tokens is {length} tokens, past the '
+          f'{seq_len} this model was trained on (train.seq_len): text beyond '
+          'that is unreliable and slower per token; lower --max_new_tokens',
+          file=sys.stderr)
+
+
 def _body(fv: flags.FlagValues) -> int:
   _check(fv)
   run = restore.load_run(fv.workdir, fv.step)
@@ -162,6 +173,8 @@ def _body(fv: flags.FlagValues) -> int:
   model = restore.folded_model(run)
   prompt = np.concatenate([[tokenizer.eos_id],
                            tokenizer.encode(fv.prompt)]).astype(np.int32)
+  _warn_past_training_length(len(prompt) + fv.max_new_tokens,
+                             run.config.train.seq_len)
   printer = StreamPrinter(tokenizer)
   print(fv.prompt, end='', flush=True)
   tokens = generate(model, jnp.asarray(prompt[None]),

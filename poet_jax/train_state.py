@@ -20,6 +20,7 @@ from flax import nnx
 
 from poet_jax import config as config_lib
 from poet_jax import model as model_lib
+from poet_jax import optim
 from poet_jax import optimizers
 from poet_jax.poetize import poetize
 
@@ -105,12 +106,22 @@ def abstract_state(c, vocab_size: int) -> tuple[Setup, Any]:
 
 
 def count_params(state) -> tuple[int, int]:
-  """(trainable, frozen) numbers of parameters; frozen counts W0 only."""
-  size = lambda tree: sum(int(np.prod(np.shape(x))) for x in
-                          jax.tree.leaves(tree)
-                          if jnp.issubdtype(x.dtype, jnp.floating))
+  """(trainable, frozen) numbers of parameters; frozen counts W0 only.
+
+  A POET layer's orthogonal blocks (..., k, b, b) count as what the
+  optimizer trains: their generators, b(b-1)/2 per block (spec section 2).
+  """
+  def trainable(path, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return 0
+    shape = np.shape(x)
+    if str(getattr(path[-1], 'key', '')) in optim.BLOCK_NAMES:
+      b = shape[-1]
+      return int(np.prod(shape[:-2])) * b * (b - 1) // 2
+    return int(np.prod(shape))
+  params = jax.tree_util.tree_leaves_with_path(state['params'])
   # W0 by name: an 8-bit W0 is uint8 codes plus float scales and zero points.
   w0 = jax.tree_util.tree_leaves_with_path(state['frozen'])
   frozen = sum(int(np.prod(np.shape(x))) for p, x in w0
                if str(getattr(p[-1], 'key', '')) == 'w0')
-  return size(state['params']), frozen
+  return sum(trainable(p, x) for p, x in params), frozen

@@ -157,3 +157,12 @@ def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
   assert expected in err[0], err
   assert sorted(os.walk(workdir)) == before
   assert os.listdir(empty) == [] and os.listdir(untrained) == ['config.json']
+
+
+def test_generating_past_the_trained_length_warns_once(capsys):
+  from poet_jax import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  generate_lib._warn_past_training_length(128, 128)
+  assert capsys.readouterr().err == ''
+  generate_lib._warn_past_training_length(1000, 128)
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and '1000' in err and 'train.seq_len' in err

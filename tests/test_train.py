@@ -128,3 +128,21 @@ def test_grad_accumulation_equals_the_whole_batch():
   np.testing.assert_allclose(evaluation, whole[2], rtol=2e-5)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trainable_count_is_the_generators_and_the_dense_leaves():
+  """count_params counts a POET layer's blocks by their generators (what
+  the optimizer trains), every other float parameter whole."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from poet_jax import optim  # pylint: disable=g-import-not-at-top
+  from poet_jax import reparam  # pylint: disable=g-import-not-at-top
+  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  _, state = train_state.abstract_state(small_config(), 64)
+  size = lambda x: int(np.prod(x.shape))
+  dense = sum(size(x) for p, x in jax.tree_util.tree_leaves_with_path(
+      state['params']) if str(p[-1].key) not in optim.BLOCK_NAMES)
+  generators = sum(size(u) for u in jax.tree.leaves(
+      reparam.generators(state['opt_state'])))
+  assert generators > 0
+  assert train_state.count_params(state)[0] == dense + generators
