@@ -20,9 +20,8 @@ from poet_jax import tokenizer as tokenizer_lib
 # Re-exported: the names the trainer, the tools and the tests use.
 from poet_jax.batches import TokenStream, check_one_batch  # pylint: disable=unused-import
 from poet_jax.corpora import (  # pylint: disable=unused-import
-    DataError, Documents, SPLITS, STDLIB, TextCorpus, TextCorpusConfig,
-    default_data_dir, open_documents, split_files, split_sources,
-    stdlib_files, text_files)
+    DataError, SPLITS, STDLIB, TextCorpus, default_data_dir, open_documents,
+    split_files, stdlib_files, text_files)
 from poet_jax.token_cache import (  # pylint: disable=unused-import
     SHARD_DOCS, ShardedTokens, load_manifest, load_stream, shard_docs_for,
     stream_path, token_dtype)

@@ -28,10 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from poet_jax import quant
 from poet_jax import spo
-# The path-choice functions moved to poet_jax/paths.py; the names stay
-# reachable here for callers written against layers.
-from poet_jax.paths import (choose_compute, compute_choices,  # pylint: disable=unused-import
-                            describe_choices, path_flops, path_saved_elements)
+from poet_jax.paths import choose_compute
 
 VARIANTS = ('block', 'full')
 COMPUTES = ('fast', 'mem', 'materialize', 'auto')

@@ -12,7 +12,7 @@ from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import hooks
-from poet_jax import layers
+from poet_jax import paths
 from poet_jax import metrics as metrics_lib
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
@@ -117,7 +117,7 @@ def _describe_model(c, setup, abstract, mesh, say) -> list:
       f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
   if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
     model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
-    say(layers.describe_choices(
+    say(paths.describe_choices(
         model, c.train.batch_size // c.train.grad_accum_steps
         * c.train.seq_len))
   return layer_names

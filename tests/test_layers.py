@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from poet_jax import layers
+from poet_jax import paths
 from poet_jax import orthogonal
 from poet_jax import spo
 
@@ -252,13 +253,13 @@ def test_fast_keeps_only_the_w0_product_for_the_backward():
 
 def test_cost_model_picks_by_width_block_and_tokens():
   # Narrow layer, big blocks, many tokens: the block products dominate.
-  assert layers.choose_compute('block', 512, 512, 256, 256, 8192) == (
+  assert paths.choose_compute('block', 512, 512, 256, 256, 8192) == (
       'materialize')
   # Wide layer: W0 taking no gradient saves more than the blocks cost.
-  assert layers.choose_compute('block', 4096, 4096, 256, 256, 8192) == 'fast'
+  assert paths.choose_compute('block', 4096, 4096, 256, 256, 8192) == 'fast'
   # Few tokens: building the kernel is not amortized.
-  assert layers.choose_compute('block', 512, 512, 256, 256, 64) == 'fast'
-  flops = layers.path_flops('block', 4096, 4096, 256, 256, 2048)
+  assert paths.choose_compute('block', 512, 512, 256, 256, 64) == 'fast'
+  flops = paths.path_flops('block', 4096, 4096, 256, 256, 2048)
   # The spec's ratios: 2/3 + b(m+n)/(mn) and 1 + 2b/N.
   assert flops['fast'] / flops['dense'] == pytest.approx(2 / 3 + 2 * 256 / 4096)
   assert flops['materialize'] / flops['dense'] == pytest.approx(
@@ -284,7 +285,7 @@ def test_auto_picks_both_paths_over_token_counts():
   m = SHAPES['block'][0]
   assert layer.resolved_compute((4, m)) == 'fast'
   assert layer.resolved_compute((4000, m)) == 'materialize'
-  choices = layers.compute_choices(layer, 4000)
+  choices = paths.compute_choices(layer, 4000)
   assert [c['compute'] for c in choices] == ['materialize']
 
 
@@ -305,7 +306,7 @@ def _median_time(fns, args, reps=9):
     (256, 256, 4096),  # narrow, one big block: materialize ~0.4x
 ])
 def test_cost_model_orders_paths_as_measured(m, b, tokens):
-  flops = layers.path_flops('block', m, m, b, b, tokens)
+  flops = paths.path_flops('block', m, m, b, b, tokens)
   predicted = min(('fast', 'materialize'), key=flops.get)
   margin = max(flops['fast'], flops['materialize']) / min(
       flops['fast'], flops['materialize'])
@@ -333,9 +334,9 @@ def test_auto_keeps_within_a_memory_budget():
   # One output block: materialize is cheaper by FLOPs (1.25x dense against
   # fast's 1.73x) but keeps the 1024 x 64 kernel; fast keeps 512 x 64.
   m, n, b, tokens = 1024, 64, 64, 512
-  pick = lambda budget: layers.choose_compute('block', m, n, b, b, tokens,
+  pick = lambda budget: paths.choose_compute('block', m, n, b, b, tokens,
                                               budget)
-  saved = layers.path_saved_elements(m, n, tokens)
+  saved = paths.path_saved_elements(m, n, tokens)
   assert saved['fast'] < saved['materialize']
   assert pick(0) == 'materialize'
   assert pick(saved['materialize']) == 'materialize'
@@ -344,7 +345,7 @@ def test_auto_keeps_within_a_memory_budget():
   layer = layers.POETLinear(m, n, block_size=b, compute='auto',
                             memory_budget=saved['fast'] - 1, rngs=nnx.Rngs(0))
   assert layer.resolved_compute((tokens, m)) == 'mem'
-  assert layers.compute_choices(layer, tokens)[0]['compute'] == 'mem'
+  assert paths.compute_choices(layer, tokens)[0]['compute'] == 'mem'
   x = jax.random.normal(jax.random.key(0), (tokens, m))
   np.testing.assert_array_equal(
       layer(x), layers.POETLinear(m, n, block_size=b, compute='mem',

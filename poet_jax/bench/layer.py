@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from poet_jax import layers
+from poet_jax import paths
 from poet_jax import orthogonal
 from poet_jax.bench.common import Sizes, interleaved, log
 
@@ -64,8 +65,8 @@ def bench_layer(sizes: Sizes, reps: int, profile_dir: str = '') -> list[dict]:
         with jax.profiler.trace(os.path.join(profile_dir, f'{m}x{n}-{path}')):
           for i in range(3):
             jax.block_until_ready(call(i))
-    flops = layers.path_flops('block', m, n, block, block, tokens)
-    auto = layers.choose_compute('block', m, n, block, block, tokens)
+    flops = paths.path_flops('block', m, n, block, block, tokens)
+    auto = paths.choose_compute('block', m, n, block, block, tokens)
     dense = t['dense']['median_s']
     best = min(t['fast']['median_s'], t['materialize']['median_s'])
     for path in LAYER_PATHS:

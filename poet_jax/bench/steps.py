@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from poet_jax import config as config_lib
-from poet_jax import layers
+from poet_jax import paths
 from poet_jax import merge as merge_lib
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
@@ -248,7 +248,7 @@ def _auto_choices(method: _Method, tokens: int) -> list[dict]:
   abstract = jax.eval_shape(method.init)
   model = nnx.merge(method.setup.graphdef, abstract['params'],
                     abstract['frozen'])
-  return layers.compute_choices(model, tokens)
+  return paths.compute_choices(model, tokens)
 
 
 def _bench_merge(section: str, size: str, method: _Method, reps: int) -> dict:
