@@ -27,12 +27,15 @@ class TokenStream:
   tokenized, whose reads wait for the shards they need.
   """
 
-  def __init__(self, tokens, seq_len: int, name: str = ''):
+  def __init__(self, tokens, seq_len: int, name: str = '', source: str = ''):
     if seq_len < 1:
       raise DataError(f'seq_len must be positive; got {seq_len}')
     self.tokens = tokens
     self.seq_len = seq_len
     self.name = name
+    # What the tokens are, known before they are all tokenized: the cache key
+    # of (dataset, split, tokenizer, cap); what a checkpoint records.
+    self.source = source
     self.window = max(1, WINDOW_TOKENS // (seq_len + 1))  # in examples
     self._orders = {}
 

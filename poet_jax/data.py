@@ -71,17 +71,20 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
   shard_docs = shard_docs or shard_docs_for(docs)
   path = stream_path(docs, tokenizer, max_tokens, cache_dir, shard_docs)
   name = f'{docs.name} {split}'
+  source = os.path.relpath(path, cache_dir)
   if os.path.exists(path):
-    return TokenStream(load_manifest(path), seq_len, name=name)
+    return TokenStream(load_manifest(path), seq_len, name=name,
+                       source=source)
   process_index, process_count = _process()
   settings = dict(progress=progress, workers=workers, shard_docs=shard_docs,
                   process_index=process_index, process_count=process_count)
   if not background:
     build_stream(docs, tokenizer, path, max_tokens, **settings)
-    return TokenStream(load_manifest(path), seq_len, name=name)
+    return TokenStream(load_manifest(path), seq_len, name=name,
+                       source=source)
   build = BackgroundBuild(docs, tokenizer, path, max_tokens, **settings)
   tokens = GrowingTokens(build, token_dtype(tokenizer.vocab_size))
-  return TokenStream(tokens, seq_len, name=name)
+  return TokenStream(tokens, seq_len, name=name, source=source)
 
 
 def open_train_and_eval(name: str, data_dir: str | None,

@@ -84,10 +84,10 @@ def _tokenizer_and_vocab(c):
 
 
 def data_identity(train_data) -> str:
-  """What a checkpoint records of its training data. Its length is known
-  once the stream is tokenized: a new run starts training before that and
-  records it at its first save."""
-  return f'{train_data.name}, {len(train_data.tokens)} tokens'
+  """What a checkpoint records of its training data: the stream's cache key
+  (dataset contents, split, tokenizer, token cap), known before the stream
+  is tokenized, so neither a save nor a resume waits for tokenizing."""
+  return f'{train_data.name}, {train_data.source}'
 
 
 def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
@@ -97,9 +97,9 @@ def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
   train_data, eval_data = data_lib.open_train_and_eval(
       c.data.name, data_dir, tokenizer, c.train.seq_len,
       c.data.max_tokens or None, progress=progress)
-  inputs = {'tokenizer': tokenizer.identity}
-  if latest is not None:  # Waits for the whole train stream (data.py).
-    inputs['data'] = data_identity(train_data)
+  inputs = {'tokenizer': tokenizer.identity,
+            'data': data_identity(train_data)}
+  if latest is not None:
     _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
   for split, stream in zip(data_lib.SPLITS, (train_data, eval_data)):
     data_lib.check_one_batch(stream, c.train.batch_size, c.data.name,

@@ -255,8 +255,6 @@ class _Loop:
 
   def _save(self, step: int) -> None:
     c = self.c
-    if 'data' not in self.run.inputs:  # Tokenized by now, nearly always.
-      self.run.inputs['data'] = startup.data_identity(self.run.train_data)
     self.run.ckpt.save(step, self.run.state, {
         'step': step, 'data_position': step,
         # On the optimizer's counter: dropped (non-finite) updates do not

@@ -1,4 +1,5 @@
 """Corpora, cached token streams and the batch position contract."""
+import functools
 import os
 import threading
 import sys
@@ -539,3 +540,20 @@ def test_shards_hold_about_shard_bytes_of_text(corpus):
   assert data.shard_docs_for(docs) == 1024
   docs.num_bytes = 0  # Unknown size.
   assert data.shard_docs_for(docs) == data.SHARD_DOCS
+
+
+def test_a_streams_identity_is_known_before_it_is_tokenized(corpus, tmp_path):
+  """What a checkpoint records of its data (stream.source) is the same while
+  the stream is tokenized in the background and once it is cached, and
+  another token cap is another identity."""
+  directory, _, data_dir = corpus
+  open_stream = functools.partial(
+      data.open_token_stream, directory, 'train', data_dir, BYTES, 8,
+      cache_dir=str(tmp_path), workers=1)
+  growing = open_stream(background=True)
+  source = growing.source
+  assert source and growing.num_examples > 0  # waits for the whole stream
+  cached = open_stream()
+  assert not isinstance(cached.tokens, data.GrowingTokens)
+  assert cached.source == source
+  assert open_stream(max_tokens=1000).source != source
