@@ -165,8 +165,44 @@ def unknown_key_message(argv, config) -> str | None:
   return None
 
 
-def describe_flag_error(e: BaseException, argv) -> str:
-  """One line for an error raised while reading the command line."""
+# absl's IllegalFlagValueError text for a value its parser refused.
+_REFUSED_VALUE = re.compile(r'flag --([\w.]+)=(.*?): ', re.DOTALL)
+_KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'}
+
+
+def bad_value_message(e: BaseException, flag_values) -> str | None:
+  """One line for a value an integer, float or boolean flag (a --config.KEY
+  override included) cannot parse, naming the flag and the type it takes;
+  None for any other error.
+
+  absl's own text carries the parser's Python error ("invalid literal for
+  int() with base 10"); the line says instead what to give.
+  """
+  match = _REFUSED_VALUE.match(str(e))
+  if not (isinstance(e, flags.IllegalFlagValueError) and match):
+    return None
+  name, value = match.groups()
+  if name not in flag_values:
+    return None
+  flag = flag_values[name]
+  kind = _KINDS.get(flag.parser.flag_type())
+  if kind is None:
+    return None
+  default = flag.default
+  if isinstance(default, bool):
+    default = str(default).lower()  # as absl spells them
+  example = f', such as {default}' if default is not None else ''
+  return _one_line(f'--{name}={_one_line(value, 40)} is not {kind}; give '
+                   f'--{name} {kind}{example}')
+
+
+def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
+  """One line for an error raised while reading the command line (with the
+  FlagValues being parsed, a value of the wrong type is named as such)."""
+  refused = (bad_value_message(e, flag_values) if flag_values is not None
+             else None)
+  if refused:
+    return refused
   text = _message(e)
   overrides = _override_keys(argv)
   base = _config_without_overrides(argv) if overrides else None
@@ -235,7 +271,7 @@ def parse_command_line(argv, devices=None):
     c = config.value
     c.to_dict()  # a config file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
-    return _one_line(describe_flag_error(e, argv))
+    return _one_line(describe_flag_error(e, argv, flag_values))
   if rest[1:]:
     return (f'unexpected argument {_one_line(rest[1], 60)!r}; flags look like '
             '--config.KEY=VALUE (see --help)')

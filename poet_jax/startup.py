@@ -12,8 +12,9 @@ from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import hooks
-from poet_jax import paths
 from poet_jax import metrics as metrics_lib
+from poet_jax import paths
+from poet_jax import planner
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import tokenizer as tokenizer_lib
@@ -141,6 +142,39 @@ def _initial_state(c, vocab, setup, abstract, steps, ckpt, latest, say):
     state, _ = ckpt.restore(latest, target)
     say(f'resumed from {ckpt.directory} at step {latest}')
   return state
+
+
+def memory_warning(c, compiled) -> str | None:
+  """One line when the compiled train step will not fit one device's memory
+  (planner.device_memory_gib), with the figures and what to try; None when
+  it fits or the backend reports no memory analysis.
+
+  The peak is the dry run's (planner.plan): arguments + outputs - aliases
+  (the donated state is both) + temporaries, in bytes per device, read off
+  `compiled` (a jax.stages.Compiled: the trainer's own executable, so
+  nothing is compiled again). A warning, not a refusal: a CPU host swaps,
+  and an accelerator fails with its own out-of-memory error.
+  """
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None  # not every backend implements it
+  if mem is None:
+    return None
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
+          mem.alias_size_in_bytes + mem.temp_size_in_bytes) / planner.GIB
+  limit = planner.device_memory_gib()
+  if peak <= limit:
+    return None
+  tries = [f'--config.train.grad_accum_steps={2 * c.train.grad_accum_steps}'
+           ' (smaller micro-batches)']
+  if not c.model.remat:
+    tries.append('--config.model.remat=True')
+  return (f'warning: the compiled train step needs {peak:.3g} GiB per device '
+          f'(temporaries {mem.temp_size_in_bytes / planner.GIB:.3g} GiB), '
+          f"more than this device's {limit:.3g} GiB: it may run out of memory "
+          '(or swap, on CPU); --dry_run names settings that fit, each with '
+          f'its compiled peak; try {" or ".join(tries)}')
 
 
 def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:

@@ -139,6 +139,12 @@ def test_command_line_prints_the_greedy_continuation(run, dense_model,
     (('--workdir={run}', '--top_p=0'), '--top_p=0.0 must be in (0, 1]'),
     (('--workdir={run}', '--max_new_tokens=0'), 'at least 1'),
     (('--prompt=x',), 'workdir'),
+    # Unparsable numbers: the flag and the type it takes, not absl's text.
+    (('--workdir={run}', '--step=1e'),
+     '--step=1e is not an integer; give --step an integer'),
+    (('--workdir={run}', '--temperature=warm'),
+     '--temperature=warm is not a number; give --temperature a number, '
+     'such as 0.8'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
                                                run, capsys):
