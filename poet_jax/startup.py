@@ -67,10 +67,11 @@ def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
         'or use a new --workdir')
 
 
-def _open_checkpoints(c, workdir: str) -> checkpoint_lib.Checkpointer:
+def _open_checkpoints(c, workdir: str,
+                      tidy: bool = True) -> checkpoint_lib.Checkpointer:
   return checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
-      before_commit=hooks.current.before_commit)
+      before_commit=hooks.current.before_commit, tidy=tidy)
 
 
 def _tokenizer_and_vocab(c):
@@ -189,8 +190,10 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
   mesh = sharding_lib.make_mesh(c.mesh)
   sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   tokenizer, vocab = _tokenizer_and_vocab(c)
-  # Opening creates the directory: only an existing one is opened now.
-  ckpt = (_open_checkpoints(c, workdir)
+  # Only an existing directory is opened now, and only to look: the
+  # temporary directories of killed saves are removed once nothing refused
+  # the run.
+  ckpt = (_open_checkpoints(c, workdir, tidy=False)
           if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
   try:
     latest = ckpt.latest_step() if ckpt else None
@@ -206,7 +209,9 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     os.makedirs(workdir, exist_ok=True)
     if is_main:
       workdir_lib.write_config(workdir, c)
-    ckpt = ckpt or _open_checkpoints(c, workdir)
+    if ckpt:
+      ckpt.abandon()
+    ckpt = _open_checkpoints(c, workdir)
 
     setup, abstract = train_state.abstract_state(c, vocab)
     steps = steps_lib.compile_steps(setup, abstract, mesh)

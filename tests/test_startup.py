@@ -1,5 +1,5 @@
 """Start-up: a refused start changes nothing in the work directory, not even
-a time stamp; a train step too large for the device is warned about, once,
+a time stamp or the leftovers of a killed save; a train step too large for the device is warned about, once,
 and the run goes on.
 
 One tiny in-process run (one device, two steps) for the module.
@@ -114,6 +114,12 @@ def test_a_refused_start_changes_no_time_stamp(run, override, expected,
                                                tmp_path):
   workdir = str(tmp_path / 'copy')
   shutil.copytree(run[0], workdir)
+  # What a save killed before its commit leaves: a resumed run removes it,
+  # a refused one does not.
+  leftover = os.path.join(workdir, 'checkpoints',
+                          '3.orbax-checkpoint-tmp-1764519000000000')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), leftover)
+  os.remove(os.path.join(leftover, 'commit_success.txt'))
   before = time_stamps(workdir)
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(
