@@ -32,6 +32,7 @@ import threading
 from absl import flags
 from ml_collections import config_flags
 
+from poet_jax import flag_errors
 from poet_jax import keys as keys_lib
 
 
@@ -165,42 +166,11 @@ def unknown_key_message(argv, config) -> str | None:
   return None
 
 
-# absl's IllegalFlagValueError text for a value its parser refused.
-_REFUSED_VALUE = re.compile(r'flag --([\w.]+)=(.*?): ', re.DOTALL)
-_KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'}
-
-
-def bad_value_message(e: BaseException, flag_values) -> str | None:
-  """One line for a value an integer, float or boolean flag (a --config.KEY
-  override included) cannot parse, naming the flag and the type it takes;
-  None for any other error.
-
-  absl's own text carries the parser's Python error ("invalid literal for
-  int() with base 10"); the line says instead what to give.
-  """
-  match = _REFUSED_VALUE.match(str(e))
-  if not (isinstance(e, flags.IllegalFlagValueError) and match):
-    return None
-  name, value = match.groups()
-  if name not in flag_values:
-    return None
-  flag = flag_values[name]
-  kind = _KINDS.get(flag.parser.flag_type())
-  if kind is None:
-    return None
-  default = flag.default
-  if isinstance(default, bool):
-    default = str(default).lower()  # as absl spells them
-  example = f', such as {default}' if default is not None else ''
-  return _one_line(f'--{name}={_one_line(value, 40)} is not {kind}; give '
-                   f'--{name} {kind}{example}')
-
-
 def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
   """One line for an error raised while reading the command line (with the
   FlagValues being parsed, a value of the wrong type is named as such)."""
-  refused = (bad_value_message(e, flag_values) if flag_values is not None
-             else None)
+  refused = (flag_errors.bad_value_message(e, flag_values)
+             if flag_values is not None else None)
   if refused:
     return refused
   text = _message(e)
