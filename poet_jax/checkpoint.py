@@ -61,15 +61,18 @@ class Checkpointer:
     asynchronous: write in the background (save returns at once).
     before_commit: test hook, called with the step in the writing thread
       after the data of a save is written and before it is committed.
+    tidy: False opens the directory as it is, creating and removing nothing
+      (the leftovers of killed saves stay): for the checks before a run.
   """
 
   def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True,
-               before_commit: Callable[[int], None] | None = None):
+               before_commit: Callable[[int], None] | None = None,
+               tidy: bool = True):
     self.directory = os.path.abspath(directory)
     self._pending = None  # step of a save started and not yet waited for
-    options = dict(max_to_keep=keep, create=True,
+    options = dict(max_to_keep=keep, create=tidy,
                    enable_async_checkpointing=asynchronous,
-                   cleanup_tmp_directories=True)
+                   cleanup_tmp_directories=tidy)
     if before_commit is not None:
       options['temporary_path_class'] = _hooked_temporary_path(before_commit)
     try:

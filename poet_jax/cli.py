@@ -32,6 +32,7 @@ import threading
 from absl import flags
 from ml_collections import config_flags
 
+from poet_jax import flag_errors
 from poet_jax import keys as keys_lib
 
 
@@ -165,8 +166,13 @@ def unknown_key_message(argv, config) -> str | None:
   return None
 
 
-def describe_flag_error(e: BaseException, argv) -> str:
-  """One line for an error raised while reading the command line."""
+def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
+  """One line for an error raised while reading the command line (with the
+  FlagValues being parsed, a value of the wrong type is named as such)."""
+  refused = (flag_errors.bad_value_message(e, flag_values)
+             if flag_values is not None else None)
+  if refused:
+    return refused
   text = _message(e)
   overrides = _override_keys(argv)
   base = _config_without_overrides(argv) if overrides else None
@@ -235,7 +241,7 @@ def parse_command_line(argv, devices=None):
     c = config.value
     c.to_dict()  # a config file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
-    return _one_line(describe_flag_error(e, argv))
+    return _one_line(describe_flag_error(e, argv, flag_values))
   if rest[1:]:
     return (f'unexpected argument {_one_line(rest[1], 60)!r}; flags look like '
             '--config.KEY=VALUE (see --help)')

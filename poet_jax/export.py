@@ -28,6 +28,7 @@ from flax import nnx
 from poet_jax import tool_cli as cli
 from poet_jax import model as model_lib
 from poet_jax import restore
+from poet_jax import workdir as workdir_lib
 
 WEIGHTS_FILE = 'model.safetensors'
 # Our dense_weights keys -> the module names of a transformers LlamaDecoderLayer.
@@ -156,16 +157,13 @@ def _write_text(path: str, text: str) -> None:
 def check_writable(out: str) -> None:
   """`out` is, or can be created as, a writable directory; else HFError.
 
-  Creates nothing.
+  Creates nothing (workdir.unwritable).
   """
-  path = os.path.abspath(out)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-    why = 'is not a directory' if not os.path.isdir(path) else (
-        'is not writable')
-    raise HFError(f'output directory {out} cannot be written ({path} {why}); '
-                  'choose another --out')
+  problem = workdir_lib.unwritable(out)
+  if problem:
+    where, why = problem
+    raise HFError(f'output directory {out} cannot be written ({where}: '
+                  f'{why}); choose another --out')
 
 
 def export_run(run: restore.Run, out: str) -> None:

@@ -12,8 +12,9 @@ from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import hooks
-from poet_jax import paths
 from poet_jax import metrics as metrics_lib
+from poet_jax import paths
+from poet_jax import planner
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import tokenizer as tokenizer_lib
@@ -66,10 +67,11 @@ def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
         'or use a new --workdir')
 
 
-def _open_checkpoints(c, workdir: str) -> checkpoint_lib.Checkpointer:
+def _open_checkpoints(c, workdir: str,
+                      tidy: bool = True) -> checkpoint_lib.Checkpointer:
   return checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=c.keep_checkpoints,
-      before_commit=hooks.current.before_commit)
+      before_commit=hooks.current.before_commit, tidy=tidy)
 
 
 def _tokenizer_and_vocab(c):
@@ -143,6 +145,39 @@ def _initial_state(c, vocab, setup, abstract, steps, ckpt, latest, say):
   return state
 
 
+def memory_warning(c, compiled) -> str | None:
+  """One line when the compiled train step will not fit one device's memory
+  (planner.device_memory_gib), with the figures and what to try; None when
+  it fits or the backend reports no memory analysis.
+
+  The peak is the dry run's (planner.plan): arguments + outputs - aliases
+  (the donated state is both) + temporaries, in bytes per device, read off
+  `compiled` (a jax.stages.Compiled: the trainer's own executable, so
+  nothing is compiled again). A warning, not a refusal: a CPU host swaps,
+  and an accelerator fails with its own out-of-memory error.
+  """
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None  # not every backend implements it
+  if mem is None:
+    return None
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
+          mem.alias_size_in_bytes + mem.temp_size_in_bytes) / planner.GIB
+  limit = planner.device_memory_gib()
+  if peak <= limit:
+    return None
+  tries = [f'--config.train.grad_accum_steps={2 * c.train.grad_accum_steps}'
+           ' (smaller micro-batches)']
+  if not c.model.remat:
+    tries.append('--config.model.remat=True')
+  return (f'warning: the compiled train step needs {peak:.3g} GiB per device '
+          f'(temporaries {mem.temp_size_in_bytes / planner.GIB:.3g} GiB), '
+          f"more than this device's {limit:.3g} GiB: it may run out of memory "
+          '(or swap, on CPU); --dry_run names settings that fit, each with '
+          f'its compiled peak; try {" or ".join(tries)}')
+
+
 def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
   """Checks, then builds, everything the loop needs.
 
@@ -155,8 +190,10 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
   mesh = sharding_lib.make_mesh(c.mesh)
   sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   tokenizer, vocab = _tokenizer_and_vocab(c)
-  # Opening creates the directory: only an existing one is opened now.
-  ckpt = (_open_checkpoints(c, workdir)
+  # Only an existing directory is opened now, and only to look: the
+  # temporary directories of killed saves are removed once nothing refused
+  # the run.
+  ckpt = (_open_checkpoints(c, workdir, tidy=False)
           if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
   try:
     latest = ckpt.latest_step() if ckpt else None
@@ -172,7 +209,9 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     os.makedirs(workdir, exist_ok=True)
     if is_main:
       workdir_lib.write_config(workdir, c)
-    ckpt = ckpt or _open_checkpoints(c, workdir)
+    if ckpt:
+      ckpt.abandon()
+    ckpt = _open_checkpoints(c, workdir)
 
     setup, abstract = train_state.abstract_state(c, vocab)
     steps = steps_lib.compile_steps(setup, abstract, mesh)

@@ -162,13 +162,14 @@ def compile_steps(setup: train_state.Setup, abstract: Any,
   return CompiledSteps(train, evaluate, diag, state_sh, batch_sh)
 
 
-def compile_ahead(c, steps: CompiledSteps, state) -> None:
+def compile_ahead(c, steps: CompiledSteps, state):
   """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
   executables), so that the clocks of tokens/s and of the time left, started
-  after this, leave compilation out."""
+  after this, leave compilation out. Returns the compiled train step."""
   batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
                                jnp.int32, sharding=steps.batch_sharding)
-  steps.train.lower(state, batch).compile()
+  train = steps.train.lower(state, batch).compile()
   steps.eval.lower(state, batch).compile()
   if c.optimizer.name == 'poet':
     steps.diagnostics.lower(state).compile()
+  return train

@@ -11,6 +11,7 @@ from absl import flags
 
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
+from poet_jax import flag_errors
 from poet_jax import tokenizer as tokenizer_lib
 
 EXIT_BAD_INPUT = 2
@@ -42,7 +43,7 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
   try:
     rest = flag_values(argv)
   except flags.Error as e:
-    error(e)
+    error(flag_errors.bad_value_message(e, flag_values) or e)
     return EXIT_BAD_INPUT
   if rest[1:]:
     error(f'unexpected argument {rest[1]!r}; flags look like --name=value '

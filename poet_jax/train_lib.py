@@ -109,7 +109,10 @@ class _Loop:
     """Steps from run.start to train.steps; returns the exit code."""
     run, c = self.run, self.c
     self.write('compiling the train and eval steps')
-    steps_lib.compile_ahead(c, run.steps, run.state)
+    compiled = steps_lib.compile_ahead(c, run.steps, run.state)
+    warning = startup.memory_warning(c, compiled)
+    if warning:
+      self.write(warning)
     self._initial_eval()
     # Non-finite steps are counted on device (state['nonfinite']); the count
     # is read only at log steps and, with nan_policy='stop', before a save.

@@ -2,7 +2,6 @@
 anything is written, and its config.json."""
 import errno
 import os
-import tempfile
 
 from poet_jax import config as config_lib
 
@@ -11,42 +10,60 @@ class WorkdirError(ValueError):
   """The work directory cannot be written; one line for the user."""
 
 
-
-
 # Keys a resumed run may change: they decide when to log, evaluate, save and
 # stop, not what is computed (nan_policy: see docs/reliability.md).
 RESUMABLE = ('nan_policy', 'log_every', 'eval_every', 'checkpoint_every',
              'keep_checkpoints', 'eval_at_start', 'tensorboard')
 
 
+def _nearest_existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def unwritable(path: str) -> tuple[str, str] | None:
+  """Why `path` cannot be written as a directory (or created as one), as
+  (the directory or file at fault, the reason); None if it can. Creates
+  nothing and changes no time stamp.
+
+  The test is os.access(W_OK | X_OK) on `path` if it exists, else on its
+  nearest existing parent, with the effective user and group ids where the
+  platform allows (os.supports_effective_ids; they are the ids that open()
+  checks, and differ from the real ones under setuid or `sudo -u`). The
+  kernel answers it with the permission bits, ACLs, a read-only mount and
+  the immutable flag, as for a real write. It cannot know of a full disk, a
+  quota or a network file system's server-side checks: those show on the
+  first real write (exit code 5, earlier checkpoints intact).
+  """
+  where = _nearest_existing(path)
+  if not os.path.isdir(where):
+    return where, os.strerror(errno.ENOTDIR)
+  effective = os.access in os.supports_effective_ids
+  if os.access(where, os.W_OK | os.X_OK, effective_ids=effective):
+    return None
+  read_only = os.statvfs(where).f_flag & os.ST_RDONLY
+  return where, os.strerror(errno.EROFS if read_only else errno.EACCES)
+
+
 def check_writable(workdir: str) -> None:
   """The work directory (and its checkpoints) can be written, or WorkdirError.
 
-  Checked first and without creating anything: a work directory that does
-  not exist yet is made only once every check has passed. A probe file in
-  the directory (or, for a new one, its nearest existing parent) is
-  created and removed again.
+  Checked first and without creating or touching anything (see
+  `unwritable`): a refused start leaves the work directory exactly as it
+  was, time stamps included, and a new one is made only once every check
+  has passed.
   """
-  probes = [workdir, os.path.join(workdir, 'checkpoints')]
-  if not os.path.lexists(workdir):
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.lexists(parent):
-      parent = os.path.dirname(parent)
-    probes = [parent]
-  try:
-    for directory in probes:
-      if directory == probes[0] or os.path.lexists(directory):
-        if not os.path.isdir(directory):
-          raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
-                                   directory)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix='.probe'):
-          pass
-  except OSError as e:
-    where = e.filename or workdir
-    raise WorkdirError(
-        f'work directory {workdir} cannot be written ({where}: '
-        f'{e.strerror or e}); choose another --workdir or fix its '
-        'permissions') from None
+  for directory in (workdir, os.path.join(workdir, 'checkpoints')):
+    if directory != workdir and not os.path.lexists(directory):
+      continue
+    problem = unwritable(directory)
+    if problem:
+      where, why = problem
+      raise WorkdirError(
+          f'work directory {workdir} cannot be written ({where}: {why}); '
+          'choose another --workdir or fix its permissions')
 
 
 def check_config_matches(workdir: str, c, has_checkpoint: bool) -> None:

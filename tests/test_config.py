@@ -229,6 +229,13 @@ def test_every_non_string_key_refuses_a_word_on_the_command_line(key):
     ('--config.train.grad_accum_steps=4', 'micro-batch'),
     ('--config.distributed.process_id=3', 'distributed.process_id'),
     ('--config.model.remat=maybe', 'model.remat'),
+    # Unparsable numbers name the flag and the type it takes.
+    ('--config.train.steps=abc', '--config.train.steps=abc is not an '
+     'integer; give --config.train.steps an integer, such as 300'),
+    ('--config.train.lr=1e', '--config.train.lr=1e is not a number; give '
+     '--config.train.lr a number, such as 0.01'),
+    ('--config.model.remat=maybe', '--config.model.remat=maybe is not true '
+     'or false; give --config.model.remat true or false, such as false'),
     ('--config.no_such_key=1', "unknown config key 'no_such_key'"),
     ('--config=/no/such/config.py', 'does not exist'),
     ('--workdir=', '--workdir'),
@@ -238,6 +245,23 @@ def test_range_divisibility_mesh_and_paths(override, expected):
   result = parse(override)
   assert_one_clear_line(result)
   assert expected in result, result
+
+
+@pytest.mark.parametrize('override,kind', [
+    ('--config.train.steps=abc', 'an integer'),
+    ('--config.train.steps=1e3', 'an integer'),
+    ('--config.train.lr=1e', 'a number'),
+    ('--config.poet.block_size=', 'a number'),
+])
+def test_an_unparsable_number_is_one_line_and_creates_nothing(override, kind,
+                                                              tmp_path):
+  workdir = tmp_path / 'run'
+  code, err = run_main(f'--workdir={workdir}', override)
+  assert code == 2
+  flag, value = override.split('=', 1)
+  assert err == f'error: {flag}={value} is not {kind}; give {flag} {kind}, ' \
+      f'such as {DEFAULTS[flag[len("--config."):]]}\n'
+  assert not workdir.exists()
 
 
 def test_a_config_file_that_raises_is_one_line(tmp_path):

@@ -43,6 +43,8 @@ def test_latest_and_chosen_checkpoint_match_the_trainers_eval_lines(
     (('--workdir={empty}',), 'has no config.json'),
     (('--workdir={run}', '--eval_tokens=0'), 'must be positive'),
     (('--workdir={run}', '--split=test'), 'split'),
+    (('--workdir={run}', '--eval_tokens=1e'),
+     '--eval_tokens=1e is not an integer; give --eval_tokens an integer'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
                                                tmp_path_factory, capsys):

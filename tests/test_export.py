@@ -228,6 +228,8 @@ def test_bad_export_is_one_line_and_changes_nothing(tmp_path_factory,
   for args, expected in [
       ((f'--workdir={tmp_path}', f'--out={tmp_path / "o"}'), 'no config'),
       ((f'--workdir={workdir}', f'--out={blocker / "o"}'), 'cannot be written'),
+      ((f'--workdir={workdir}', f'--out={tmp_path / "o"}', '--step=x'),
+       '--step=x is not an integer; give --step an integer'),
   ]:
     assert export.main(['export', *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -133,12 +133,23 @@ def test_command_line_prints_the_greedy_continuation(run, dense_model,
 
 
 @pytest.mark.parametrize('args,expected', [
-    (('--workdir={empty}',), 'has no config.json'),
-    (('--workdir={untrained}',), 'no checkpoint in'),
-    (('--workdir={run}', '--step=3'), 'no checkpoint of step 3'),
-    (('--workdir={run}', '--top_p=0'), '--top_p=0.0 must be in (0, 1]'),
-    (('--workdir={run}', '--max_new_tokens=0'), 'at least 1'),
+    (('--workdir={empty}', '--prompt=x'), 'has no config.json'),
+    (('--workdir={untrained}', '--prompt=x'), 'no checkpoint in'),
+    (('--workdir={run}', '--prompt=x', '--step=3'), 'no checkpoint of step 3'),
+    (('--workdir={run}', '--prompt=x', '--top_p=0'),
+     '--top_p=0.0 must be in (0, 1]'),
+    (('--workdir={run}', '--prompt=x', '--max_new_tokens=0'), 'at least 1'),
     (('--prompt=x',), 'workdir'),
+    # Nothing to continue: from the separator alone the first token is
+    # sampled almost at random (see generate's doc).
+    (('--workdir={run}', '--prompt='), '--prompt is empty; give text'),
+    (('--workdir={run}',), '--prompt is empty; give text'),
+    # Unparsable numbers: the flag and the type it takes, not absl's text.
+    (('--workdir={run}', '--step=1e'),
+     '--step=1e is not an integer; give --step an integer'),
+    (('--workdir={run}', '--temperature=warm'),
+     '--temperature=warm is not a number; give --temperature a number, '
+     'such as 0.8'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
                                                run, capsys):
