@@ -136,21 +136,11 @@ def compiler_options(c) -> dict:
   scan: an f32 copy of every layer's W0 at once (about 2x the model's bf16
   weights, measured at llama_8b). Accelerators multiply bf16 natively; on CPU
   we turn that pass off for bf16 runs so each layer converts its own slice.
-
-  XLA:CPU's default scheduler trades memory for concurrency: it starts
-  independent work early, and so allocates the zeroed output buffers of
-  later loops (the generators' gradient, the emitted blocks, the embedding
-  gradient) and copies of optimizer state before the forward, holding them
-  across it (4.2 GiB of the llama_8b POET-X dry-run peak, docs/benchmarks.md
-  issue 12). We use its memory-minimizing scheduler instead; accelerators
-  schedule with a memory limit of their own.
   """
-  if jax.default_backend() != 'cpu':
-    return {}
-  options = {'xla_cpu_enable_concurrency_optimized_scheduler': False}
-  if 'bfloat16' in (c.model.dtype, c.model.w0_dtype):
-    options['xla_disable_hlo_passes'] = 'while-loop-invariant-code-motion'
-  return options
+  bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
+  if bf16 and jax.default_backend() == 'cpu':
+    return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+  return {}
 
 
 def compile_steps(setup: train_state.Setup, abstract: Any,
