@@ -17,7 +17,6 @@ The blocks stay orthogonal because the optimizer keeps them on the map's
 image: `poet_jax.reparameterize` owns the generators (spec section 2) and
 turns the blocks' gradient into theirs.
 """
-import functools
 import math
 from typing import Any
 
