@@ -17,7 +17,6 @@ The blocks stay orthogonal because the optimizer keeps them on the map's
 image: `poet_jax.reparameterize` owns the generators (spec section 2) and
 turns the blocks' gradient into theirs.
 """
-import functools
 import math
 from typing import Any
 
@@ -274,15 +273,13 @@ class POETLinear(nnx.Module):
     scan over layers): each slice gets its own key split from `key`.
     """
     lead = self.w0[...].shape[:-2]
-    fn = functools.partial(_merge_arrays, self)
-    for _ in lead:
-      # One layer of the stack at a time (lax.map, not vmap): the float32
-      # working copy of W0 then costs one layer's size, not the model's.
-      fn = lambda *args, f=fn: jax.lax.map(lambda a: f(*a), args)
-    keys = jax.random.split(key, lead) if lead else key
-    w0, in_place, out_place = fn(self.stored_w0(), self.in_blocks[...],
-                                 self.out_blocks[...], self.in_place[...],
-                                 self.out_place[...], keys)
+    args = (self.stored_w0(), self.in_blocks[...], self.out_blocks[...],
+            self.in_place[...], self.out_place[...])
+    if lead:
+      w0, in_place, out_place = _merge_stack(
+          self, *args, jax.random.split(key, lead))
+    else:
+      w0, in_place, out_place = _merge_arrays(self, *args, key)
     if self.w0_quantized:
       self.w0[...], self.w0_scale[...], self.w0_zero[...] = w0
     else:
@@ -335,6 +332,33 @@ def _merge_arrays(layer: POETLinear, w0, g_in, g_out, in_place, out_place,
   if isinstance(w0, quant.Quantized):
     return quant.quantize(w, w0.group_size), new_in, new_out
   return w.astype(w0.dtype), new_in, new_out
+
+
+def _merge_stack(layer: POETLinear, w0, g_in, g_out, in_place, out_place,
+                 keys):
+  """_merge_arrays over a stack of layers (keys: one per layer, shaped as
+  the leading axes), one layer at a time and in place.
+
+  A fori_loop reads layer i of W0 and the placements from its carry and
+  writes the merged layer back there: the float32 working copy costs one
+  layer, and the new W0 takes the old one's buffer (a lax.map would build a
+  second stacked W0, the model's whole size: 23.6 GiB at llama_13b in
+  bfloat16, the dry-run peak; docs/benchmarks.md, issue 12).
+  """
+  lead = keys.shape
+  flat = lambda x: x.reshape((math.prod(lead),) + x.shape[len(lead):])
+  w0 = jax.tree.map(flat, w0)
+  g_in, g_out, keys = flat(g_in), flat(g_out), flat(keys)
+
+  def body(i, carry):
+    at = lambda x: x[i]
+    new = _merge_arrays(layer, jax.tree.map(at, carry[0]), g_in[i], g_out[i],
+                        carry[1][i], carry[2][i], keys[i])
+    return jax.tree.map(lambda x, v: x.at[i].set(v), carry, new)
+
+  carry = (w0, flat(in_place), flat(out_place))
+  carry = jax.lax.fori_loop(0, keys.shape[0], body, carry)
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), carry)
 
 
 # Name of W0 as the forward multiplies it (cast or dequantized): never kept

@@ -95,6 +95,36 @@ def poet_leaves(params) -> Any:
   return jax.tree_util.tree_map_with_path(pick, params)
 
 
+def layerwise(fn, u, *blocks):
+  """fn(u, *blocks) computed one layer of a stack at a time.
+
+  u is (..., k, b(b-1)/2) and each of `blocks` (..., k, b, b), with the same
+  leading (layer) axes; fn maps one layer's (k, ...) arrays to a (k, ...)
+  array. A loop over the flattened leading axes: the map's float32
+  intermediates (Q and its powers, b x b per block, kept for its VJP) then
+  take one layer's memory, not the model's, and cannot be scheduled early
+  and held across the model's forward and backward (as the whole model's
+  were: 8.5 GiB at llama_8b, docs/benchmarks.md issue 12). Each block goes
+  through the same products either way.
+  """
+  lead = u.shape[:-2]
+  if not lead:
+    return fn(u, *blocks)
+  args = tuple(x.reshape((-1,) + x.shape[len(lead):]) for x in (u,) + blocks)
+  shape = jax.eval_shape(fn, *(x[0] for x in args))
+  # The loop overwrites every layer of its output buffer. That buffer is
+  # filled from the inputs (times 0) rather than made as constant zeros:
+  # XLA:CPU's scheduler starts constant buffers with the step, and this one
+  # would then be held across the forward and backward (1.3 GiB at
+  # llama_8b for each of the two uses).
+  fill = sum(x.ravel()[0].astype(jnp.float32) for x in args) * 0
+  out = jnp.full((args[0].shape[0],) + shape.shape, fill, shape.dtype)
+  out = jax.lax.fori_loop(
+      0, out.shape[0], lambda i, out: out.at[i].set(fn(*(x[i] for x in args))),
+      out)
+  return out.reshape(lead + out.shape[1:])
+
+
 def _cap(u, max_norm):
   """Scales each block's generator so that ||Q||_F = sqrt(2)||u|| <= max."""
   norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
@@ -155,8 +185,15 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
   def generator_grad(s, g, u):
     if not s:
       return None
-    _, vjp = jax.vjp(make(g.shape[-1]), u)
-    return vjp(g.astype(u.dtype))[0]
+
+    def one_layer(u, g):
+      _, vjp = jax.vjp(make(g.shape[-1]), u)
+      return vjp(g.astype(u.dtype))[0]
+    return layerwise(one_layer, u, g)
+
+  def new_blocks_update(u, p):
+    return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
+                     u, p)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -173,8 +210,8 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     if max_q_norm is not None:
       new = jax.tree.map(lambda u: _cap(u, max_q_norm), new)
     out = jax.tree.map(
-        lambda s, d, u, p: (make(p.shape[-1])(u).astype(p.dtype) - p)
-        if s else d, selected, inner_updates, new, params, is_leaf=is_none)
+        lambda s, d, u, p: new_blocks_update(u, p) if s else d, selected,
+        inner_updates, new, params, is_leaf=is_none)
     count = optax.safe_increment(state.count)
     state = ReparameterizeState(count, new, inner_state)
     if merge_every is not None:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,22 @@ def test_tiny_llama_memorizes_a_batch_across_merges():
       assert entry[1] <= pre_merge * (1 + 1e-4) + 1e-5
       if i + 1 < len(losses):  # no spike at the next optimizer step either
         assert losses[i + 1] <= pre_merge * 1.05 + 1e-3
+
+
+def test_a_stacked_merge_keeps_no_second_w0():
+  """Compiled with the state donated, merging stacked layers needs less
+  memory beyond its arguments than the W0s themselves: each layer's merged
+  W0 goes back into the old one's buffer (a second stacked W0 set the
+  llama_13b dry-run peak, docs/benchmarks.md issue 12)."""
+  model = poet_jax.Llama(dataclasses.replace(CFG, num_layers=8),
+                         rngs=nnx.Rngs(0))
+  poet_jax.poetize(model, block_size=8, w0='redraw', rngs=nnx.Rngs(1))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  merge = jax.jit(lambda p, r: poet_jax.merge_params(
+      graphdef, p, r, jax.random.key(0)), donate_argnums=(0, 1))
+  mem = merge.lower(nnx.as_pure(params),
+                    nnx.as_pure(rest)).compile().memory_analysis()
+  extra = (mem.temp_size_in_bytes + mem.output_size_in_bytes
+           - mem.alias_size_in_bytes)
+  w0 = sum(x.nbytes for x in jax.tree.leaves(frozen(model)))
+  assert extra < w0, (extra, w0)
