@@ -48,6 +48,18 @@ def test_dry_run_of_a_tiny_config_matches_its_real_step(tmp_path):
   assert report['flops_per_step'] > 0
 
 
+def test_flops_count_every_layer_of_the_scan():
+  # XLA's cost analysis counts the layer scan's body once, so its figure
+  # would not grow with the depth; the step's products do, by one layer's.
+  flops = []
+  for layers in (1, 2, 3):
+    c = one_device(config_lib.base_config())
+    c.model.vocab_size, c.model.num_layers = 257, layers
+    flops.append(planner.plan(c)['flops_per_step'])
+  assert flops[1] - flops[0] == pytest.approx(flops[2] - flops[1])
+  assert flops[1] - flops[0] > 0.1 * flops[0]
+
+
 def test_dry_run_of_llama_13b_fits_the_planner_not_the_machine():
   c = one_device(config_lib.paper_config('13b'))
   c.train.batch_size, c.train.seq_len = 1, 1024

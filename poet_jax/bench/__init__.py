@@ -50,7 +50,8 @@ from poet_jax.bench.cli import (ALL_SECTIONS, METHODS, POET_PATHS, SECTIONS,
                                 main, run)
 from poet_jax.bench.common import (FULL, GIB, TINY, Sizes, interleaved, log,
                                    machine)
-from poet_jax.bench.flops import bench_matmul, matmul_flops
+from poet_jax.bench.flops import bench_matmul
+from poet_jax.flops import matmul_flops
 from poet_jax.bench.layer import LAYER_PATHS, bench_layer, make_layer
 from poet_jax.bench.memory import PAPER_MEMORY_GB, bench_memory
 from poet_jax.bench.reference import bench_reference

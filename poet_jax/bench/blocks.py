@@ -14,7 +14,7 @@ from flax import nnx
 from poet_jax import model as model_lib
 from poet_jax import train_state
 from poet_jax.bench.common import Sizes, interleaved, log
-from poet_jax.bench.flops import matmul_flops
+from poet_jax.flops import matmul_flops
 from poet_jax.bench.steps import step_config
 
 

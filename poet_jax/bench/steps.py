@@ -24,7 +24,7 @@ from poet_jax import steps as steps_lib
 from poet_jax import train_state
 from poet_jax.bench import op_profile as profile_lib
 from poet_jax.bench.common import GIB, Sizes, interleaved, log
-from poet_jax.bench.flops import matmul_flops
+from poet_jax.flops import matmul_flops
 
 # A runner times `count` steps (after a warm-up step if asked) and returns
 # their seconds: our compiled steps and the reference's eager ones alike.
