@@ -11,13 +11,13 @@ Every linear layer is an nnx.Linear. A POET model is this model after
 layer) by POET layers; nothing here depends on which linear a block holds.
 """
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from poet_jax import attention as attention_lib
 from poet_jax import loss as loss_lib
 
 
@@ -71,12 +71,9 @@ def _tokens_major(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
 
 
-# Causal attention whose backward recomputes the (T x T) probabilities from
-# q, k, v instead of keeping them per layer, as flash attention does: at
-# sequence 1024 the kept probabilities would outweigh a POET model's weights.
-_attention = jax.checkpoint(
-    functools.partial(jax.nn.dot_product_attention, is_causal=True),
-    policy=jax.checkpoint_policies.nothing_saveable)
+# Causal attention whose backward recomputes the (T x T) probabilities
+# instead of keeping them per layer (poet_jax.attention).
+_attention = attention_lib.causal_attention
 
 
 class Attention(nnx.Module):

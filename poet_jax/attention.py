@@ -1,0 +1,115 @@
+"""The core of causal multi-head attention: softmax(q k^T / sqrt(d)) v.
+
+Neither form here keeps the (T x T) probabilities for the backward pass: the
+backward recomputes them from q and k, as flash attention does (at sequence
+1024 the kept probabilities would outweigh a POET model's weights).
+
+On CPU (issue 15, docs/benchmarks.md "The attention core on CPU") the core
+runs head-major, (B, H, T, d), with a hand-written backward that keeps each
+row's log-sum-exp: XLA:CPU's products over token-major (B, T, H, d) operands
+go through strided copies and odd layouts, and recomputing the softmax from
+its log-sum-exp saves the forward's max, sum and division in the backward.
+Other backends use jax.nn.dot_product_attention, which can pick cuDNN's
+fused flash attention on a GPU.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array
+                        ) -> jax.Array:
+  """jax.nn.dot_product_attention(is_causal=True), recomputed in the backward.
+
+  The form every backend but CPU uses, and the tests' reference. Shapes and
+  dtypes as causal_attention.
+  """
+  return _reference(q, k, v)
+
+
+_reference = jax.checkpoint(
+    functools.partial(jax.nn.dot_product_attention, is_causal=True),
+    policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Causal self-attention of every head: token t attends to tokens <= t.
+
+  Args:
+    q, k, v: (B, T, H, d), one float dtype (float32 or bfloat16); position t
+      of every row is token t.
+  Returns:
+    (B, T, H, d) of that dtype. The scores and the softmax are computed in
+    float32; the probabilities multiply v in v's dtype, as in
+    jax.nn.dot_product_attention.
+  Raises:
+    ValueError: if q, k and v differ in shape.
+  """
+  if not q.shape == k.shape == v.shape:
+    raise ValueError(f'causal_attention: q, k, v must have one shape (B, T, '
+                     f'H, d); got {q.shape}, {k.shape}, {v.shape}')
+  if jax.default_backend() != 'cpu':
+    return reference_attention(q, k, v)
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, T, H, d) <-> (B, H, T, d)
+  return heads_major(_heads_major_attention(heads_major(q), heads_major(k),
+                                            heads_major(v)))
+
+
+def _causal(t: int) -> jax.Array:
+  """(T, T) bool: query t (rows) sees key s (columns) when s <= t."""
+  return jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+
+
+@jax.custom_vjp
+def _heads_major_attention(q, k, v):
+  """causal_attention of (B, H, T, d) q, k, v."""
+  return _forward(q, k, v)[0]
+
+
+def _forward(q, k, v):
+  """The output and the residuals: q, k, v and each row's log-sum-exp."""
+  scale = q.shape[-1] ** -0.5
+  scores = jnp.einsum('bhtd,bhsd->bhts', q, k,
+                      preferred_element_type=jnp.float32) * scale
+  # A finite floor, not -inf: exp of it underflows to exactly 0.
+  floor = 0.7 * jnp.finfo(jnp.float32).min
+  scores = jnp.where(_causal(q.shape[2]), scores, floor)
+  peak = jnp.max(scores, axis=-1, keepdims=True)
+  exp = jnp.exp(scores - peak)
+  total = jnp.sum(exp, axis=-1, keepdims=True)
+  out = jnp.einsum('bhts,bhsd->bhtd', (exp / total).astype(v.dtype), v)
+  lse = (peak + jnp.log(total))[..., 0]  # (B, H, T)
+  return out, (q, k, v, lse)
+
+
+def _backward(residuals, dout):
+  """Softmax attention's vjp from recomputed probabilities.
+
+  Works on the transposed (key-major) probabilities p^T (B, H, S, T): two of
+  the three products that take them (dv = p^T dout, dk = ds^T q) are then
+  plain row-major products, which XLA:CPU runs faster than the transposed
+  ones.
+  """
+  q, k, v, lse = residuals
+  scale = q.shape[-1] ** -0.5
+  scores_t = jnp.einsum('bhsd,bhtd->bhst', k, q,
+                        preferred_element_type=jnp.float32) * scale
+  probs_t = jnp.where(_causal(q.shape[2]).T,
+                      jnp.exp(scores_t - lse[:, :, None, :]), 0.0)
+  dv = jnp.einsum('bhst,bhtd->bhsd', probs_t.astype(dout.dtype), dout,
+                  preferred_element_type=jnp.float32)
+  dprobs_t = jnp.einsum('bhsd,bhtd->bhst', v, dout,
+                        preferred_element_type=jnp.float32)
+  # The softmax's backward, over keys (axis 2 here), times the scale.
+  dscores_t = (probs_t * (dprobs_t - jnp.sum(probs_t * dprobs_t, axis=2,
+                                             keepdims=True)) * scale)
+  dscores_t = dscores_t.astype(q.dtype)
+  dq = jnp.einsum('bhst,bhsd->bhtd', dscores_t, k,
+                  preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bhst,bhtd->bhsd', dscores_t, q,
+                  preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_heads_major_attention.defvjp(_forward, _backward)
