@@ -3,20 +3,14 @@ import os
 
 import pytest
 
-from train_util import numeric, read_metrics, run_train
-
-STEPS = 8
-SHORT = (f'--config.train.steps={STEPS}', '--config.log_every=1',
-         '--config.eval_every=4', '--config.checkpoint_every=2',
-         '--config.poet.merge_every=3')
+from train_util import SHORT, STEPS, numeric, read_metrics, run_train
 
 
 @pytest.fixture(scope='module')
-def poet_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('poet'))
-  result = run_train(workdir, *SHORT)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+def poet_run(short_run):
+  """(workdir, CompletedProcess) of a finished run of SHORT: the run the
+  reliability tests compare with (tests/conftest.py), made once."""
+  return short_run
 
 
 @pytest.mark.parametrize('method', ['poet', 'adamw'])

@@ -1,11 +1,17 @@
 """Running train.py in a subprocess on a tiny model, for the CLI tests."""
 import atexit
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import jax
+
+from poet_jax import config as config_lib
+from poet_jax import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,3 +73,69 @@ def numeric(entries, keys=('train_loss', 'learning_rate', 'grad_norm',
   """The entries with only the deterministic fields (no timings)."""
   return [{k: e[k] for k in ('step',) + tuple(keys) if k in e}
           for e in entries]
+
+
+# ------------------------------- the reliability tests' run and its checks
+
+# 8 steps, checkpoints every 2, merges at 3 and 6: the run the kill, fault
+# and bad-file tests interrupt, damage and compare (tests/conftest.py's
+# `reference` is one uninterrupted run of it).
+STEPS = 8
+SHORT = (f'--config.train.steps={STEPS}', '--config.log_every=1',
+         '--config.eval_every=4', '--config.checkpoint_every=2',
+         '--config.poet.merge_every=3')
+KEYS = ('train_loss', 'learning_rate', 'grad_norm', 'eval_loss', 'eval_ppl',
+        'tokens_seen', 'nonfinite_steps', 'orth_error_max', 'q_norm_max',
+        'sv_rel_change_max')
+
+
+def complete_steps(workdir):
+  """Steps with a committed checkpoint (orbax renames a step dir when done)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def snapshot(directory):
+  """{relative path: sha256} of every file below directory."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return out
+
+
+def steps_of(entries):
+  return [e['step'] for e in entries]
+
+
+def assert_one_error_line(stderr, *expected):
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr[-3000:]
+  assert lines[0].startswith('error: '), lines
+  for text in expected:
+    assert text in lines[0], (text, lines[0])
+  return lines[0]
+
+
+def tiny_config():
+  """The model and batch of TINY as a config (merges every 100 steps)."""
+  c = config_lib.base_config()
+  c.model.dim, c.model.num_layers, c.model.num_heads = 32, 2, 2
+  c.model.ffn_dim, c.poet.block_size = 64, 8.0
+  c.train.batch_size, c.train.seq_len = 4, 32
+  c.poet.merge_every = 100
+  return c
+
+
+def tiny_target():
+  """The tiny run's state as restore targets on one device."""
+  _, abstract = train_state.abstract_state(tiny_config(), 257)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      abstract)
