@@ -181,12 +181,30 @@ def test_grad_accumulation_resumes_mid_run_like_the_whole_batch(
                                atol=1e-6, err_msg=key)
 
 
+def _disk_bytes(root: str) -> int:
+  """Bytes the files under root take on disk (whole blocks)."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(root) for f in files)
+
+
 @pytest.fixture
-def small_tmpfs(tmp_path):
-  """A 700 KiB tmpfs: room for one checkpoint of the tiny model, not two."""
+def small_tmpfs(reference, tmp_path):
+  """A tmpfs with room for one checkpoint of the tiny model, not two.
+
+  Sized from the reference run: its largest checkpoint 1.5 times (the
+  sizes of its checkpoints differ by about a fifth) and twice everything
+  else (metrics and the loss plot are rewritten while the run saves), so
+  neither the checkpoints' spread nor a rewrite can fill it before the
+  second save.
+  """
+  checkpoints = os.path.join(reference, 'checkpoints')
+  largest = max(_disk_bytes(os.path.join(checkpoints, step))
+                for step in os.listdir(checkpoints))
+  rest = _disk_bytes(reference) - _disk_bytes(checkpoints)
+  size = (3 * largest // 2 + 2 * rest) // 4096 * 4096
   path = tmp_path / 'tmpfs'
   path.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=700k', 'tmpfs',
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs',
                      str(path)], stderr=subprocess.DEVNULL).returncode:
     yield None
     return
