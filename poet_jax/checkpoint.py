@@ -5,13 +5,17 @@ so a killed save never leaves a step that `latest_step` would return; the
 temporary directories such a kill leaves are removed when the directory is
 next opened. Errors come out as one line that says what to do:
 CorruptCheckpointError when a checkpoint cannot be read, SaveError when one
-cannot be written (a full disk). Neither touches the other checkpoints:
+cannot be written (a full disk). A restore also checks every array against the fingerprint saved with it, so
+damage inside a data file that still parses is caught too. Neither touches
+the other checkpoints:
 orbax deletes old checkpoints (beyond `keep`) only after a newer one is
 complete.
 """
 import os
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -50,6 +54,44 @@ def _hooked_temporary_path(before_commit: Callable[[int], None]):
       return await super().finalize(*args, **kwargs)
 
   return HookedTemporaryPath
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32: sum over elements of (bits x position weight), mod 2^32.
+
+  Integer arithmetic, so the value is exact whatever the sharding or the
+  order of the reduction; a position weight, so moved bytes count too.
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = jax.lax.bitcast_convert_type(
+      x, jnp.dtype(f'uint{x.dtype.itemsize * 8}')).astype(jnp.uint32)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(
+        stride % 2**32)
+    stride *= x.shape[axis]
+  return jnp.sum(bits * (index % 65521 + 1), dtype=jnp.uint32)
+
+
+# One jit (compiled once per state layout, not per save).
+_fingerprints = jax.jit(lambda xs: [_leaf_fingerprint(x) for x in xs])
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+  """{array path: uint32 fingerprint} of every array of a state.
+
+  A damaged byte changes its array's fingerprint (unless the damage happens
+  to sum to 0 mod 2^32). Computed where the arrays live, one jit; only the
+  integers come to the host.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  values = jax.device_get(_fingerprints([x for _, x in leaves]))
+  return {jax.tree_util.keystr(path): int(v)
+          for (path, _), v in zip(leaves, values)}
 
 
 class Checkpointer:
@@ -113,6 +155,7 @@ class Checkpointer:
     Raises SaveError if the previous save failed or this one cannot start.
     """
     self.wait()
+    meta = {**meta, 'fingerprint': fingerprint(state)}
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -136,23 +179,34 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))
-      return dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
+    meta = dict(restored.meta)
+    meta.pop('fingerprint', None)  # checked by restore, with the arrays
+    return meta
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """The state at `step`, laid out (shape, dtype, sharding) like the target.
 
     Raises CorruptCheckpointError (one line, with the fix) if any part of it
-    cannot be read.
+    cannot be read, or an array differs from the fingerprint saved with it.
     """
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           meta=ocp.args.JsonRestore()))
-      return restored.state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
+    meta = dict(restored.meta)
+    saved = meta.pop('fingerprint', None)
+    if saved is not None:  # checkpoints from before fingerprints have none
+      now = fingerprint(restored.state)
+      damaged = [k for k in saved if now.get(k) != saved[k]]
+      if damaged or now.keys() != saved.keys():
+        raise self._unreadable(step, ValueError(
+            f'damaged: {(damaged or ["its list of arrays"])[0]} differs from '
+            'the fingerprint saved with it'))
+    return restored.state, meta
 
   def wait(self) -> None:
     """Block until every started save is on disk; SaveError if one failed."""
