@@ -145,7 +145,7 @@ def _initial_state(c, vocab, setup, abstract, steps, ckpt, latest, say):
   return state
 
 
-def memory_warning(c, compiled) -> str | None:
+def memory_warning(c, compiled, data_parallel: int = 1) -> str | None:
   """One line when the compiled train step will not fit one device's memory
   (planner.device_memory_gib), with the figures and what to try; None when
   it fits or the backend reports no memory analysis.
@@ -154,7 +154,9 @@ def memory_warning(c, compiled) -> str | None:
   (the donated state is both) + temporaries, in bytes per device, read off
   `compiled` (a jax.stages.Compiled: the trainer's own executable, so
   nothing is compiled again). A warning, not a refusal: a CPU host swaps,
-  and an accelerator fails with its own out-of-memory error.
+  and an accelerator fails with its own out-of-memory error. Micro-batches
+  are suggested only when twice as many still split train.batch_size over
+  the `data_parallel` (mesh data x fsdp) devices.
   """
   try:
     mem = compiled.memory_analysis()
@@ -167,15 +169,19 @@ def memory_warning(c, compiled) -> str | None:
   limit = planner.device_memory_gib()
   if peak <= limit:
     return None
-  tries = [f'--config.train.grad_accum_steps={2 * c.train.grad_accum_steps}'
-           ' (smaller micro-batches)']
+  tries = []
+  k = 2 * c.train.grad_accum_steps
+  if c.train.batch_size % (k * data_parallel) == 0:
+    tries.append(f'--config.train.grad_accum_steps={k} (smaller '
+                 'micro-batches)')
   if not c.model.remat:
     tries.append('--config.model.remat=True')
   return (f'warning: the compiled train step needs {peak:.3g} GiB per device '
           f'(temporaries {mem.temp_size_in_bytes / planner.GIB:.3g} GiB), '
           f"more than this device's {limit:.3g} GiB: it may run out of memory "
           '(or swap, on CPU); --dry_run names settings that fit, each with '
-          f'its compiled peak; try {" or ".join(tries)}')
+          'its compiled peak' + (f'; try {" or ".join(tries)}' if tries
+                                 else ''))
 
 
 def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:

@@ -110,7 +110,9 @@ class _Loop:
     run, c = self.run, self.c
     self.write('compiling the train and eval steps')
     compiled = steps_lib.compile_ahead(c, run.steps, run.state)
-    warning = startup.memory_warning(c, compiled)
+    mesh = run.steps.batch_sharding.mesh
+    warning = startup.memory_warning(
+        c, compiled, mesh.shape['data'] * mesh.shape['fsdp'])
     if warning:
       self.write(warning)
     self._initial_eval()

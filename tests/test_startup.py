@@ -40,9 +40,9 @@ def run(tmp_path_factory):
   assert isinstance(command, cli.Command), command
   analyses, warning = [], startup.memory_warning
 
-  def spy(c, compiled):
+  def spy(c, compiled, data_parallel):
     analyses.append(compiled.memory_analysis())
-    return warning(c, compiled)
+    return warning(c, compiled, data_parallel)
 
   out = io.StringIO()
   with pytest.MonkeyPatch.context() as patch:
@@ -83,6 +83,13 @@ def test_a_step_that_fits_says_nothing(monkeypatch):
   c.unlock()
   c.model.remat = True   # already on: not suggested again
   assert 'remat' not in startup.memory_warning(c, compiled)
+  # Micro-batches only where twice as many still split the batch over the
+  # data-parallel devices (a fresh user got a suggestion the trainer refuses).
+  assert 'grad_accum_steps=2 ' in startup.memory_warning(c, compiled, 1)
+  c.train.batch_size = 1
+  assert 'grad_accum' not in startup.memory_warning(c, compiled, 1)
+  c.train.batch_size = 4
+  assert 'grad_accum' not in startup.memory_warning(c, compiled, 4)
 
   class NoAnalysis:  # a backend without a memory analysis
     def memory_analysis(self):
