@@ -159,9 +159,14 @@ def unknown_key_message(argv, config) -> str | None:
   for key in _override_keys(argv):
     if key in nodes:
       continue
-    close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)
+    # The same name in another section first ('optimizer.lr' is 'train.lr'
+    # or 'poet.lr'), then the nearest spelling.
+    name = key.rsplit('.', 1)[-1]
+    close = ([k for k in leaves if k.rsplit('.', 1)[-1] == name][:3] or
+             difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6))
     if close:
-      return f'unknown config key {key!r}; did you mean {close[0]!r}?'
+      return (f'unknown config key {key!r}; did you mean '
+              f'{" or ".join(repr(k) for k in close)}?')
     return f'unknown config key {key!r}; --help lists the keys'
   return None
 

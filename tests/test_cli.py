@@ -54,13 +54,15 @@ def test_every_key_has_a_meaning_and_every_meaning_a_key():
 
 
 @pytest.mark.parametrize('key,nearest', [
-    ('sed', 'seed'),
-    ('eval_evry', 'eval_every'),
-    ('train.stepz', 'train.steps'),
-    ('trian.steps', 'train.steps'),
-    ('poet.blok_size', 'poet.block_size'),
-    ('model.dim.x', 'model.dim'),
-    ('distributed.proces_id', 'distributed.process_id'),
+    ('sed', "'seed'"),
+    ('eval_evry', "'eval_every'"),
+    ('train.stepz', "'train.steps'"),
+    ('trian.steps', "'train.steps'"),
+    ('poet.blok_size', "'poet.block_size'"),
+    ('model.dim.x', "'model.dim'"),
+    ('distributed.proces_id', "'distributed.process_id'"),
+    # The same name in another section before the nearest spelling.
+    ('optimizer.lr', "'train.lr' or 'poet.lr'"),
 ])
 def test_unknown_key_at_any_level_names_the_nearest(key, nearest):
   err = io.StringIO()
@@ -69,7 +71,7 @@ def test_unknown_key_at_any_level_names_the_nearest(key, nearest):
     code = cli.main(['train.py', f'--config.{key}=10'])
   assert code == 2
   assert err.getvalue() == (f'error: unknown config key {key!r}; did you '
-                            f'mean {nearest!r}?\n')
+                            f'mean {nearest}?\n')
 
 
 def test_unknown_key_with_nothing_near():
