@@ -14,6 +14,7 @@ from poet_jax import flops as flops_lib
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
+from poet_jax import workdir as workdir_lib
 
 GIB = 1024 ** 3
 # About the most memory one accelerator holds today (MI300X, B200): a peak
@@ -164,6 +165,19 @@ def _advise(c, report, limit_gib: float) -> list[str]:
 
 
 def dry_run(c, workdir: str) -> dict:
+  """plan(c), printed and written to workdir/memory.json, with the settings
+  that would fit when the peak does not.
+
+  Raises workdir.WorkdirError / config.ConfigError, before anything is
+  compiled or written, when workdir cannot be written or holds a run of
+  another config (the trainer's own checks: a dry run writes nothing into
+  another run's directory).
+  """
+  workdir_lib.check_writable(workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  has_checkpoint = os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints))
+  workdir_lib.check_config_matches(workdir, c, has_checkpoint)
   report = plan(c)
   limit = device_memory_gib()
   advice = _advise(c, report, limit) if report['peak_gib'] > limit else []

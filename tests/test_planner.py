@@ -48,6 +48,22 @@ def test_dry_run_of_a_tiny_config_matches_its_real_step(tmp_path):
   assert report['flops_per_step'] > 0
 
 
+def test_a_dry_run_writes_nothing_into_another_runs_directory(tmp_path):
+  # A work directory holding a checkpoint of another config (as a fresh
+  # user's --dry_run with a changed lr wrote memory.json into one).
+  c = one_device(config_lib.base_config())
+  c.model.vocab_size = 257
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '2').mkdir(parents=True)
+  (workdir / 'config.json').write_text(c.to_json(sort_keys=True, indent=1))
+  before = sorted(p.name for p in workdir.rglob('*'))
+  other = c.copy_and_resolve_references()
+  other.train.lr = 0.5
+  with pytest.raises(config_lib.ConfigError, match='different config'):
+    planner.dry_run(other, str(workdir))
+  assert sorted(p.name for p in workdir.rglob('*')) == before
+
+
 def test_flops_count_every_layer_of_the_scan():
   # XLA's cost analysis counts the layer scan's body once, so its figure
   # would not grow with the depth; the step's products do, by one layer's.
