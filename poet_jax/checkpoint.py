@@ -94,6 +94,21 @@ def fingerprint(state: Any) -> dict[str, int]:
           for (path, _), v in zip(leaves, values)}
 
 
+def find_damage(state: Any, saved: dict[str, int] | None) -> str | None:
+  """What differs between a restored state and the fingerprint saved with
+  it ('damaged: <array> differs from the fingerprint saved with it'), or
+  None; None too without a saved fingerprint (checkpoints written before
+  fingerprints)."""
+  if saved is None:
+    return None
+  now = fingerprint(state)
+  damaged = [k for k in saved if now.get(k) != saved[k]]
+  if not damaged and now.keys() == saved.keys():
+    return None
+  return (f'damaged: {(damaged or ["its list of arrays"])[0]} differs from '
+          'the fingerprint saved with it')
+
+
 class Checkpointer:
   """Saves and restores the train state and a small JSON record per step.
 
@@ -198,14 +213,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
     meta = dict(restored.meta)
-    saved = meta.pop('fingerprint', None)
-    if saved is not None:  # checkpoints from before fingerprints have none
-      now = fingerprint(restored.state)
-      damaged = [k for k in saved if now.get(k) != saved[k]]
-      if damaged or now.keys() != saved.keys():
-        raise self._unreadable(step, ValueError(
-            f'damaged: {(damaged or ["its list of arrays"])[0]} differs from '
-            'the fingerprint saved with it'))
+    damage = find_damage(restored.state, meta.pop('fingerprint', None))
+    if damage:
+      raise self._unreadable(step, ValueError(damage))
     return restored.state, meta
 
   def wait(self) -> None:

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from poet_jax import config as config_lib
+from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import model as model_lib
@@ -152,6 +153,13 @@ def load_run(workdir: str, step: int | None = None, shardings=None) -> Run:
   finally:
     manager.close()
   meta = dict(restored.meta)
+  damage = checkpoint_lib.find_damage(restored.state,
+                                      meta.pop('fingerprint', None))
+  if damage:
+    older = [s for s in steps if s < step]
+    raise RunError(f'checkpoint {manager.directory}/{step} cannot be used '
+                   f'({damage})' + (f'; --step={older[-1]} reads the one '
+                                    'before' if older else ''))
   if meta.get('tokenizer', tokenizer.identity) != tokenizer.identity:
     raise RunError(f'the tokenizer {c.data.tokenizer} is not the one step '
                    f'{step} was trained with ({meta["tokenizer"]}); restore '

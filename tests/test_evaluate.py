@@ -4,6 +4,7 @@ In subprocesses with train.py's environment (one device, the same XLA
 flags), as the trainer ran.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,3 +57,23 @@ def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
   assert len(err) == 1 and err[0].startswith('error: '), err
   assert expected in err[0], err
   assert sorted(os.walk(workdir)) == before
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_one_before_named(
+    tmp_path, tmp_path_factory):
+  # Step 4's arrays replaced by step 2's: a store that decodes, with step
+  # 4's fingerprint (the after-training tools check it as the trainer does).
+  workdir, _ = trained_run(tmp_path_factory)
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  checkpoints = os.path.join(copy, 'checkpoints')
+  shutil.rmtree(os.path.join(checkpoints, '4', 'state'))
+  shutil.copytree(os.path.join(checkpoints, '2', 'state'),
+                  os.path.join(checkpoints, '4', 'state'))
+  refused = run_evaluate(f'--workdir={copy}')
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  err = refused.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: '), err
+  assert 'checkpoints/4 cannot be used (damaged: ' in err[0], err
+  assert '--step=2 reads the one before' in err[0], err
+  assert run_evaluate(f'--workdir={copy}', '--step=2').returncode == 0
