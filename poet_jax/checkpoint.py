@@ -57,7 +57,7 @@ def _hooked_temporary_path(before_commit: Callable[[int], None]):
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  """uint32: sum over elements of (bits x position weight), mod 2^32.
+  """uint32: sum over elements of (bits x odd position weight), mod 2^32.
 
   Integer arithmetic, so the value is exact whatever the sharding or the
   order of the reduction; a position weight, so moved bytes count too.
@@ -74,7 +74,10 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(
         stride % 2**32)
     stride *= x.shape[axis]
-  return jnp.sum(bits * (index % 65521 + 1), dtype=jnp.uint32)
+  # Odd weights: multiplying by an odd number is a bijection mod 2^32, so a
+  # change to any one element always changes the sum (an even weight would
+  # lose the top bits: a flipped sign bit would not count).
+  return jnp.sum(bits * (2 * (index % 65521) + 1), dtype=jnp.uint32)
 
 
 # One jit (compiled once per state layout, not per save).

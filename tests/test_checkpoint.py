@@ -74,6 +74,17 @@ def test_every_leaf_kind_has_a_fingerprint_that_sees_one_changed_bit():
   after = checkpoint_lib.fingerprint(changed)
   assert {k for k in before if before[k] != after[k]} == {"['w']", "['q']",
                                                           "['flag']"}
+  # Any single bit of any element, the sign and the top exponent bit too
+  # (bits 31 and 30; an even position weight would lose them mod 2^32).
+  w = state['w'][:70_000]
+  for i in (1, 2, 4, 65_522):
+    for bit in (31, 30, 0):
+      flipped = jax.lax.bitcast_convert_type(
+          jax.lax.bitcast_convert_type(w, jnp.uint32).at[i].set(
+              jax.lax.bitcast_convert_type(w[i], jnp.uint32) ^ jnp.uint32(1 << bit)),
+          jnp.float32)
+      assert (checkpoint_lib.fingerprint({'w': flipped}) !=
+              checkpoint_lib.fingerprint({'w': w})), (i, bit)
   # Moved values count too: the same numbers in another order.
   swapped = dict(state, q=state['q'][::-1])
   assert checkpoint_lib.fingerprint(swapped)["['q']"] != before["['q']"]
