@@ -211,6 +211,15 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
     train_data, eval_data, inputs = _open_data(
         c, tokenizer, ckpt, latest, trained_on, progress and is_main)
+    setup, abstract = train_state.abstract_state(c, vocab)
+    steps = steps_lib.compile_steps(setup, abstract, mesh)
+    layer_names = _describe_model(c, setup, abstract, mesh, say)
+    hooks.current.started()
+    # Restored while the checkpoints are open only to look: a damaged one
+    # (its fingerprint) is refused before anything is written.
+    state = _initial_state(c, vocab, setup, abstract, steps, ckpt, latest,
+                           say)
+    start = int(state['step'])
     # Nothing refused the run: from here on it writes.
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -218,14 +227,6 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     if ckpt:
       ckpt.abandon()
     ckpt = _open_checkpoints(c, workdir)
-
-    setup, abstract = train_state.abstract_state(c, vocab)
-    steps = steps_lib.compile_steps(setup, abstract, mesh)
-    layer_names = _describe_model(c, setup, abstract, mesh, say)
-    hooks.current.started()
-    state = _initial_state(c, vocab, setup, abstract, steps, ckpt, latest,
-                           say)
-    start = int(state['step'])
     log = metrics_lib.MetricsLog(
         os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
         tensorboard_dir=(os.path.join(workdir, 'tensorboard')

@@ -6,6 +6,7 @@ One tiny in-process run (one device, two steps) for the module.
 """
 import contextlib
 import io
+import json
 import os
 import shutil
 
@@ -119,19 +120,43 @@ def time_stamps(directory):
 ])
 def test_a_refused_start_changes_no_time_stamp(run, override, expected,
                                                tmp_path):
-  workdir = str(tmp_path / 'copy')
-  shutil.copytree(run[0], workdir)
+  workdir = _copy_with_leftover(run[0], tmp_path)
+  _assert_refused_unchanged(workdir, [override], expected)
+
+
+def test_a_damaged_checkpoint_is_refused_before_anything_changes(run,
+                                                                 tmp_path):
+  # Found by a tester: the fingerprint was checked only after config.json
+  # was rewritten and the leftovers of killed saves removed.
+  workdir = _copy_with_leftover(run[0], tmp_path)
+  path = os.path.join(workdir, 'checkpoints', '2', 'meta', 'metadata')
+  with open(path) as f:
+    record = json.load(f)
+  first = sorted(record['fingerprint'])[0]
+  record['fingerprint'][first] ^= 1
+  with open(path, 'w') as f:
+    json.dump(record, f)
+  _assert_refused_unchanged(workdir, [], 'differs from the fingerprint')
+
+
+def _copy_with_leftover(workdir, tmp_path):
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
   # What a save killed before its commit leaves: a resumed run removes it,
   # a refused one does not.
-  leftover = os.path.join(workdir, 'checkpoints',
+  leftover = os.path.join(copy, 'checkpoints',
                           '3.orbax-checkpoint-tmp-1764519000000000')
-  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), leftover)
+  shutil.copytree(os.path.join(copy, 'checkpoints', '2'), leftover)
   os.remove(os.path.join(leftover, 'commit_success.txt'))
+  return copy
+
+
+def _assert_refused_unchanged(workdir, overrides, expected):
   before = time_stamps(workdir)
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(
       io.StringIO()):
-    code = cli.main(['train.py', f'--workdir={workdir}', *ARGS, override,
+    code = cli.main(['train.py', f'--workdir={workdir}', *ARGS, *overrides,
                      '--compilation_cache='])
   assert code == 2
   lines = err.getvalue().strip().splitlines()
