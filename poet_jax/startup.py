@@ -214,7 +214,6 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     setup, abstract = train_state.abstract_state(c, vocab)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
     layer_names = _describe_model(c, setup, abstract, mesh, say)
-    hooks.current.started()
     # Restored while the checkpoints are open only to look: a damaged one
     # (its fingerprint) is refused before anything is written.
     state = _initial_state(c, vocab, setup, abstract, steps, ckpt, latest,
@@ -227,6 +226,7 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     if ckpt:
       ckpt.abandon()
     ckpt = _open_checkpoints(c, workdir)
+    hooks.current.started()
     log = metrics_lib.MetricsLog(
         os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
         tensorboard_dir=(os.path.join(workdir, 'tensorboard')
