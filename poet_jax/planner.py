@@ -8,7 +8,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 
 from poet_jax import flops as flops_lib
 from poet_jax import sharding as sharding_lib
@@ -29,6 +28,14 @@ def vocab_size(c) -> int:
   return tokenizer_lib.load_tokenizer(c.data.tokenizer).vocab_size
 
 
+def peak_bytes(mem) -> int:
+  """Peak bytes per device of a compiled program, from its
+  `memory_analysis()`: arguments + outputs + temporaries, the donated state
+  (aliased by its output) counted once."""
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes -
+          mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+
 def plan(c, devices=None) -> dict:
   """Per-device memory (GiB), parameter counts and FLOPs of one train step.
 
@@ -38,21 +45,14 @@ def plan(c, devices=None) -> dict:
   sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
   setup, abstract = train_state.abstract_state(c, vocab_size(c))
   steps = steps_lib.compile_steps(setup, abstract, mesh)
-  state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, steps.state_sharding)
-  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
-                               jnp.int32, sharding=steps.batch_sharding)
-  traced = steps.train.trace(state, batch)
-  compiled = traced.lower().compile()
-  mem = compiled.memory_analysis()
+  traced = steps_lib.trace_train(c, steps, abstract)
+  mem = traced.lower().compile().memory_analysis()
   trainable, frozen = train_state.count_params(abstract)
   argument = mem.argument_size_in_bytes
   output = mem.output_size_in_bytes
   temp = mem.temp_size_in_bytes
   alias = mem.alias_size_in_bytes
-  # Donated state aliases its output: count those bytes once.
-  peak = argument + output - alias + temp
+  peak = peak_bytes(mem)
   return {
       'config_method': c.optimizer.name,
       'compute': c.poet.compute if c.optimizer.name == 'poet' else 'dense',

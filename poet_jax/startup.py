@@ -164,8 +164,7 @@ def memory_warning(c, compiled, data_parallel: int = 1) -> str | None:
     mem = None  # not every backend implements it
   if mem is None:
     return None
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
-          mem.alias_size_in_bytes + mem.temp_size_in_bytes) / planner.GIB
+  peak = planner.peak_bytes(mem) / planner.GIB
   limit = planner.device_memory_gib()
   if peak <= limit:
     return None

@@ -162,12 +162,28 @@ def compile_steps(setup: train_state.Setup, abstract: Any,
   return CompiledSteps(train, evaluate, diag, state_sh, batch_sh)
 
 
+def abstract_batch(c, steps: CompiledSteps) -> jax.ShapeDtypeStruct:
+  """The (batch_size, seq_len + 1) int32 token batch the steps take, laid
+  out as they take it; nothing allocated."""
+  return jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
+                              jnp.int32, sharding=steps.batch_sharding)
+
+
+def trace_train(c, steps: CompiledSteps, abstract: Any) -> jax.stages.Traced:
+  """The train step traced on the abstract state (train_state.abstract_state)
+  and batch, for a dry run: `.jaxpr` for FLOPs, `.lower().compile()` for
+  memory, without allocating the state."""
+  state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, steps.state_sharding)
+  return steps.train.trace(state, abstract_batch(c, steps))
+
+
 def compile_ahead(c, steps: CompiledSteps, state):
   """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
   executables), so that the clocks of tokens/s and of the time left, started
   after this, leave compilation out. Returns the compiled train step."""
-  batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
-                               jnp.int32, sharding=steps.batch_sharding)
+  batch = abstract_batch(c, steps)
   train = steps.train.lower(state, batch).compile()
   steps.eval.lower(state, batch).compile()
   if c.optimizer.name == 'poet':

@@ -12,13 +12,13 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from poet_jax import config as config_lib
-from poet_jax import paths
 from poet_jax import merge as merge_lib
+from poet_jax import paths
+from poet_jax import planner
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
@@ -58,13 +58,6 @@ def step_config(size: str, method: str, compute: str, batch: tuple,
   return c
 
 
-def _peak_bytes(compiled) -> int:
-  """Peak as the planner counts it: the donated state once."""
-  mem = compiled.memory_analysis()
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes -
-          mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-
-
 class _Method:
   """One method's compiled step, fresh states on demand, one at a time."""
 
@@ -75,19 +68,14 @@ class _Method:
     steps = steps_lib.compile_steps(self.setup, abstract, mesh)
     self.state_sharding = steps.state_sharding
     self.batch_sharding = steps.batch_sharding
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, steps.state_sharding)
-    batch = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len + 1),
-                                 jnp.int32, sharding=steps.batch_sharding)
-    traced = steps.train.trace(state, batch)
+    traced = steps_lib.trace_train(c, steps, abstract)
     self.flops = matmul_flops(traced.jaxpr)
     self.step = traced.lower().compile()
     cost = self.step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # XLA's count, for comparison: a scanned layer's body only once.
     self.xla_flops = float(cost.get('flops', 0.0))
-    self.peak_bytes = _peak_bytes(self.step)
+    self.peak_bytes = planner.peak_bytes(self.step.memory_analysis())
     self.init = jax.jit(lambda: train_state.init_state(c, vocab)[1],
                         out_shardings=steps.state_sharding)
     self.state = None
