@@ -15,6 +15,7 @@ needed. See docs/data.md.
 import collections.abc
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import logging
@@ -229,12 +230,25 @@ def _quiet_tfds():
 
 
 def prepare_text_corpus(config: TextCorpusConfig, data_dir: str) -> TextCorpus:
-  """Builds the ArrayRecord files once; later calls only read their info."""
+  """Builds the ArrayRecord files once; later calls only read their info.
+
+  Processes that prepare the same corpus at once (two trainers, two test
+  workers) take turns on a lock file beside it: the second finds it prepared
+  instead of failing to rename its own copy over the first one's.
+  """
   with _quiet_tfds():
     builder = TextCorpus(config=config, data_dir=data_dir,
                          file_format='array_record')
-    prepared = builder.is_prepared()
-  if not prepared:
+    if builder.is_prepared():
+      return builder
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f'.{config.name}.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    with _quiet_tfds():
+      builder = TextCorpus(config=config, data_dir=data_dir,
+                           file_format='array_record')
+      if builder.is_prepared():
+        return builder
     print(f'preparing {config.description} for tfds in {data_dir} (once; '
           'nothing is downloaded)', flush=True)
     with _quiet_tfds():

@@ -4,7 +4,6 @@ A b x b orthogonal block is parameterized by the strict upper triangle of a
 skew-symmetric matrix Q (b(b-1)/2 numbers). All functions are batched over any
 leading axes.
 """
-import functools
 import math
 
 import jax
@@ -24,18 +23,20 @@ def block_size_from_params(num_params: int) -> int:
   return b
 
 
-@functools.lru_cache(maxsize=None)
-def _skew_gather_index(b: int) -> tuple[np.ndarray, np.ndarray]:
-  """Index into [0, u_0, u_1, ...] and sign that rebuild Q = U - U^T."""
-  index = np.zeros((b, b), np.int32)
-  sign = np.zeros((b, b), np.float32)
-  rows, cols = np.triu_indices(b, k=1)
-  positions = np.arange(1, len(rows) + 1, dtype=np.int32)
-  index[rows, cols] = positions
-  index[cols, rows] = positions
-  sign[rows, cols] = 1.0
-  sign[cols, rows] = -1.0
-  return index, sign
+def _skew_gather_index(b: int) -> tuple[jax.Array, jax.Array]:
+  """Index into [0, u_0, u_1, ...] and sign that rebuild Q = U - U^T.
+
+  Built from iotas inside the trace, not as NumPy arrays: JAX passes a
+  captured NumPy constant to the executable as an argument, one b x b
+  buffer per use.
+  """
+  row = jax.lax.broadcasted_iota(jnp.int32, (b, b), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (b, b), 1)
+  lo, hi = jnp.minimum(row, col), jnp.maximum(row, col)
+  # 1 + the position of (lo, hi) in np.triu_indices(b, k=1)'s row-major order.
+  position = lo * (2 * b - lo - 1) // 2 + (hi - lo - 1) + 1
+  return (jnp.where(row == col, 0, position),
+          jnp.sign(col - row).astype(jnp.float32))
 
 
 def skew_from_params(u: jax.Array, block_size: int) -> jax.Array:
@@ -48,7 +49,7 @@ def skew_from_params(u: jax.Array, block_size: int) -> jax.Array:
   # A gather (not a scatter) so the forward is one fused op; its gradient
   # is the matching scatter-add.
   padded = jnp.concatenate([jnp.zeros_like(u[..., :1]), u], axis=-1)
-  return jnp.take(padded, jnp.asarray(index), axis=-1) * sign.astype(u.dtype)
+  return jnp.take(padded, index, axis=-1) * sign.astype(u.dtype)
 
 
 def params_from_skew(q: jax.Array) -> jax.Array:

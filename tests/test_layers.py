@@ -17,10 +17,10 @@ SHAPES = {'block': (16, 24, 8), 'full': (16, 24, 0.5)}
 
 def set_generators(layer, u_in, u_out, method='neumann'):
   """The layer's blocks as the orthogonal map of the given generators."""
-  layer.in_blocks[...] = orthogonal.orthogonal_blocks(u_in, layer.in_block,
-                                                      method=method)
-  layer.out_blocks[...] = orthogonal.orthogonal_blocks(u_out, layer.out_block,
-                                                       method=method)
+  for blocks, u, size in ((layer.in_blocks, u_in, layer.in_block),
+                          (layer.out_blocks, u_out, layer.out_block)):
+    blocks[...] = orthogonal.orthogonal_blocks(u, size, method=method).astype(
+        blocks.dtype)
 
 
 def make(variant='block', compute='fast', seed=0, scale=0.1,

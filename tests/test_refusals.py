@@ -103,7 +103,7 @@ def _corpus_of(directory, sizes):
 
 
 @pytest.mark.parametrize('override,expected', [
-    ('--config.train.seq_len=200000', 'fewer than one batch'),
+    ('--config.train.seq_len=2000000', 'fewer than one batch'),
     ('--config.model.vocab_size=200', 'model.vocab_size=200'),
     ('--config.train.batch_size=12', 'mesh data x fsdp = 8'),
     ('--config.train.grad_accum_steps=2', 'micro-batch'),

@@ -12,6 +12,8 @@ from flax import nnx
 import poet_jax
 from poet_jax import orthogonal
 
+import tolerance
+
 B = 4
 
 
@@ -32,7 +34,7 @@ Y = jax.random.normal(jax.random.key(2), (16, 3))
 
 def split():
   graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
-  return graphdef, params.to_pure_dict(), rest.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 GRAPHDEF, PARAMS, REST = split()
@@ -134,8 +136,11 @@ def test_multisteps_maps_once_per_update():
   grads = jax.tree.map(lambda a, b: (a + b) / 2,
                        *[jax.grad(loss)(PARAMS, x, y) for x, y in halves])
   updates, ref_state = jax.jit(one.update)(grads, one.init(PARAMS), PARAMS)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-7),
+  # The two sides sum the gradient in another order; each block is then
+  # the Neumann polynomial (num_terms + 1 products of b x b blocks) of the
+  # new generators, the head an Adam step: rounded terms per element about
+  # 16 tokens + 12 features + (3 + 1) * B.
+  jax.tree.map(lambda a, b: tolerance.assert_close(a, b, 16 + 12 + 4 * B),
                params, optax.apply_updates(PARAMS, updates))
 
 

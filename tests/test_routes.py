@@ -58,7 +58,7 @@ def placements(state, name):
 def dense_route():
   model = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   tx = optim.per_layer(poet_jax.poet_kernels(
       inner(), block_size=B, merge_every=MERGE_EVERY, key=jax.random.key(7),
       exclude=('*embed*', '*head*', '*norm*')))
