@@ -62,6 +62,11 @@ def initialize_distributed(dist_cfg) -> None:
                                dist_cfg.num_processes, dist_cfg.process_id)
   else:
     jax.distributed.initialize()
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    # XLA:CPU (jax 0.12): processes that load their step from the persistent
+    # compilation cache hang in its first cross-process (gloo) collective.
+    # Several CPU processes are a test or a trial, not a long run: compile.
+    jax.config.update('jax_enable_compilation_cache', False)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

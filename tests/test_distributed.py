@@ -39,7 +39,7 @@ def launch(workdir, num_processes, devices_per_process, kill_at=None):
         stderr=subprocess.PIPE, text=True))
   results = []
   for p in procs:
-    out, err = p.communicate(timeout=int(os.environ.get("LAUNCH_TIMEOUT", 600)))
+    out, err = p.communicate(timeout=600)
     results.append((p.returncode, out, err))
   return results
 
