@@ -38,7 +38,8 @@ def setup_commands():
 def test_readme_gives_two_setup_commands_that_install_the_package():
   install, tests = setup_commands()
   steps = install.split(' && ')
-  assert steps[:2] == ['python3 -m venv .venv', '. .venv/bin/activate']
+  assert re.fullmatch(r'python3\.\d+ -m venv \.venv', steps[0]), steps[0]
+  assert steps[1] == '. .venv/bin/activate'
   assert 'pip install -r requirements.txt' in steps
   assert steps.index('pip install -e .') > steps.index(
       'pip install -r requirements.txt')
@@ -62,10 +63,16 @@ def pyproject():
 
 
 def test_readme_states_the_supported_python():
+  # The package installs from requires-python on; the tested pins need the
+  # Python the set-up command names, which README must state too.
   required = pyproject()['project']['requires-python']  # '>=3.11'
   version = required.removeprefix('>=')
   assert f'Python {version} or newer' in readme()
   assert sys.version_info[:2] >= tuple(map(int, version.split('.')))
+  tested = re.match(r'python(3\.\d+) ', setup_commands()[0]).group(1)
+  assert f'Python {tested} or newer' in readme()
+  assert tuple(map(int, tested.split('.'))) >= tuple(
+      map(int, version.split('.')))
 
 
 def test_config_key_table_is_generated_from_the_config():
