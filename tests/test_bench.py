@@ -121,3 +121,88 @@ def test_profile_op_times_sum_ops_per_call_and_skip_their_containers(
   # Two calls traced: ms per call.
   assert profile.op_times(str(tmp_path), calls=2) == {
       'ynn_fusion.3': 3.0, 'transpose_copy_fusion': 0.5}
+
+
+# ------------------------------------------------- --only=device, --tiny
+
+
+def test_device_check_runs_every_part_at_tiny_size(tmp_path, capsys):
+  path = tmp_path / 'device.json'
+  # Two methods keep the step compiles few; every part runs.
+  assert bench.main(['--only=device', '--tiny', f'--json={path}',
+                     '--methods=adamw,poet-auto']) == 0
+  rows = json.loads(path.read_text())['rows']
+  assert {r['section'] for r in rows} == {'device'}
+  by = lambda part: [r for r in rows if r['part'] == part]
+  env, = by('environment')
+  assert env['platform'] == 'cpu' and env['device_kind'] == 'cpu'
+  assert 'jax:' in env['environment']
+  from poet_jax.bench import device_numerics
+  numerics = by('numerics')
+  assert {(r['layer'], r['path'], r['dtype']) for r in numerics} == {
+      (kind[0], path, dtype) for kind in device_numerics.KINDS
+      for path in device_numerics.PATHS for dtype in device_numerics.DTYPES}
+  for r in numerics:
+    assert r['passed'] and 0 < r['error_over_bound'] <= 1, r
+    assert set(r['arrays']) == {'y', 'dx', 'd_in_blocks', 'd_out_blocks'}
+  training, = by('training')
+  assert training['passed'] and training['lowered'], training
+  assert training['last_loss'] < training['first_loss']
+  assert training['resumed_bit_exact'] and training['killed_exit_code'] == -9
+  # Killed between checkpoints: the resume cut steps off metrics.jsonl.
+  assert training['logged_at_kill'] > max(training['checkpoints_at_kill'])
+  table = by('layer_table')
+  assert [r['path'] for r in table] == ['dense', 'materialize', 'fast', 'mem']
+  assert all(r['ms'] > 0 for r in table)
+  assert [r['paper_h100_ms'] for r in table] == [1.11, 10.59, 1.38, 1.89]
+  steps = by('steps')
+  assert [r['method'] for r in steps] == ['adamw', 'poet-auto']
+  for r in steps:
+    assert r['ms_per_step'] > 0 and r['predicted_peak_gib'] > 0, r
+    assert r['measured_peak_gib'] is None  # the CPU reports no peak
+  assert all(r['part_seconds'] >= 0 for r in rows[1:])
+  out = capsys.readouterr().out
+  assert '## device check on cpu (cpu)' in out
+  assert 'killed after step 9 and resumed: bit-exact' in out
+
+
+def test_device_check_skips_the_parts_the_budget_has_no_time_for(capsys):
+  from poet_jax.bench import device
+  rows = device.bench_device(True, budget_s=0)
+  assert [r['part'] for r in rows] == ['environment', 'numerics', 'training',
+                                      'layer_table', 'steps']
+  assert all('skipped' in r for r in rows[1:]) and not device.failures(rows)
+  device.print_report(rows)
+  assert 'training: skipped, 0 s of the budget left' in (
+      capsys.readouterr().out)
+
+
+def test_device_numerics_catch_a_path_off_by_a_tenth_of_a_percent(
+    monkeypatch):
+  from poet_jax import layers
+  from poet_jax.bench import device_numerics
+  call = layers.POETLinear.__call__
+
+  def off(self, x):  # 'fast' 0.1% off: its output and every gradient
+    return call(self, x) * (1.001 if self.compute == 'fast' else 1.0)
+
+  monkeypatch.setattr(layers.POETLinear, '__call__', off)
+  rows = device_numerics.check_layers(32, 48, 16, 16, 16, log=lambda *a: 0,
+                                      kinds=device_numerics.KINDS[:1])
+  failed = {(r['path'], r['dtype']) for r in rows if not r['passed']}
+  # float32's bound is far below 0.1%; bfloat16's (8 roundings of 2^-7)
+  # is above it.
+  assert failed == {('fast', 'float32')}, failed
+
+
+def test_a_failed_device_check_exits_with_1_after_writing_the_report(
+    tmp_path, monkeypatch):
+  from poet_jax.bench import device
+  row = {'section': 'device', 'part': 'numerics', 'layer': 'poet-bs',
+         'path': 'fast', 'dtype': 'float32', 'passed': False,
+         'error_over_bound': 3.0}
+  monkeypatch.setattr(device, 'bench_device', lambda tiny, methods: [row])
+  path = tmp_path / 'device.json'
+  assert bench.main(['--only=device', '--tiny', f'--json={path}']) == 1
+  assert json.loads(path.read_text())['rows'] == [row]
+  assert device.failures([row]) == ['numerics poet-bs fast float32']

@@ -34,13 +34,17 @@ is against a baseline measured in the same run. Sections:
   reference  (only when asked for) the official PyTorch code's own training
           update, eager, in a separate Python, against our steps at the same
           settings: AdamW and POET-X, ratios poet_jax / official
+  device  (only when asked for) a check of one accelerator in ten minutes:
+          every layer path against float64, a run killed and resumed, the
+          paper's layer table, whole steps with their measured peak memory
 
 Timings are medians of many runs after warm-up, with the compared variants
 interleaved (round-robin, the order rotated each round) so that load from
 other processes falls on all of them alike, and inputs rotated over several
 arrays. Progress goes to stderr; the tables to stdout.
 
-One module per section (layer, breakdown, blocks, steps, memory, reference), the
+One module per section (layer, breakdown, blocks, steps, memory, reference,
+device with device_numerics and device_train), the
 shared timing in common, FLOP counting in flops, the op time of a profile
 in op_profile, the Markdown in tables and the command line in cli.
 """

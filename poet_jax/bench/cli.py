@@ -5,6 +5,7 @@ import json
 import os
 
 from poet_jax import config as config_lib
+from poet_jax.bench import device
 from poet_jax.bench import reference
 from poet_jax.bench.blocks import bench_blocks
 from poet_jax.bench.breakdown import bench_breakdown
@@ -17,10 +18,11 @@ from poet_jax.bench.steps import method_pairs as _pairs
 from poet_jax.bench.tables import print_tables
 
 # What a run without --only runs; 'reference' needs the official code
-# installed (reference.py) and runs only when asked for.
+# installed (reference.py) and 'device' is a ten-minute check of an
+# accelerator (device.py): each runs only when asked for.
 SECTIONS = ('matmul', 'layer', 'breakdown', 'blocks', 'step', 'ref', 'wide',
             'memory')
-ALL_SECTIONS = SECTIONS + ('reference',)
+ALL_SECTIONS = SECTIONS + ('reference', 'device')
 METHODS = ('adamw', 'galore', 'muon', 'poet-fast', 'poet-mem',
            'poet-materialize', 'poet-auto', 'poetxq-mem')
 POET_PATHS = ('fast', 'mem', 'materialize', 'auto')
@@ -49,8 +51,12 @@ def _step_sections(sections, sizes: Sizes, methods, step_reps, rate,
 
 def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
         methods=METHODS, step_reps: int = 0, profile_dir: str = '',
-        reference_args: reference.Args | None = None) -> dict:
-  """Runs `sections`; returns {'machine': ..., 'reps': ..., 'rows': [...]}."""
+        reference_args: reference.Args | None = None,
+        tiny: bool = False) -> dict:
+  """Runs `sections`; returns {'machine': ..., 'reps': ..., 'rows': [...]}.
+
+  tiny: the device check at its CPU smoke-test size (device.TINY).
+  """
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
   rate = None
@@ -76,6 +82,8 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
   if 'reference' in sections:
     rows += reference.bench_reference(
         sizes, reference_args or reference.Args(), step_reps)
+  if 'device' in sections:
+    rows += device.bench_device(tiny, methods)
   report['machine']['load_average_at_end'] = list(os.getloadavg())
   return report
 
@@ -143,10 +151,17 @@ def main(argv=None) -> int:
   if set(methods) - set(METHODS):
     parser.error(f'unknown methods {sorted(set(methods) - set(METHODS))}; '
                  f'choose from {METHODS}')
+  if 'device' in sections:
+    device.prepare_environment()  # before JAX starts a backend
   report = run(sections, _sizes(args), args.reps, args.memory_dtype, methods,
-               args.step_reps, args.profile, reference.Args.from_flags(args))
+               args.step_reps, args.profile, reference.Args.from_flags(args),
+               args.tiny)
   print_tables(report)
+  device.print_report(report['rows'])
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)
   log(f'written to {args.json}')
-  return 0
+  failed = device.failures(report['rows'])
+  for line in failed:
+    log(f'device check failed: {line}')
+  return 1 if failed else 0
