@@ -22,40 +22,39 @@ when the budget left is under what it needs:
                llama_1b, each in its own process: ms/step, tokens/s, the
                measured peak (memory_stats()['peak_bytes_in_use']) next to
                the compiled step's memory_analysis() prediction
+               (device_steps)
 
 A failed check makes the command exit with 1, after the JSON is written.
 """
 import dataclasses
-import json
-import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from poet_jax import layers
 from poet_jax.bench import device_numerics
+from poet_jax.bench import device_steps
 from poet_jax.bench import device_train
-from poet_jax.bench.common import GIB, interleaved, log
+from poet_jax.bench.common import interleaved, log
+from poet_jax.bench.device_steps import STEP_METHODS
 
 BUDGET_S = 600.0
 # POET-X paper (spec, section 9): one Llama-8B-sized layer, 2048 tokens,
 # b = 256, forward + backward on an H100, ms.
 PAPER_LAYER_MS = {'dense': 1.11, 'materialize': 10.59, 'fast': 1.38,
                   'mem': 1.89}
-STEP_METHODS = ('adamw', 'poet-fast', 'poet-mem', 'poet-auto')
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSizes:
-  """What each part runs, and the seconds it needs at least to start."""
+  """What each part runs, and the seconds it needs at least to start (for
+  'steps': each of its processes)."""
   numerics: tuple          # (in, out, block, int8 group, tokens)
   training: device_train.Run
   layer_table: tuple       # (in, out, block, tokens)
@@ -163,120 +162,6 @@ def layer_table(sizes: DeviceSizes) -> list[dict]:
   return rows
 
 
-# ----------------------------------------------------------------- steps
-
-
-def cross_compiled_peak(config, compiled) -> float | None:
-  """HOOK: the peak bytes that the dry-run planner predicts for this step
-  when it compiles it for an H100 on a machine without one (the planner's
-  GPU target), to stand next to the peak measured here; None until the
-  planner has that target.
-
-  config: the step's config (ml_collections); compiled: the step as compiled
-  on this device (jax.stages.Compiled), whose own memory_analysis() is the
-  prediction of this device's compiler.
-  """
-  del config, compiled
-  return None
-
-
-def step_child(spec: dict) -> list[dict]:
-  """Train steps of spec['methods'] in this process, one after the other:
-  compile, time, memory (a row each).
-
-  spec: {'size', 'batch', 'methods', 'reps'}. The measured peak is this
-  process's so far: one method's own only when it is the process's only
-  one (whole_steps).
-  """
-  from poet_jax.bench import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  rows = []
-  for name in spec['methods']:
-    start = time.monotonic()
-    built, failed = steps_lib.build_methods(
-        'device', spec['size'], tuple(spec['batch']),
-        steps_lib.method_pairs([name]))
-    if failed:
-      rows.append({'method': name, 'error': failed[0]['error']})
-      continue
-    method = built[name]
-    compile_s = time.monotonic() - start
-    seconds = method.timed(spec['reps'], True)
-    stats = jax.devices()[0].memory_stats() or {}
-    t = float(np.median(seconds))
-    cross = cross_compiled_peak(method.config, method.step)
-    rows.append({
-        'method': name, 'model': spec['size'],
-        'layers': method.config.model.num_layers,
-        'batch': list(spec['batch']), 'compile_s': compile_s,
-        'ms_per_step': 1e3 * t, 'runs': len(seconds),
-        'tokens_per_s': spec['batch'][0] * spec['batch'][1] / t,
-        'predicted_peak_gib': method.peak_bytes / GIB,
-        'cross_compiled_peak_gib': None if cross is None else cross / GIB,
-        'measured_peak_gib': (stats['peak_bytes_in_use'] / GIB
-                              if 'peak_bytes_in_use' in stats else None),
-        'measured_over_predicted': (
-            stats['peak_bytes_in_use'] / method.peak_bytes
-            if 'peak_bytes_in_use' in stats else None)})
-  return rows
-
-
-def whole_steps(sizes: DeviceSizes, budget: Budget,
-                methods=STEP_METHODS) -> list[dict]:
-  """`methods` (of STEP_METHODS) in fresh processes: each in its own where
-  the device reports its peak memory (a process's peak is then the
-  method's), all in one where it does not (the CPU)."""
-  isolate = jax.devices()[0].memory_stats() is not None
-  groups = [[m] for m in methods] if isolate else [list(methods)]
-  rows = []
-  for i, group in enumerate(groups):
-    left = budget.left()
-    if left < sizes.reserve_s['steps'] / len(groups):
-      rows += [{'method': m, 'skipped': f'{left:.0f} s of the budget left'}
-               for m in group]
-      log(f"  {', '.join(group)}: skipped, {left:.0f} s of the budget left")
-      continue
-    spec = {'size': sizes.step_size, 'batch': list(sizes.step_batch),
-            'methods': group, 'reps': max(2, sizes.reps // 2)}
-    for row in _in_child(spec, left / (len(groups) - i)):
-      rows.append(row)
-      if 'error' in row:
-        row['passed'] = False
-      log(f"  {row['method']}: {row.get('ms_per_step', math.nan):.1f} "
-          f"ms/step, peak measured {_fmt(row.get('measured_peak_gib'))} GiB,"
-          f" predicted {_fmt(row.get('predicted_peak_gib'))} GiB"
-          + (f"; {row['error']}" if 'error' in row else ''))
-  adamw = [r for r in rows if r['method'] == 'adamw' and 'ms_per_step' in r]
-  for r in rows:
-    if adamw and 'ms_per_step' in r:
-      r['ratio_to_adamw'] = r['ms_per_step'] / adamw[0]['ms_per_step']
-  return rows
-
-
-# step_child in another Python (not `-m`: this module is imported with the
-# package first).
-_CHILD = ('import json, sys; from poet_jax.bench import device; '
-          'print(json.dumps(device.step_child(json.loads(sys.argv[1]))))')
-
-
-def _in_child(spec: dict, timeout: float) -> list[dict]:
-  """step_child(spec) in a fresh Python; its rows, or a row with 'error'
-  for each method."""
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
-  errors = lambda text: [{'method': m, 'error': text}
-                         for m in spec['methods']]
-  try:
-    done = subprocess.run([sys.executable, '-c', _CHILD, json.dumps(spec)],
-                          capture_output=True, text=True, env=env,
-                          timeout=max(1.0, timeout))
-  except subprocess.TimeoutExpired:
-    return errors(f'cut after {timeout:.0f} s (the budget)')
-  lines = done.stdout.strip().splitlines()
-  if done.returncode or not lines:
-    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-    return errors(f'exit code {done.returncode}: ' + ' | '.join(tail))
-  return json.loads(lines[-1])
-
-
 # ----------------------------------------------------------- the section
 
 
@@ -313,7 +198,9 @@ def bench_device(tiny: bool, methods=STEP_METHODS,
   parts = (('numerics', lambda: _numerics(sizes)),
            ('training', lambda: _training(sizes, budget)),
            ('layer_table', lambda: layer_table(sizes)),
-           ('steps', lambda: whole_steps(sizes, budget, methods)))
+           ('steps', lambda: device_steps.whole_steps(
+               sizes.step_size, sizes.step_batch, max(2, sizes.reps // 2),
+               methods, budget.left, sizes.reserve_s['steps'])))
   for part, run in parts:
     left = budget.left()
     if left < sizes.reserve_s[part]:
@@ -375,7 +262,8 @@ def print_report(rows, out=None) -> None:
   steps = by('steps')
   if steps:
     print('\n| method | ms/step | tokens/s | x AdamW | peak measured GiB | '
-          'predicted GiB |\n|---|---|---|---|---|---|', file=out)
+          'compiled here GiB | GPU-target compile GiB |\n'
+          '|---|---|---|---|---|---|---|', file=out)
     for r in steps:
       if 'ms_per_step' not in r:
         print(f"| {r['method']} | {r.get('error') or r.get('skipped')} |",
@@ -384,7 +272,8 @@ def print_report(rows, out=None) -> None:
       print(f"| {r['method']} | {r['ms_per_step']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {_fmt(r.get('ratio_to_adamw'))} | "
             f"{_fmt(r['measured_peak_gib'])} | "
-            f"{r['predicted_peak_gib']:.2f} |", file=out)
+            f"{r['predicted_peak_gib']:.2f} | "
+            f"{_fmt(r['cross_compiled_peak_gib'])} |", file=out)
 
 
 def failures(rows) -> list[str]:
