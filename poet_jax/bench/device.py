@@ -60,9 +60,9 @@ class DeviceSizes:
   numerics: tuple          # (in, out, block, int8 group, tokens)
   training: device_train.Run
   layer_table: tuple       # (in, out, block, tokens)
-  step_size: str
-  step_batch: tuple
-  reps: int
+  step_size: str           # a config.MODEL_SIZES key, or 'tiny'
+  step_batch: tuple        # (sequences, sequence length)
+  reps: int                # timed calls per layer path; half as many steps
   reserve_s: dict
 
 
