@@ -30,7 +30,8 @@ class UserMLP(nnx.Module):
 def test_indivisible_layer_raises_by_default_and_changes_nothing():
   model = UserMLP(nnx.Rngs(0))
   before = jax.tree.map(np.array, nnx.state(model))
-  with pytest.raises(ValueError, match='odd.*block_size=8 does not divide'):
+  with pytest.raises(ValueError, match="odd.*block_size=8 does not divide.*"
+                     r"exclude=\[.*'odd'\] or on_indivisible='skip'"):
     poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
   assert isinstance(model.fc1, nnx.Linear)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
@@ -43,8 +44,10 @@ def test_poetize_keeps_the_function_and_reports_what_it_skipped(caplog):
   with caplog.at_level(logging.WARNING):
     skipped = poet_jax.poetize(model, block_size=8, on_indivisible='skip',
                                rngs=nnx.Rngs(1))
-  assert skipped == ['odd']
-  assert 'odd' in caplog.text
+  # Every projection left dense, with the reason, returned and logged.
+  assert skipped == {'head': "excluded by '*head*'",
+                     'odd': 'block_size=8 does not divide 24 x 12'}
+  assert 'odd: block_size=8 does not divide' in caplog.text
   assert isinstance(model.fc1, poet_jax.BiasedPOETLinear)
   assert isinstance(model.odd, nnx.Linear)   # left dense, and said so
   assert isinstance(model.head, nnx.Linear)  # excluded by default
@@ -96,7 +99,8 @@ def llama():
   """The dense Llama, and a copy of it poetized with w0='keep'."""
   dense = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
   poet = nnx.clone(dense)
-  assert poet_jax.poetize(poet, block_size=8, rngs=nnx.Rngs(1)) == []
+  assert poet_jax.poetize(poet, block_size=8, rngs=nnx.Rngs(1)) == {
+      'lm_head': "excluded by '*lm_head*'"}
   return dense, poet
 
 
