@@ -56,17 +56,19 @@ class _Projection(nnx.Module):
 
   def _project(self, x: jax.Array, equation: str, out_sharding) -> jax.Array:
     lhs, rhs, out = layout_lib.split_einsum(equation)
-    if layout_lib.einsum_roles(equation) != self.layout.roles:
-      raise ValueError(
-          f'einsum {equation!r} gives the kernel axes the roles '
-          f'{layout_lib.einsum_roles(equation)!r}; poetize made this layer '
-          f'with {self.layout.roles!r}')
+    if len(rhs) != len(self.kernel_shape):
+      raise ValueError(f'einsum {equation!r} does not fit this layer\'s '
+                       f'kernel of shape {self.kernel_shape}')
     lhs, out = _expand_ellipsis(lhs, out, x.ndim, lhs + rhs + out)
     role = dict(zip(rhs, self.layout.roles))
     stack, ins, outs = (''.join(c for c in rhs if role[c] == r)
                         for r in 'sio')
     rest = ''.join(c for c in lhs if c not in rhs)
-    routable = (len(set(lhs)) == len(lhs) and len(set(out)) == len(out)
+    # The axes of the matrix are the equation's own inputs and outputs
+    # (given roles may differ: then the kernel is built), with no diagonal
+    # and nothing summed away.
+    routable = (layout_lib.einsum_roles(equation) == self.layout.roles
+                and len(set(lhs)) == len(lhs) and len(set(out)) == len(out)
                 and sorted(out) == sorted(stack + rest + outs))
     dtype = self.linear.dtype or jnp.result_type(x)
     x = jnp.asarray(x, dtype)
@@ -90,7 +92,7 @@ class POETEinsum(_Projection):
   """nnx.Einsum with a POET kernel; called as nnx.Einsum is.
 
   `einsum_str` is the replaced layer's (None: given at each call, as
-  nnx.Einsum allows; its kernel roles must then be those poetize used).
+  nnx.Einsum allows).
   """
 
   def __init__(self, linear, layout, kernel_shape, bias,

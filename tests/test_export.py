@@ -53,8 +53,14 @@ def rotate_half(x):
 
 
 def hf_llama_logits(hf, t, ids):
-  """LlamaForCausalLM.forward(ids).logits in float64 NumPy; t: state dict."""
+  """LlamaForCausalLM.forward(ids).logits in float64 NumPy; t: state dict.
+
+  Grouped-query attention as repeat_kv (query head h reads key/value head
+  h // (heads / kv_heads)); a tied head (no lm_head.weight) is the
+  embedding.
+  """
   heads, dim = hf['num_attention_heads'], hf['hidden_size']
+  kv_heads = hf.get('num_key_value_heads') or heads
   head_dim, eps = dim // heads, hf['rms_norm_eps']
   batch, seq = ids.shape
   inv_freq = 1.0 / hf['rope_theta'] ** (np.arange(0, head_dim, 2) / head_dim)
@@ -66,9 +72,10 @@ def hf_llama_logits(hf, t, ids):
   for i in range(hf['num_hidden_layers']):
     p = lambda name: t[f'model.layers.{i}.{name}.weight']
     h = rms_norm(x, p('input_layernorm'), eps)
-    split = lambda y: y.reshape(batch, seq, heads, head_dim).transpose(
+    split = lambda y: y.reshape(batch, seq, -1, head_dim).transpose(
         0, 2, 1, 3)
     q, k, v = (split(h @ p(f'self_attn.{n}_proj').T) for n in 'qkv')
+    k, v = (np.repeat(y, heads // kv_heads, axis=1) for y in (k, v))
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
@@ -82,7 +89,7 @@ def hf_llama_logits(hf, t, ids):
     x = x + ((gate / (1 + np.exp(-gate))) * (h @ p('mlp.up_proj').T)) @ (
         p('mlp.down_proj').T)
   x = rms_norm(x, t['model.norm.weight'], eps)
-  return x @ t['lm_head.weight'].T
+  return x @ t.get('lm_head.weight', t['model.embed_tokens.weight']).T
 
 
 def read_export(out):
@@ -199,7 +206,9 @@ TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
     ('missing', 'no such directory'),
     ('gpt2', "not a Llama checkpoint (model_type='gpt2')"),
     ('sizes', 'hidden_size=64 but model.dim=32'),
-    ('gqa', 'unsupported Llama variant: grouped-query attention'),
+    ('gqa', 'num_key_value_heads=1 but model.num_kv_heads=2 (set '
+            '--config.model.num_kv_heads=1)'),
+    ('theta', 'rope_theta=500000.0 but model.rope_theta=10000.0'),
     ('no_weights', 'no model.safetensors'),
 ])
 def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
@@ -209,6 +218,8 @@ def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
             'sizes': lambda: write_config(tmp_path / 'hf', hidden_size=64),
             'gqa': lambda: write_config(tmp_path / 'hf',
                                         num_key_value_heads=1),
+            'theta': lambda: write_config(tmp_path / 'hf',
+                                          rope_theta=500000.0),
             'no_weights': lambda: write_config(tmp_path / 'hf')}[case]()
   workdir = tmp_path / 'run'
   code = train.main(['train.py', f'--workdir={workdir}', *TINY_FLAGS,
