@@ -2,8 +2,10 @@
 
 The exported file is checked against a NumPy forward pass written here from
 transformers' modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
-rotate_half, eager attention, LlamaMLP), independent of poet_jax.model; and,
-when transformers and torch are installed, against transformers itself:
+rotate_half, eager attention with repeat_kv, LlamaMLP), independent of
+poet_jax.model; and, when transformers and torch are installed, against
+transformers itself (tests/hf_reference.py), which then also builds the
+random Llama-3-shaped checkpoints the import is tested on:
 
   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   pip install transformers
@@ -18,11 +20,16 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
+import hf_reference
 from poet_jax import cli as train
+from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import export
 from poet_jax import hf_import
 from poet_jax import restore
+from poet_jax import steps as steps_lib
 from poet_jax import train_state
+from spectra import assert_spectrum_kept
 from trained_runs import trained_run
 from train_util import read_metrics, run_train
 
@@ -262,3 +269,136 @@ def test_a_sentencepiece_tokenizer_is_exported_beside_the_model(exported,
   tokenizer_config = json.loads(
       (tmp_path / 'out' / 'tokenizer_config.json').read_text())
   assert tokenizer_config['tokenizer_class'] == 'LlamaTokenizer'
+
+
+# ------------------------------------------ a Llama-3-shaped checkpoint
+
+
+def has_transformers() -> bool:
+  try:
+    import torch, transformers  # pylint: disable=g-import-not-at-top,unused-import,multiple-imports
+  except ImportError:
+    return False
+  return True
+
+
+def llama3_checkpoint(directory: str, tied: bool) -> np.ndarray:
+  """A random checkpoint of hf_reference.LLAMA3's shape in `directory`, and
+  its logits of hf_reference.IDS: built, saved and run by transformers
+  when installed, else written here and run by the NumPy forward."""
+  if has_transformers():
+    return hf_reference.build(directory, tied)
+  hf = {**hf_reference.LLAMA3, 'model_type': 'llama',
+        'architectures': ['LlamaForCausalLM'], 'hidden_act': 'silu',
+        'tie_word_embeddings': tied}
+  d, f, v = hf['hidden_size'], hf['intermediate_size'], hf['vocab_size']
+  kv = hf['num_key_value_heads'] * d // hf['num_attention_heads']
+  shapes = {'q_proj': (d, d), 'k_proj': (kv, d), 'v_proj': (kv, d),
+            'o_proj': (d, d)}
+  mlp = {'gate_proj': (f, d), 'up_proj': (f, d), 'down_proj': (d, f)}
+  rng = np.random.default_rng(0)
+  draw = lambda shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)
+  tensors = {'model.embed_tokens.weight': draw((v, d)),
+             'model.norm.weight': 1 + draw((d,))}
+  if not tied:
+    tensors['lm_head.weight'] = draw((v, d))
+  for i in range(hf['num_hidden_layers']):
+    layer = f'model.layers.{i}.'
+    tensors.update({f'{layer}self_attn.{n}.weight': draw(s)
+                    for n, s in shapes.items()})
+    tensors.update({f'{layer}mlp.{n}.weight': draw(s) for n, s in mlp.items()})
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      tensors[f'{layer}{norm}.weight'] = 1 + draw((d,))
+  os.makedirs(directory)
+  with open(os.path.join(directory, 'config.json'), 'w') as file:
+    json.dump(hf, file)
+  safetensors.numpy.save_file(tensors, os.path.join(directory,
+                                                    'model.safetensors'))
+  return reference_logits(directory)
+
+
+def reference_logits(directory: str) -> np.ndarray:
+  """transformers' logits of hf_reference.IDS from a checkpoint directory,
+  or the NumPy forward's without transformers."""
+  if has_transformers():
+    return hf_reference.logits(directory)
+  hf, tensors = read_export(directory)
+  return hf_llama_logits(hf, {k: v.astype(np.float64)
+                              for k, v in tensors.items()}, hf_reference.IDS)
+
+
+def llama3_config(source: str, tied: bool):
+  """A run of the checkpoint's sizes and settings, starting from it."""
+  hf = hf_reference.LLAMA3
+  c = config_lib.base_config()
+  c.model.update(dim=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
+                 num_heads=hf['num_attention_heads'],
+                 num_kv_heads=hf['num_key_value_heads'],
+                 ffn_dim=hf['intermediate_size'], vocab_size=hf['vocab_size'],
+                 rope_theta=hf['rope_theta'], norm_eps=hf['rms_norm_eps'],
+                 tie_embeddings=tied)
+  c.train.update(steps=4, batch_size=2, seq_len=16, lr=1e-3)
+  c.poet.update(block_size=8.0, merge_every=2, lr=1e-2)
+  c.init_from = source
+  return c
+
+
+def start_from(c, method: str):
+  """(setup, train state) of a fresh run of `method` from c.init_from."""
+  c.optimizer.name = method
+  config_checks.validate(c)  # the checkpoint's config and tensor headers
+  setup, state = train_state.init_state(c, c.model.vocab_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = hf_import.init_state_from(c.init_from, setup, state,
+                                    jax.tree.map(lambda _: device, state))
+  return setup, state
+
+
+def logits_of(setup, state) -> np.ndarray:
+  """The run's logits of hf_reference.IDS."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  return np.asarray(nnx.jit(lambda m, x: m(x))(
+      model, jnp.asarray(hf_reference.IDS, jnp.int32)))
+
+
+def assert_same_logits(ours, theirs):
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4,
+                             atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize('tied', [False, True], ids=['untied', 'tied'])
+def test_a_llama3_shaped_checkpoint_round_trips(tied, tmp_path):
+  """Grouped-query attention, rope_theta 500000, rms_norm_eps 1e-5, tied
+  or untied head: a dense and a POET run start from the checkpoint with
+  its logits; the POET run finetunes it (W0 = its weights), every
+  projection keeping its singular values; the export loads back with the
+  model's logits."""
+  source = str(tmp_path / 'hf')
+  theirs = llama3_checkpoint(source, tied)
+  c = llama3_config(source, tied)
+  imported = hf_import.load_weights(source, train_state.model_config(
+      c, c.model.vocab_size))
+  for method in ('adamw', 'poet'):
+    setup, state = start_from(c, method)
+    assert_same_logits(logits_of(setup, state), theirs)
+  # The POET run finetunes: 4 steps, merges after 2 and 4.
+  step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
+  batch = jnp.asarray(np.random.default_rng(2).integers(0, 257, (2, 17)),
+                      jnp.int32)
+  losses = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['train_loss']))
+  assert losses[-1] < losses[0], losses
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  weights = jax.device_get(nnx.jit(restore.dense_weights)(model))
+  for name in export.KERNELS:
+    assert not np.allclose(weights[name], imported[name], atol=1e-5), name
+    assert_spectrum_kept(weights[name], imported[name], 8, merges=2)
+  out = str(tmp_path / 'out')
+  export.write_checkpoint(out, model.cfg, weights, 256, 64)
+  hf, tensors = read_export(out)
+  assert (hf['num_key_value_heads'], hf['rope_theta'], hf['rms_norm_eps'],
+          hf['tie_word_embeddings']) == (2, 500000.0, 1e-5, tied)
+  assert ('lm_head.weight' in tensors) is not tied
+  assert_same_logits(reference_logits(out), logits_of(setup, state))
