@@ -76,9 +76,6 @@ def _layout(node, name: str, kernel_axes) -> layout_lib.KernelLayout:
   elif isinstance(node, nnx.LinearGeneral):
     roles = layout_lib.dense_general_roles(
         len(node.batch_axis), len(node.in_features), len(node.out_features))
-  elif node.einsum_str is None:
-    raise ValueError(f'nnx.Einsum without einsum_str: give its axes, as '
-                     f"kernel_axes={{{name!r}: 'ioo'}}")
   else:
     roles = layout_lib.einsum_roles(node.einsum_str)
   result = layout_lib.KernelLayout(roles)
@@ -224,9 +221,9 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       takes the same patterns.
     kernel_axes: {glob: roles}, the roles ('i' input, 'o' output, 's'
       stack; one letter per kernel axis, as 'ioo' for (D, H, Dh)) of the
-      layers it matches, where the module does not say (an nnx.Einsum whose
-      equation comes with each call) or says otherwise than wanted (a
-      stack axis where the module has an output axis).
+      LinearGeneral / Einsum layers it matches, instead of the module's (a
+      stack axis where the module has an output axis, say; such a layer
+      then multiplies by its kernel() in the module's einsum).
     w0: 'keep' (W0 is the layer's kernel: R = P = I, so the model computes
       what it did; finetuning), 'normalize' (the kernel with unit-norm
       output neurons) or 'redraw' (a fresh W0 drawn with `init`: the papers'
@@ -253,6 +250,10 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       unchanged.
   """
   _check_choices(w0, init, on_indivisible)
+  if isinstance(model, PROJECTIONS):
+    raise ValueError(f'poetize replaces the projections inside a model; '
+                     f'this is one ({type(model).__name__}): put it in a '
+                     'module')
   chosen, dense = _selected(model, target, exclude, kernel_axes)
   todo, skipped = _divisible(chosen, variant, block_size, on_indivisible,
                              exclude)
