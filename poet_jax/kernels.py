@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from poet_jax import drift
 from poet_jax import layers
 from poet_jax import layout as layout_lib
 from poet_jax import optim
@@ -337,7 +338,7 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
         return None
       kernel, vjp = jax.vjp(fn, gen)
       gap = jnp.max(jnp.abs(kernel - p.astype(kernel.dtype)))
-      scale = jnp.max(jnp.abs(kernel)) * reparam.drift_tolerance(
+      scale = jnp.maximum(jnp.max(jnp.abs(kernel)), 1e-30) * drift.tolerance(
           p.dtype, block_size)
       return vjp(g.astype(kernel.dtype))[0], gap / scale
 
@@ -349,7 +350,7 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
         inner, selected, pick(0), updates, params, state.generators,
         state.inner_state, **extra_args)
     if check_kernels:
-      reparam.check_blocks_match(
+      drift.warn_if_changed(
           state.count, jnp.max(jnp.stack(jax.tree.leaves(pick(1)))),
           jnp.asarray(0, jnp.int32), who='poet_kernels')
     out = jax.tree.map(

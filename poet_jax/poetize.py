@@ -67,7 +67,8 @@ PROJECTIONS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 def _layout(node, name: str, kernel_axes) -> layout_lib.KernelLayout:
   """The kernel's roles: given in kernel_axes, else read from the module;
-  ValueError (the reason it stays dense) when neither says."""
+  ValueError (the reason it stays dense) for an einsum that is not a
+  projection or roles that do not fit the kernel."""
   given = layout_lib.roles_for(name, kernel_axes)
   if isinstance(node, nnx.Linear):
     roles = 'io'

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poet_jax import drift
 from poet_jax import optim
 from poet_jax import orthogonal
 
@@ -150,52 +151,6 @@ def _cap(u, max_norm):
   return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
 
 
-def drift_tolerance(dtype, block_size: int) -> float:
-  """How far blocks kept by reparameterize may be from map(generators).
-
-  One rounding of p + (map(u) - p) in the blocks' dtype (entries at most
-  1), plus two float32 evaluations of the map that may differ by the
-  rounding of b-term sums (tests/tolerance.py's bound).
-  """
-  return 4 * float(jnp.finfo(dtype).eps) + 4 * block_size * float(
-      jnp.finfo(jnp.float32).eps)
-
-
-_WARNED = set()
-
-
-def _warn_drift(count, excess, merge_every, who: str) -> None:
-  """The host side of check_blocks_match (one warning per kind)."""
-  count, merge_every = int(count), int(merge_every)
-  missed = merge_every > 0 and count > 0 and count % merge_every == 0
-  kind = (who, missed)
-  if kind in _WARNED:
-    return
-  _WARNED.add(kind)
-  if missed:
-    text = (f'update {count} was a merging one (merge_every={merge_every}) '
-            'but the model did not merge: call poet_jax.merge_model_if_due('
-            'model, optimizer, key) (or merge_if_due) after every update')
-  else:
-    text = (f'after update {count} the weights it trains are '
-            f'{float(excess):.3g} times the rounding away from what it made '
-            f'them: something changed them outside {who} (a transformation '
-            'chained after it, another optimizer); see docs/method.md')
-  warnings.warn(f'{who}: {text}', RuntimeWarning, stacklevel=1)
-
-
-def check_blocks_match(count, excess, merge_every,
-                       who: str = 'reparameterize') -> None:
-  """Warns (from inside jit, once per kind) when excess > 1: the weights
-  given to update count + 1 are not what the transformation made them
-  (excess: their largest distance from it, in tolerances)."""
-  jax.lax.cond(excess > 1.0,
-               lambda: jax.debug.callback(
-                   functools.partial(_warn_drift, who=who), count, excess,
-                   merge_every),
-               lambda: None)
-
-
 def _concrete_int(x):
   """x as a Python int when it is not traced (None stays None)."""
   if x is None or isinstance(x, jax.core.Tracer):
@@ -230,7 +185,7 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
       update (the series converges while ||Q||_2 < 1).
     check_blocks: warn (RuntimeWarning, once a kind, from inside jit) when
       the blocks given to `update` are not map(generators) within the
-      rounding (drift_tolerance): the model skipped a merge, or something
+      rounding (poet_jax.drift): the model skipped a merge, or something
       after this transformation changed its output (docs/method.md).
 
   Every argument may also come from optax.inject_hyperparams: numbers
@@ -282,7 +237,7 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
       gap = jnp.max(jnp.abs(blocks - p.astype(blocks.dtype)))
       return vjp(g.astype(u.dtype))[0], gap
     grad, gap = layerwise(one_layer, u, g, p)
-    return grad, jnp.max(gap) / drift_tolerance(p.dtype, p.shape[-1])
+    return grad, jnp.max(gap) / drift.tolerance(p.dtype, p.shape[-1])
 
   def new_blocks_update(u, p):
     return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
@@ -309,7 +264,7 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
         lambda s, d, u, p: new_blocks_update(u, p) if s else d, selected,
         inner_updates, new, params, is_leaf=is_none)
     if check_blocks:
-      check_blocks_match(state.count, jnp.max(jnp.stack(jax.tree.leaves(
+      drift.warn_if_changed(state.count, jnp.max(jnp.stack(jax.tree.leaves(
           pick(1)))), state.merge_every)
     count = optax.safe_increment(state.count)
     every = period()

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import poet_jax
-from poet_jax import reparam
+from poet_jax import drift
 
 X = jax.random.normal(jax.random.key(0), (32, 16))
 Y = jnp.sin(X[:, :4])
@@ -152,7 +152,7 @@ def test_an_update_without_params_says_what_to_do(name):
 @pytest.fixture
 def fresh_warnings(monkeypatch):
   """The drift warnings are given once per kind and process."""
-  monkeypatch.setattr(reparam, '_WARNED', set())
+  monkeypatch.setattr(drift, '_WARNED', set())
 
 
 def test_a_skipped_merge_is_warned_about(fresh_warnings):
