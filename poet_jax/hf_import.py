@@ -6,8 +6,10 @@ A dense run (adamw, galore, muon) starts from all its weights. A POET run
 takes each linear layer's weight as its W0, kept as is, with R = P = I:
 training then learns only orthogonal factors of the pretrained weights (the
 orthogonal finetuning use of POET); embeddings, norms and the head are its
-initial values, trained as usual. Sizes must match the run's; everything is
-checked from the files' headers before any work (`check_init_from`).
+initial values, trained as usual. Sizes and settings must match the run's
+(grouped-query heads, rotary base, norm eps; a tied head may start an
+untied run); everything is checked from the files' headers before any work
+(`check_init_from`), and a mismatch names the config key to set.
 """
 import json
 import os

@@ -75,11 +75,12 @@ def layer_name(path) -> str:
 
 
 def _candidate(path, x, roles) -> bool:
-  """A projection's kernel: declared axes, a leaf named 'kernel' of 2+
-  dimensions, or any other 2-D leaf but a norm, bias or embedding."""
+  """A projection's kernel: not a norm, bias or embedding, and declared
+  axes, or named 'kernel' with 2+ dimensions, or 2-D."""
   last = _key_name(path[-1]) if path else ''
-  return roles is not None or (jnp.ndim(x) >= 2 and last == 'kernel') or (
-      jnp.ndim(x) == 2 and last not in NOT_KERNELS)
+  return last not in NOT_KERNELS and (
+      roles is not None or jnp.ndim(x) == 2 or (
+          jnp.ndim(x) > 2 and last == 'kernel'))
 
 
 def _layout(name, shape, roles):

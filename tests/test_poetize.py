@@ -211,16 +211,15 @@ class Projections(nnx.Module):
             'general': self.general(h), 'batched': self.batched(x)}
 
 
-@pytest.mark.parametrize('compute', ['fast', 'materialize'])
-def test_multi_axis_projections_compute_what_they_replaced(compute):
+def test_multi_axis_projections_compute_what_they_replaced():
   """W0 = the kernel, R = P = I: every form computes the module's output,
   roles read from the module, or given (kernel_axes: q, k, v of a fused
   projection as a stack of three matrices)."""
   model = Projections(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 3, 16))
   before = model(x)
-  left = poet_jax.poetize(model, block_size=8, compute=compute,
-                          kernel_axes={'qkv': 'sioo'}, rngs=nnx.Rngs(1))
+  left = poet_jax.poetize(model, block_size=8, kernel_axes={'qkv': 'sioo'},
+                          rngs=nnx.Rngs(1))
   assert left == {}
   roles = {n: getattr(model, n).layout.roles for n in before}
   assert roles == {'split': 'ioo', 'merge': 'iio', 'order': 'oio',

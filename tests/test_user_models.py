@@ -96,8 +96,13 @@ def train_nnx(sharded: bool):
   return model, dense, left, losses
 
 
-def test_nnx_decoder_with_einsum_attention_is_poet_everywhere():
-  model, dense, left, losses = train_nnx(sharded=False)
+@pytest.fixture(scope='module')
+def trained_nnx():
+  return train_nnx(sharded=False)
+
+
+def test_nnx_decoder_with_einsum_attention_is_poet_everywhere(trained_nnx):
+  model, dense, left, losses = trained_nnx
   assert left == {'head': "excluded by '*head*'"}
   assert isinstance(model.q, poet_jax.POETLinearGeneral)
   assert isinstance(model.k, poet_jax.POETEinsum)
@@ -112,10 +117,10 @@ def test_nnx_decoder_with_einsum_attention_is_poet_everywhere():
   assert model.o.kernel().shape == (H, DH, D)
 
 
-def test_sharding_arguments_under_an_explicit_mesh():
+def test_sharding_arguments_under_an_explicit_mesh(trained_nnx):
   """The same training with the batch split over two devices and every
   projection called with its out_sharding: the same losses."""
-  _, _, _, plain = train_nnx(sharded=False)
+  plain = trained_nnx[3]
   mesh = jax.make_mesh((2,), ('data',), axis_types=(AxisType.Explicit,),
                        devices=jax.devices()[:2])
   with jax.set_mesh(mesh):

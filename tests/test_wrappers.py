@@ -120,10 +120,11 @@ def test_extra_arguments_reach_reduce_on_plateau():
                                          plateau()),
                              block_size=4, merge_every=10,
                              key=jax.random.key(0))
+  update = jax.jit(lambda s: tx.update(jax.tree.map(jnp.ones_like, params),
+                                       s, params, value=jnp.asarray(1.0))[1])
   state = tx.init(params)
   for _ in range(4):
-    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params,
-                         value=jnp.asarray(1.0))
+    state = update(state)
   assert float(state.inner_state[1].scale) < 1.0
 
 
