@@ -20,8 +20,8 @@ parameter trees) name a layer by its dotted path ('blocks.attn.q') and
 choose layers with one glob syntax (`is_chosen`).
 """
 import dataclasses
-import logging
 import fnmatch
+import logging
 import math
 from typing import Sequence
 

@@ -2,8 +2,9 @@
 
 RMSNorm, rotary embeddings, SwiGLU MLP, causal attention with multi-head or
 grouped-query keys and values (num_kv_heads, as Llama-2 70B and Llama-3),
-and an untied or tied (the embedding's transpose) output head. The layer stack is created with nnx.vmap and run with
-lax.scan, so it is traced and compiled once however deep the model is.
+and an untied or tied (the embedding's transpose) output head. The layer
+stack is created with nnx.vmap and run with lax.scan, so it is traced and
+compiled once however deep the model is.
 `Llama.decode` is the inference path: the same blocks with a key/value cache
 (`init_cache`), for generation one token at a time.
 
