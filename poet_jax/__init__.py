@@ -5,8 +5,10 @@ from poet_jax.merge import (merge_and_reset, merge_if_due, merge_key, merge_mode
 from poet_jax.model import Llama, LlamaConfig, next_token_loss
 from poet_jax.inject import layer_at, merge_with_placements, set_layer_at, set_poet_layer
 from poet_jax.poetize import BiasedPOETLinear, poetize
-from poet_jax.reparam import (ReparameterizeState, generator_norms, merge_count, merge_due, reparameterize,
-                              reset_after_merge, update_count)
+from poet_jax.multihead import POETEinsum, POETLinearGeneral
+from poet_jax.layout import KernelLayout, linen_kernel_axes
+from poet_jax.reparam import (ReparameterizeState, generator_norms, merge_count, merge_due, merge_every_of,
+                              reparameterize, reset_after_merge, update_count)
 from poet_jax.kernels import PoetKernelsState, poet_kernels, select_kernels
 from poet_jax.optim import (ScaleByPoetState, clip_by_global_norm, poet, poet_param_labels, post_merge_clip_ramp,
                             reset_poet_state, scale_by_poet, scale_by_reference_adam)

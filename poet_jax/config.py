@@ -60,10 +60,14 @@ _MODEL = {
     'dim': 128,
     'num_layers': 4,
     'num_heads': 4,
+    'num_kv_heads': 0,          # grouped-query attention; 0: num_heads
     'ffn_dim': 384,             # -1: ffn_dim_block for POET-BS, else _dense
     'ffn_dim_block': 384,       # the spec's POET-BS width (divides 256)
     'ffn_dim_dense': 384,       # the spec's AdamW / POET-FS width
     'vocab_size': 0,            # 0: the tokenizer's vocabulary
+    'tie_embeddings': False,    # output head = the embedding transposed
+    'rope_theta': 10000.0,      # rotary base (Llama-3: 500000)
+    'norm_eps': 1e-6,           # RMSNorm eps (Llama-2/3: 1e-5)
     'dtype': 'float32',         # compute dtype; parameters stay float32
     'w0_dtype': 'float32',      # storage of POET's frozen W0; int8: POET-XQ
     'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)

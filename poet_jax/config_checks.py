@@ -185,6 +185,13 @@ def _check_model(c) -> None:
          (c.model.dim // c.model.num_heads) % 2 == 0,
          f'model.dim={c.model.dim} must be a multiple of model.num_heads='
          f'{c.model.num_heads} with an even head size (rotary embeddings)')
+  kv = c.model.num_kv_heads
+  _check(kv == 0 or (kv > 0 and c.model.num_heads % kv == 0),
+         f'model.num_kv_heads={kv!r} must divide model.num_heads='
+         f'{c.model.num_heads} (grouped-query attention), or be 0 (as many '
+         'as num_heads)')
+  _positive('model.rope_theta', c.model.rope_theta)
+  _positive('model.norm_eps', c.model.norm_eps)
   width = config_lib.ffn_dim(c)
   _check(isinstance(width, int) and width > 0,
          f'model.ffn_dim={width!r} must be a positive integer (or -1)')
@@ -242,13 +249,16 @@ def _check_poet_sizes(c, width: int) -> None:
     _check(isinstance(b, int) and b >= 1,
            f'poet.block_size={b!r} must be a whole number for '
            "poet.variant='block'")
-    common = math.gcd(c.model.dim, width)
+    kv_width = c.model.dim // c.model.num_heads * (
+        c.model.num_kv_heads or c.model.num_heads)
+    common = math.gcd(c.model.dim, width, kv_width)
     divisors = [d for d in range(2, common + 1) if common % d == 0]
     hint = max([d for d in divisors if d <= b] or divisors or [1])
-    for name, size in (('model.dim', c.model.dim), ('FFN width', width)):
+    for name, size in (('model.dim', c.model.dim), ('FFN width', width),
+                       ('the key/value width', kv_width)):
       _check(size % b == 0,
              f'poet.block_size={b} does not divide {name}={size}; choose a '
-             f'block size that divides both widths, such as {hint}')
+             f'block size that divides every width, such as {hint}')
   else:
     ok = (isinstance(b, float) and 0 < b <= 1) or (
         isinstance(b, int) and 0 < b <= min(c.model.dim, width))

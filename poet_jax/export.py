@@ -45,15 +45,18 @@ class HFError(ValueError):
   """A checkpoint directory that cannot be read or written; one line."""
 
 
-def hf_tensors(weights: dict) -> dict[str, np.ndarray]:
+def hf_tensors(weights: dict, tied: bool = False) -> dict[str, np.ndarray]:
   """restore.dense_weights arrays -> transformers' state dict (float32).
 
-  Linear weights are (out, in): our kernels transposed.
+  Linear weights are (out, in): our kernels transposed. A tied head
+  (`tied`) is the embedding and has no tensor of its own, as transformers
+  saves it.
   """
   w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
   out = {'model.embed_tokens.weight': w['embed'],
-         'model.norm.weight': w['norm'],
-         'lm_head.weight': w['lm_head'].T}
+         'model.norm.weight': w['norm']}
+  if not tied:
+    out['lm_head.weight'] = w['lm_head'].T
   for i in range(w['q'].shape[0]):
     for ours, theirs in LAYER_NAMES.items():
       out[f'model.layers.{i}.{theirs}.weight'] = (
@@ -62,13 +65,16 @@ def hf_tensors(weights: dict) -> dict[str, np.ndarray]:
 
 
 def expected_shapes(cfg: model_lib.LlamaConfig) -> dict[str, tuple]:
-  """Name -> shape of every tensor of a transformers Llama of cfg's sizes."""
+  """Name -> shape of every tensor of a transformers Llama of cfg's sizes
+  (no lm_head.weight when the head is tied)."""
   d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+  kv = cfg.kv_heads * cfg.head_dim
   per_layer = {'attention_norm': (d,), 'mlp_norm': (d,), 'q': (d, d),
-               'k': (d, d), 'v': (d, d), 'o': (d, d), 'gate': (f, d),
+               'k': (kv, d), 'v': (kv, d), 'o': (d, d), 'gate': (f, d),
                'up': (f, d), 'down': (d, f)}
-  out = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,),
-         'lm_head.weight': (v, d)}
+  out = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,)}
+  if not cfg.tie_embeddings:
+    out['lm_head.weight'] = (v, d)
   for i in range(cfg.num_layers):
     for ours, theirs in LAYER_NAMES.items():
       out[f'model.layers.{i}.{theirs}.weight'] = per_layer[ours]
@@ -76,11 +82,14 @@ def expected_shapes(cfg: model_lib.LlamaConfig) -> dict[str, tuple]:
 
 
 def weights_from_hf(tensors: dict, cfg: model_lib.LlamaConfig) -> dict:
-  """Inverse of hf_tensors: float32 arrays keyed as restore.dense_weights."""
+  """Inverse of hf_tensors: float32 arrays keyed as restore.dense_weights
+  (a tied checkpoint's 'lm_head' is its embedding transposed)."""
   get = lambda name: np.asarray(tensors[name], np.float32)
+  head = 'lm_head.weight' if 'lm_head.weight' in tensors else (
+      'model.embed_tokens.weight')
   out = {'embed': get('model.embed_tokens.weight'),
          'norm': get('model.norm.weight'),
-         'lm_head': get('lm_head.weight').T}
+         'lm_head': get(head).T}
   for ours, theirs in LAYER_NAMES.items():
     stack = [get(f'model.layers.{i}.{theirs}.weight')
              for i in range(cfg.num_layers)]
@@ -96,11 +105,11 @@ def hf_config(cfg: model_lib.LlamaConfig, eos_id: int,
       'vocab_size': cfg.vocab_size, 'hidden_size': cfg.dim,
       'intermediate_size': cfg.ffn_dim, 'num_hidden_layers': cfg.num_layers,
       'num_attention_heads': cfg.num_heads,
-      'num_key_value_heads': cfg.num_heads, 'head_dim': cfg.head_dim,
+      'num_key_value_heads': cfg.kv_heads, 'head_dim': cfg.head_dim,
       'hidden_act': 'silu', 'max_position_embeddings': max_positions,
       'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
       'rope_scaling': None, 'attention_bias': False, 'mlp_bias': False,
-      'tie_word_embeddings': False, 'torch_dtype': 'float32',
+      'tie_word_embeddings': cfg.tie_embeddings, 'torch_dtype': 'float32',
       # EOS separates documents in training, so it also starts one.
       'bos_token_id': eos_id, 'eos_token_id': eos_id,
       'initializer_range': 0.02, 'use_cache': True,
@@ -134,7 +143,7 @@ def write_checkpoint(out: str, cfg: model_lib.LlamaConfig, weights: dict,
   os.makedirs(out, exist_ok=True)
   text = json.dumps(hf_config(cfg, eos_id, max_positions), indent=2,
                     sort_keys=True) + '\n'
-  tensors = hf_tensors(weights)
+  tensors = hf_tensors(weights, cfg.tie_embeddings)
   _atomic_write(os.path.join(out, WEIGHTS_FILE),
                 lambda p: safetensors.numpy.save_file(
                     tensors, p, metadata={'format': 'pt'}))

@@ -6,8 +6,10 @@ A dense run (adamw, galore, muon) starts from all its weights. A POET run
 takes each linear layer's weight as its W0, kept as is, with R = P = I:
 training then learns only orthogonal factors of the pretrained weights (the
 orthogonal finetuning use of POET); embeddings, norms and the head are its
-initial values, trained as usual. Sizes must match the run's; everything is
-checked from the files' headers before any work (`check_init_from`).
+initial values, trained as usual. Sizes and settings must match the run's
+(grouped-query heads, rotary base, norm eps; a tied head may start an
+untied run); everything is checked from the files' headers before any work
+(`check_init_from`), and a mismatch names the config key to set.
 """
 import json
 import os
@@ -65,17 +67,33 @@ def _split_head_dim(hf: dict):
   return hidden // heads if ints else None
 
 
+def _mismatch(name: str, theirs, ours, key: str) -> str:
+  return f'{name}={theirs} but {key}={ours} (set --config.{key}={theirs})'
+
+
 def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
   """The checkpoint's architecture and sizes are the run's; else ConfigError
   naming each difference and the config key that fixes it."""
-  sizes = [('hidden_size', cfg.dim, 'model.dim'),
-           ('intermediate_size', cfg.ffn_dim, 'model.ffn_dim'),
-           ('num_hidden_layers', cfg.num_layers, 'model.num_layers'),
-           ('num_attention_heads', cfg.num_heads, 'model.num_heads'),
-           ('vocab_size', cfg.vocab_size, 'model.vocab_size')]
-  wrong = [f'{key}={hf.get(key)} but {ours}={value} (set '
-           f'--config.{ours}={hf.get(key)})'
-           for key, value, ours in sizes if hf.get(key) != value]
+  heads = hf.get('num_attention_heads')
+  sizes = [('hidden_size', hf.get('hidden_size'), cfg.dim, 'model.dim'),
+           ('intermediate_size', hf.get('intermediate_size'), cfg.ffn_dim,
+            'model.ffn_dim'),
+           ('num_hidden_layers', hf.get('num_hidden_layers'), cfg.num_layers,
+            'model.num_layers'),
+           ('num_attention_heads', heads, cfg.num_heads, 'model.num_heads'),
+           ('num_key_value_heads', hf.get('num_key_value_heads', heads),
+            cfg.kv_heads, 'model.num_kv_heads'),
+           ('vocab_size', hf.get('vocab_size'), cfg.vocab_size,
+            'model.vocab_size'),
+           ('rope_theta', _rope_theta(hf), cfg.rope_theta, 'model.rope_theta'),
+           ('rms_norm_eps', hf.get('rms_norm_eps', 1e-6), cfg.norm_eps,
+            'model.norm_eps')]
+  wrong = [_mismatch(*row) for row in sizes if row[1] != row[2]]
+  # A tied checkpoint may start an untied run (its head a copy of the
+  # embedding), not the other way round.
+  if cfg.tie_embeddings and not hf.get('tie_word_embeddings', False):
+    wrong.append(_mismatch('tie_word_embeddings', False, True,
+                           'model.tie_embeddings'))
   if wrong:
     raise _fail(path, f'sizes do not match the run: {"; ".join(wrong)}')
   scaling = hf.get('rope_scaling') or {}
@@ -84,16 +102,9 @@ def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
   unsupported = [
       (hf.get('hidden_act', 'silu') != 'silu', 'hidden_act is not silu'),
       (hf.get('attention_bias') or hf.get('mlp_bias'), 'it has biases'),
-      (hf.get('num_key_value_heads', cfg.num_heads) !=
-       hf.get('num_attention_heads'), 'grouped-query attention'),
       (hf.get('head_dim') not in (None, _split_head_dim(hf)),
        'head_dim is not hidden_size / num_attention_heads'),
-      (rope_type != 'default', f'rope scaling {rope_type!r}'),
-      (_rope_theta(hf) != cfg.rope_theta, f'rope_theta={_rope_theta(hf)}, '
-       f'poet_jax uses {cfg.rope_theta}'),
-      (hf.get('rms_norm_eps', cfg.norm_eps) != cfg.norm_eps,
-       f'rms_norm_eps={hf.get("rms_norm_eps")}, poet_jax uses '
-       f'{cfg.norm_eps}')]
+      (rope_type != 'default', f'rope scaling {rope_type!r}')]
   bad = [why for flag, why in unsupported if flag]
   if bad:
     raise _fail(path, f'unsupported Llama variant: {"; ".join(bad)}')
@@ -134,7 +145,7 @@ def check_tensors(path: str, hf: dict, cfg: model_lib.LlamaConfig) -> None:
   shapes = _shapes(_tensor_files(path), path)
   expected = export.expected_shapes(cfg)
   if hf.get('tie_word_embeddings'):
-    expected.pop('lm_head.weight')
+    expected.pop('lm_head.weight', None)
   missing = sorted(expected.keys() - shapes.keys())
   if missing:
     raise _fail(path, f'{len(missing)} tensors are missing, such as '
@@ -177,8 +188,6 @@ def load_weights(path: str, cfg: model_lib.LlamaConfig) -> dict:
     # framework='flax' reads bfloat16 too; float32 is copied exactly.
     with safe_open(files[name], framework='flax') as f:
       tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
-  if 'lm_head.weight' not in tensors:
-    tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']
   return export.weights_from_hf(tensors, cfg)
 
 
@@ -209,7 +218,8 @@ def init_state_from(path: str, setup: train_state.Setup, state: dict,
     blocks.attention_norm.scale[...] = weights['attention_norm']
     blocks.mlp_norm.scale[...] = weights['mlp_norm']
     model.norm.scale[...] = weights['norm']
-    model.lm_head.kernel[...] = weights['lm_head']
+    if not model.cfg.tie_embeddings:
+      model.lm_head.kernel[...] = weights['lm_head']
     for name in restore.ATTENTION:
       _set_kernel(getattr(blocks.attention, name), weights[name])
     for name in restore.MLP:

@@ -2,10 +2,13 @@
 
 `poet_kernels(inner, ...)` is a gradient transformation for models that are
 not POET models at all (flax.linen, equinox, plain dicts). Every selected
-2-D kernel K of the model is reparameterized as K = R W0 P (spec sections 1,
-3.1, original POET's materialized path of section 4): W0, the permutations
-and the generators live in the transformation's state, and the model keeps
-its dense kernel. Each update
+projection kernel K of the model is reparameterized as K = R W0 P (spec
+sections 1, 3.1, original POET's materialized path of section 4), on its
+(inputs x outputs) matrix (a multi-axis kernel, such as linen
+DenseGeneral's (D, H, Dh), flattened by its declared axes: poet_jax.layout;
+one matrix per declared stack index): W0, the permutations and the
+generators live in the transformation's state, and the model keeps its
+dense kernel. Each update
 
   1. maps the kernel's gradient through the VJP of u -> K(u) to the
      generators u (the Cayley–Neumann map, section 2);
@@ -25,100 +28,168 @@ their Adam moments, against AdamW's 3mn. W0 is the kernel as it was at
 `init` (kept as is: initialize the model's kernels with the W0 you want,
 for example `poet_jax.init_w0`).
 """
-import fnmatch
 import functools
-import warnings
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from poet_jax import drift
+from poet_jax import layers
+from poet_jax import layout as layout_lib
 from poet_jax import optim
 from poet_jax import orthogonal
 from poet_jax import reparam
 from poet_jax import spo
 
-DEFAULT_EXCLUDE = ('*embed*', '*lm_head*', '*head*')
+DEFAULT_EXCLUDE = layout_lib.DEFAULT_EXCLUDE
+# Leaves that are never a projection's kernel (when 2-D, a stacked norm or
+# bias, or an embedding table).
+NOT_KERNELS = ('scale', 'bias', 'embedding')
 
 
 class PoetKernelsState(NamedTuple):
   """State of `poet_kernels`; None at every leaf that is not selected."""
   count: jax.Array   # updates applied; a merge follows every merge_every-th
-  w0: Any            # (in, out) W0 in the permutation frame (spo)
-  in_place: Any      # (in,) int32 input gather
-  out_place: Any     # (out,) int32 output gather
-  generators: Any    # {'in_blocks': (in/b, b(b-1)/2), 'out_blocks': ...}
+  w0: Any            # (*stack, m, n) W0 in the permutation frame (spo)
+  in_place: Any      # (*stack, m) int32 input gather
+  out_place: Any     # (*stack, n) int32 output gather
+  generators: Any    # {'in_blocks': (*stack, m/b, b(b-1)/2), 'out_blocks'}
   inner_state: Any
 
 
-def path_name(path) -> str:
-  """'a/b/0/kernel' for a jax key path: what the patterns match."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-      k, 'idx', k)))) for k in path)
+def _key_name(k) -> str:
+  return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+
+
+def layer_name(path) -> str:
+  """The dotted layer path of a leaf: 'blocks.mlp.up' for the key path
+  blocks/mlp/up/kernel (a final 'kernel' names the leaf, not the layer),
+  as poetize names the same layer of an NNX model."""
+  names = [_key_name(k) for k in path]
+  if len(names) > 1 and names[-1] == 'kernel':
+    names = names[:-1]
+  return '.'.join(names)
+
+
+def _candidate(path, x, roles) -> bool:
+  """A projection's kernel: not a norm, bias or embedding, and declared
+  axes, or named 'kernel' with 2+ dimensions, or 2-D."""
+  last = _key_name(path[-1]) if path else ''
+  return last not in NOT_KERNELS and (
+      roles is not None or jnp.ndim(x) == 2 or (
+          jnp.ndim(x) > 2 and last == 'kernel'))
+
+
+def _layout(name, shape, roles):
+  """The kernel's KernelLayout, or ValueError saying why it stays dense."""
+  if roles is None:
+    if len(shape) != 2:
+      raise ValueError(
+          f'a {len(shape)}-D kernel {tuple(shape)} with no declared axes: '
+          f"give kernel_axes={{{name!r}: roles}} ('i' input, 'o' output, "
+          "'s' stack per axis; poet_jax.linen_kernel_axes reads them from a "
+          'linen module)')
+    roles = 'io'
+  layout = layout_lib.KernelLayout(roles)
+  layout.check(shape, name)
+  if len(shape) != len(roles):
+    raise ValueError(f'kernel_axes {roles!r} name {len(roles)} axes, the '
+                     f'kernel has {len(shape)} ({tuple(shape)})')
+  return layout
 
 
 def select_kernels(params, block_size: int, *, target=('*',),
-                   exclude=DEFAULT_EXCLUDE, on_indivisible: str = 'raise'):
-  """Which leaves of `params` `poet_kernels` reparameterizes (a bool tree).
+                   exclude=DEFAULT_EXCLUDE, kernel_axes=None,
+                   on_indivisible: str = 'raise'):
+  """Which leaves of `params` `poet_kernels` reparameterizes, and how.
 
-  A leaf is selected when it is 2-D, its path (as `path_name`) matches one
-  of the `target` glob patterns and none of `exclude` (the output head and
-  embeddings by default: spec section 7). A selected kernel whose sizes
-  `block_size` does not divide raises ValueError naming it
-  (on_indivisible='raise', the default), or is left out with a warning
-  listing every such path (on_indivisible='skip'); never silently.
+  A candidate is a projection's kernel (a leaf named 'kernel' of 2 or more
+  dimensions, any other 2-D leaf but norms, biases and embeddings, or one
+  kernel_axes names). It is selected when its layer path (`layer_name`:
+  'blocks.attn.q', the syntax of poetize) matches a `target` glob and no
+  `exclude` (the output head and embeddings by default: spec section 7),
+  and its axes are known: 2-D, or given by kernel_axes ({glob: roles}, one
+  of 'i', 'o', 's' per axis: poet_jax.layout; poet_jax.linen_kernel_axes
+  reads them from a linen model). A stack axis is one declared 's', never
+  guessed.
+
+  Returns:
+    (layouts, dense): a tree with a layout.KernelLayout at each selected
+    leaf and None elsewhere; {layer: reason} for every candidate left dense
+    (also logged).
+  Raises:
+    ValueError: a selected kernel whose sizes `block_size` does not divide
+      (on_indivisible='raise', the default; the message names exclude= and
+      on_indivisible='skip'), or nothing selected.
   """
   if on_indivisible not in ('raise', 'skip'):
     raise ValueError(f"on_indivisible={on_indivisible!r}: use 'raise' or "
                      "'skip'")
-  skipped = []
+  dense = {}
 
   def choose(path, x):
-    name = path_name(path)
-    if jnp.ndim(x) != 2:
-      return False
-    if not any(fnmatch.fnmatch(name, p) for p in target):
-      return False
-    if any(fnmatch.fnmatch(name, p) for p in exclude):
-      return False
-    if any(s % block_size for s in jnp.shape(x)):
-      if on_indivisible == 'raise':
-        raise ValueError(
-            f'{name}: block_size={block_size} does not divide its shape '
-            f'{tuple(jnp.shape(x))}; choose another block size, exclude '
-            "it, or pass on_indivisible='skip'")
-      skipped.append(name)
-      return False
-    return True
+    name = layer_name(path)
+    roles = layout_lib.roles_for(name, kernel_axes)
+    if not _candidate(path, x, roles):
+      return None
+    why = layout_lib.is_chosen(name, target, exclude)
+    if why:
+      dense[name] = why
+      return None
+    try:
+      layout = _layout(name, jnp.shape(x), roles)
+    except ValueError as e:
+      dense[name] = str(e)
+      return None
+    m, n = layout.matrix_shape(jnp.shape(x))[-2:]
+    why = layout_lib.indivisible(name, m, n, 'block', block_size, exclude,
+                                 on_indivisible)
+    if why:
+      dense[name] = why
+      return None
+    return layout
 
-  selected = jax.tree_util.tree_map_with_path(choose, params)
-  if skipped:
-    warnings.warn(f'poet_kernels: block_size={block_size} does not divide '
-                  f'these kernels, left dense: {", ".join(skipped)}',
-                  stacklevel=2)
-  if not any(jax.tree.leaves(selected)):
-    raise ValueError('poet_kernels: no 2-D kernel selected (target='
-                     f'{target}, exclude={exclude}); nothing to train with '
-                     'POET')
-  return selected
+  layouts = jax.tree_util.tree_map_with_path(choose, params)
+  layout_lib.log_dense('poet_kernels', dense)
+  if not jax.tree.leaves(layouts, is_leaf=_is_layout):
+    raise ValueError(f'poet_kernels: no kernel selected (target={target}, '
+                     f'exclude={exclude}); left dense: {dense}')
+  return layouts, dense
 
 
-def _kernel_map(w0, in_place, out_place, block_size, num_terms, method):
-  """u -> K(u) = R W0 P as a function of the generators."""
+def _is_layout(x) -> bool:
+  return isinstance(x, layout_lib.KernelLayout)
+
+
+def _stacked(fn, w0):
+  """fn over the stack axes in front of W0's two."""
+  return layers.over_leading_axes(fn, w0.ndim - 2)
+
+
+def _kernel_map(w0, in_place, out_place, layout, shape, block_size,
+                num_terms, method):
+  """u -> K(u): R W0 P of each matrix, in the kernel's own layout."""
   make = reparam.block_map(num_terms, method, block_size)
 
-  def kernel(gen):
-    g_in, g_out = make(gen['in_blocks']), make(gen['out_blocks'])
+  def matrix(w0, g_in, g_out, i, o):
     return spo.block_kernel(w0, g_in.astype(w0.dtype), g_out.astype(w0.dtype),
-                            in_place, out_place)
+                            i, o)
+
+  def kernel(gen):
+    k = _stacked(matrix, w0)(w0, make(gen['in_blocks']),
+                             make(gen['out_blocks']), in_place, out_place)
+    return layout.from_matrix(k, shape)
   return kernel
 
 
-def _zero_generators(shape, block_size):
-  n = orthogonal.num_generator_params(block_size)
-  return {'in_blocks': jnp.zeros((shape[0] // block_size, n), jnp.float32),
-          'out_blocks': jnp.zeros((shape[1] // block_size, n), jnp.float32)}
+def _zero_generators(matrix_shape, block_size):
+  *stack, m, n = matrix_shape
+  p = orthogonal.num_generator_params(block_size)
+  zeros = lambda size: jnp.zeros((*stack, size // block_size, p), jnp.float32)
+  return {'in_blocks': zeros(m), 'out_blocks': zeros(n)}
 
 
 _is_none = reparam.is_none
@@ -127,45 +198,55 @@ _swap = reparam.swap
 
 class _Pair(NamedTuple):
   """(in, out) permutations of one kernel; a type of its own so that the
-  tuples of a tree (optim.per_layer's, say) are not taken for one."""
+  tuples of a tree are not taken for one."""
   inputs: Any
   outputs: Any
 
 
-def _draw_pair(key, shape):
-  k_in, k_out = jax.random.split(key)
-  return _Pair(spo.draw_permutation(k_in, shape[0]),
-               spo.draw_permutation(k_out, shape[1]))
+def _draw_pair(key, matrix_shape):
+  """Permutations of one matrix, or of each of a stack (one key each)."""
+  *stack, m, n = matrix_shape
+
+  def draw(key):
+    k_in, k_out = jax.random.split(key)
+    return spo.draw_permutation(k_in, m), spo.draw_permutation(k_out, n)
+
+  if not stack:
+    return _Pair(*draw(key))
+  keys = jax.random.split(key, math.prod(stack))
+  ins, outs = jax.vmap(draw)(keys)
+  return _Pair(ins.reshape(*stack, m), outs.reshape(*stack, n))
 
 
-def _placements(key, shapes, selected):
-  """(in_place, out_place) trees of fresh permutations, None unselected."""
-  keys = iter(jax.random.split(key, len(jax.tree.leaves(selected))))
+def _placements(key, matrices):
+  """(in_place, out_place) trees of fresh permutations for the (*stack, m,
+  n) matrices of the selected leaves, None elsewhere; selected kernel j
+  draws from key j of a split into as many keys as the tree has leaves."""
+  keys = iter(jax.random.split(key, len(jax.tree.leaves(
+      matrices, is_leaf=_is_none))))
   pairs = jax.tree.map(
-      lambda s, x: _draw_pair(next(keys), x.shape) if s else _Pair(None, None),
-      selected, shapes, is_leaf=_is_none)
+      lambda w: _Pair(None, None) if w is None else _draw_pair(
+          next(keys), jnp.shape(w)), matrices, is_leaf=_is_none)
   pick = lambda i: jax.tree.map(lambda p: p[i], pairs,
                                 is_leaf=lambda p: isinstance(p, _Pair))
   return pick(0), pick(1)
 
 
-def _merge(state, selected, key, make):
+def _merge(state, key, make):
   """W0 <- R W0 P in new frames drawn from `key`, generators <- 0, POET
   state reset; make: generators -> blocks."""
-  new_in, new_out = _placements(key, state.w0, selected)
+  new_in, new_out = _placements(key, state.w0)
 
-  def fold(s, w0, i, o, gen, ni, no):
-    if not s:
+  def fold(w0, i, o, gen, ni, no):
+    if w0 is None:
       return None
     dtype = jnp.promote_types(w0.dtype, jnp.float32)
-    return spo.block_merge(
+    return _stacked(spo.block_merge, w0)(
         w0.astype(dtype), make(gen['in_blocks']).astype(dtype),
-        make(gen['out_blocks']).astype(dtype), i, o, ni, no
-    ).astype(w0.dtype)
+        make(gen['out_blocks']).astype(dtype), i, o, ni, no).astype(w0.dtype)
 
-  w0 = jax.tree.map(fold, selected, state.w0, state.in_place,
-                    state.out_place, state.generators, new_in, new_out,
-                    is_leaf=_is_none)
+  w0 = jax.tree.map(fold, state.w0, state.in_place, state.out_place,
+                    state.generators, new_in, new_out, is_leaf=_is_none)
   zeros = jax.tree.map(jnp.zeros_like, state.generators)
   return PoetKernelsState(state.count, w0, new_in, new_out, zeros,
                           optim.reset_poet_state(state.inner_state))
@@ -173,83 +254,115 @@ def _merge(state, selected, key, make):
 
 def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
                  merge_every: int, key: jax.Array, target=('*',),
-                 exclude=DEFAULT_EXCLUDE, on_indivisible: str = 'raise',
-                 neumann_terms: int = 3, orthogonal_map: str = 'neumann'
-                 ) -> optax.GradientTransformation:
-  """POET-BS on the 2-D kernels of any parameter pytree (module docstring).
+                 exclude=DEFAULT_EXCLUDE, kernel_axes=None,
+                 on_indivisible: str = 'raise', neumann_terms: int = 3,
+                 orthogonal_map: str = 'neumann', check_kernels: bool = True
+                 ) -> optax.GradientTransformationExtraArgs:
+  """POET-BS on the projection kernels of any parameter pytree (module
+  docstring).
 
   Args:
     inner: the optimizer of the generators and the other leaves, typically
       `optax.chain(poet_jax.clip_by_global_norm(...), poet_jax.poet(...))`.
       It sees each selected kernel as {'in_blocks': u_in,
-      'out_blocks': u_out}, the generators of each side.
-    block_size: b, dividing both sizes of every selected kernel.
+      'out_blocks': u_out}, the generators of each side, and gets the extra
+      arguments of `update` (`value=` for reduce_on_plateau, ...).
+    block_size: b, dividing both sizes of every selected matrix.
     merge_every: updates between merges (spec section 5; paper 400).
     key: PRNG key of the permutations; merge i uses fold_in(key, i) and
       kernel j of that fold_in(., j), so every replica draws the same.
-    target, exclude, on_indivisible: which kernels; see `select_kernels`.
+    target, exclude, kernel_axes, on_indivisible: which kernels, and the
+      roles of a multi-axis kernel's axes (POET acts on its flattened
+      (inputs x outputs) matrix, one per declared stack index); see
+      `select_kernels`, which returns what stays dense and why.
     neumann_terms, orthogonal_map: the Cayley–Neumann map (section 2):
       'neumann' (paper), 'taylor' or 'exact'.
+    check_kernels: warn (once, from inside jit) when a kernel given to
+      `update` is not the one this transformation made: something after it
+      changed its output (docs/method.md).
 
   `update` needs `params` (the current kernels). Raises ValueError from
   `init` when nothing is selected or a size is not divisible.
   """
   if merge_every < 1:
     raise ValueError(f'merge_every={merge_every} must be >= 1')
+  make = reparam.block_map(neumann_terms, orthogonal_map, block_size)
   kernel_fn = functools.partial(_kernel_map, block_size=block_size,
                                 num_terms=neumann_terms, method=orthogonal_map)
   select = functools.partial(select_kernels, block_size=block_size,
                              target=target, exclude=exclude,
+                             kernel_axes=kernel_axes,
                              on_indivisible=on_indivisible)
 
+  def layouts_of(state, params):
+    """The layouts select_kernels gave at init (selected: a W0 is kept)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w, x: None if w is None else layout_lib.KernelLayout(
+            layout_lib.roles_for(layer_name(path), kernel_axes) or 'io'),
+        state.w0, params, is_leaf=_is_none)
+
   def init_fn(params):
-    selected = select(params)
-    in_place, out_place = _placements(jax.random.fold_in(key, 0), params,
-                                      selected)
+    layouts, _ = select(params)
+    matrices = jax.tree.map(
+        lambda lay, x: None if lay is None else lay.to_matrix(x), layouts,
+        params, is_leaf=_is_none)
+    in_place, out_place = _placements(jax.random.fold_in(key, 0), matrices)
     w0 = jax.tree.map(
-        lambda s, x, i, o: spo.to_block_frame(x, i, o) if s else None,
-        selected, params, in_place, out_place, is_leaf=_is_none)
+        lambda w, i, o: None if w is None else _stacked(
+            spo.to_block_frame, w)(w, i, o),
+        matrices, in_place, out_place, is_leaf=_is_none)
     generators = jax.tree.map(
-        lambda s, x: _zero_generators(x.shape, block_size) if s else None,
-        selected, params)
+        lambda w: None if w is None else _zero_generators(w.shape,
+                                                          block_size),
+        matrices, is_leaf=_is_none)
+    selected = jax.tree.map(lambda w: w is not None, w0, is_leaf=_is_none)
     inner_state = inner.init(_swap(selected, params, generators))
     return PoetKernelsState(jnp.zeros([], jnp.int32), w0, in_place,
                             out_place, generators, inner_state)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
-    # Selected where the state holds a W0: chosen once, at init.
+      raise ValueError(optim.no_params_message('poet_kernels'))
+    layouts = layouts_of(state, params)
     selected = jax.tree.map(lambda w: w is not None, state.w0,
                             is_leaf=_is_none)
-    leaf = _is_none
+    maps = jax.tree.map(
+        lambda lay, w0, i, o, x: None if lay is None else kernel_fn(
+            w0, i, o, lay, jnp.shape(x)),
+        layouts, state.w0, state.in_place, state.out_place, params,
+        is_leaf=_is_none)
 
-    def generator_grad(s, g, w0, i, o, gen):
-      if not s:
+    def generator_grad(fn, g, gen, p):
+      """(the generators' gradient, the kernel's distance from K(u) in
+      tolerances)."""
+      if fn is None:
         return None
-      _, vjp = jax.vjp(kernel_fn(w0, i, o), gen)
-      return vjp(g.astype(w0.dtype))[0]
+      kernel, vjp = jax.vjp(fn, gen)
+      gap = jnp.max(jnp.abs(kernel - p.astype(kernel.dtype)))
+      scale = jnp.maximum(jnp.max(jnp.abs(kernel)), 1e-30) * drift.tolerance(
+          p.dtype, block_size)
+      return vjp(g.astype(kernel.dtype))[0], gap / scale
 
-    gen_grads = jax.tree.map(generator_grad, selected, updates, state.w0,
-                             state.in_place, state.out_place,
-                             state.generators, is_leaf=leaf)
+    both = jax.tree.map(generator_grad, maps, updates, state.generators,
+                        params, is_leaf=_is_none)
+    pick = lambda i: jax.tree.map(lambda s, x: x[i] if s else None, selected,
+                                  both, is_leaf=_is_none)
     inner_updates, new, inner_state = reparam.step_generators(
-        inner, selected, gen_grads, updates, params, state.generators,
-        state.inner_state)
-    count = optax.safe_increment(state.count)
-    kernels = jax.tree.map(
-        lambda s, w0, i, o, gen: kernel_fn(w0, i, o)(gen) if s else None,
-        selected, state.w0, state.in_place, state.out_place, new,
-        is_leaf=leaf)
+        inner, selected, pick(0), updates, params, state.generators,
+        state.inner_state, **extra_args)
+    if check_kernels:
+      drift.warn_if_changed(
+          state.count, jnp.max(jnp.stack(jax.tree.leaves(pick(1)))),
+          jnp.asarray(0, jnp.int32), who='poet_kernels')
     out = jax.tree.map(
-        lambda s, u, k, p: (k - p).astype(p.dtype) if s else u,
-        selected, inner_updates, kernels, params, is_leaf=leaf)
+        lambda fn, u, gen, p: u if fn is None else (fn(gen) - p).astype(
+            p.dtype), maps, inner_updates, new, params, is_leaf=_is_none)
+    count = optax.safe_increment(state.count)
     state = PoetKernelsState(count, state.w0, state.in_place,
                              state.out_place, new, inner_state)
     merge = lambda s: _merge(
-        s, selected, jax.random.fold_in(key, s.count // merge_every),
-        reparam.block_map(neumann_terms, orthogonal_map, block_size))
+        s, jax.random.fold_in(key, s.count // merge_every), make)
     state = jax.lax.cond(count % merge_every == 0, merge, lambda s: s, state)
     return out, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

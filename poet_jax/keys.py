@@ -25,12 +25,19 @@ MEANINGS = {
     'model.dim': 'model width',
     'model.num_layers': 'transformer blocks',
     'model.num_heads': 'attention heads',
+    'model.num_kv_heads': ('key/value heads (grouped-query attention, as '
+                           'Llama-3); must divide `num_heads`; 0: '
+                           '`num_heads`'),
     'model.ffn_dim': ('SwiGLU width; -1 picks `ffn_dim_block` for POET-BS, '
                       'else `ffn_dim_dense`'),
     'model.ffn_dim_block': "the paper table's FFN width for POET-BS",
     'model.ffn_dim_dense': "the paper table's FFN width for AdamW and POET-FS",
     'model.vocab_size': ("0: the tokenizer's; may be larger (32000 to match "
                          'the papers)'),
+    'model.tie_embeddings': ('the output head is the embedding transposed '
+                             '(one matrix, as Llama-3.2 1B)'),
+    'model.rope_theta': 'rotary embedding base (Llama-3: 500000)',
+    'model.norm_eps': 'RMSNorm epsilon (Llama-2 and -3: 1e-5)',
     'model.dtype': ('compute dtype (`bfloat16` possible); parameters stay '
                     'float32'),
     'model.w0_dtype': ("storage of POET's frozen W0 (`bfloat16` halves it; "

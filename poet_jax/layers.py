@@ -212,21 +212,38 @@ class POETLinear(nnx.Module):
   def _arrays(self, dtype):
     g_in, g_out = self.orthogonal_blocks()
     if self.variant == 'full':
-      g_in, g_out = g_in[0], g_out[0]
+      g_in, g_out = g_in[..., 0, :, :], g_out[..., 0, :, :]
     # W0 goes in as stored: the forward casts or dequantizes it inside its
     # checkpoint, so the backward recomputes that copy instead of keeping it.
     return (self.stored_w0(), g_in.astype(dtype), g_out.astype(dtype),
             self.in_place[...], self.out_place[...])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    """x (..., in) -> (..., out), as nnx.Linear's call.
+
+    out_sharding: as nnx.Linear's (a PartitionSpec or sharding of the
+    output under an explicit-axes mesh; jax.sharding.reshard).
+    """
     if self._lead:
       raise ValueError(
           f'this POETLinear is a stack of {self.w0[...].shape[0]} layers (as '
           "the Llama's scanned blocks); call one layer: poet_jax.layer_at("
           'model.blocks, i)')
+    return self.call_stack(x, out_sharding)
+
+  def call_stack(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    """Every layer of a stack on its own slice of x.
+
+    x (*stack, ..., in) -> (*stack, ..., out), where *stack are the layer's
+    leading axes (none for a single layer): the declared stack axes of a
+    multi-axis projection (poet_jax.multihead).
+    """
     dtype = self.dtype or jnp.result_type(x)
-    args = (jnp.asarray(x, dtype),) + self._arrays(dtype)
-    return _FORWARD[self.variant, self.resolved_compute(x.shape)](*args)
+    lead = self._lead
+    compute = self.resolved_compute(x.shape[lead:])
+    forward = over_leading_axes(_FORWARD[self.variant, compute], lead)
+    y = forward(jnp.asarray(x, dtype), *self._arrays(dtype))
+    return reshard(y, out_sharding)
 
   def resolved_compute(self, x_shape) -> str:
     """The path a call on inputs of this (static) shape takes."""
@@ -294,6 +311,12 @@ class POETLinear(nnx.Module):
       value = blocks[...]
       blocks[...] = identity_blocks(value.shape[:-2], value.shape[-1],
                                     value.dtype)
+
+
+def reshard(y: jax.Array, out_sharding) -> jax.Array:
+  """y laid out as `out_sharding` (what flax's layers pass to dot_general
+  as its out_sharding); y itself when None."""
+  return y if out_sharding is None else jax.sharding.reshard(y, out_sharding)
 
 
 def identity_blocks(lead: tuple, block_size: int, dtype) -> jax.Array:

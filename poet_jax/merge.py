@@ -67,36 +67,71 @@ def merge_params(graphdef, params, frozen, key):
   return nnx.as_pure(params), nnx.as_pure(frozen)
 
 
-def merge_if_due(graphdef, params, frozen, opt_state, merge_every: int, key,
+def _is_period(x) -> bool:
+  """An integer scalar that is not a PRNG key: a former merge_every."""
+  if isinstance(x, bool):
+    return False
+  if isinstance(x, int):
+    return True
+  dtype = getattr(x, 'dtype', None)
+  return (dtype is not None and jnp.ndim(x) == 0
+          and jnp.issubdtype(dtype, jnp.integer))
+
+
+def _arguments(where: str, args: tuple, key, applied=True):
+  """(key, applied) from the positional arguments after the state: (key,
+  applied) now, (merge_every, key, applied) formerly (merge_every is then
+  warned about and ignored)."""
+  if len(args) >= 2 and _is_period(args[0]):
+    reparam.deprecated_merge_every(where, args[0])
+    args = args[1:]
+  if len(args) > 2 or (args and key is not None):
+    raise TypeError(f'{where}: too many arguments; give the key (merge_every '
+                    "is read from reparameterize's state)")
+  if args:
+    key = args[0]
+  if len(args) == 2:
+    applied = args[1]
+  if key is None:
+    raise TypeError(f'{where}: the key of the merges is missing')
+  return key, applied
+
+
+def merge_if_due(graphdef, params, frozen, opt_state, *args, key=None,
                  applied=True):
   """The model's half of a merge, keyed on reparameterize's counter.
 
+  merge_if_due(graphdef, params, frozen, opt_state, key, applied=True).
   Merges (merge_params with merge_key(key, count // merge_every)) when
-  `reparam.merge_due(opt_state, merge_every)` and `applied` (pass False
-  for an update that was dropped, whose state was rolled back); else
-  returns (params, frozen) unchanged. A lax.cond: no host round trip, one
-  compiled step for both cases. The optimizer state needs nothing: the
-  transformation reset it in the same update.
+  `reparam.merge_due(opt_state)` and `applied` (pass False for an update
+  that was dropped, whose state was rolled back); else returns (params,
+  frozen) unchanged. merge_every is the transformation's own, read from
+  its state (a merge_every before the key is the former signature: warned
+  about and ignored). A lax.cond: no host round trip, one compiled step
+  for both cases. The optimizer state needs nothing: the transformation
+  reset it in the same update.
   """
-  due = reparam.merge_due(opt_state, merge_every) & jnp.asarray(applied)
-  merge_number = reparam.merge_count(opt_state, merge_every)
+  key, applied = _arguments('merge_if_due', args, key, applied)
+  due = reparam.merge_due(opt_state) & jnp.asarray(applied)
+  merge_number = reparam.merge_count(opt_state)
 
   def do(args):
     return merge_params(graphdef, *args, merge_key(key, merge_number))
   return jax.lax.cond(due, do, lambda args: args, (params, frozen))
 
 
-def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer,
-                       merge_every: int, key: jax.Array) -> None:
+def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer, *args,
+                       key=None) -> None:
   """merge_if_due for an NNX model and its nnx.Optimizer, in place.
 
-  Call it right after `optimizer.update(model, grads)`, inside nnx.jit or
-  not: the model merges when the update just applied was a merging one of
-  the optimizer's `reparameterize` (built with the same merge_every).
+  merge_model_if_due(model, optimizer, key). Call it right after
+  `optimizer.update(model, grads)`, inside nnx.jit or not: the model
+  merges when the update just applied was a merging one of the
+  optimizer's `reparameterize` (on its merge_every).
   """
+  key, _ = _arguments('merge_model_if_due', args, key)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   params, frozen = merge_if_due(graphdef, nnx.as_pure(params),
                                 nnx.as_pure(frozen),
-                                nnx.as_pure(optimizer.opt_state), merge_every,
-                                key)
+                                nnx.as_pure(optimizer.opt_state), key)
   nnx.update(model, params, frozen)

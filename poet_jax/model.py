@@ -1,8 +1,10 @@
 """Llama in Flax NNX: a plain dense model.
 
-RMSNorm, rotary embeddings, SwiGLU MLP, multi-head causal attention and an
-untied output head. The layer stack is created with nnx.vmap and run with
-lax.scan, so it is traced and compiled once however deep the model is.
+RMSNorm, rotary embeddings, SwiGLU MLP, causal attention with multi-head or
+grouped-query keys and values (num_kv_heads, as Llama-2 70B and Llama-3),
+and an untied or tied (the embedding's transpose) output head. The layer
+stack is created with nnx.vmap and run with lax.scan, so it is traced and
+compiled once however deep the model is.
 `Llama.decode` is the inference path: the same blocks with a key/value cache
 (`init_cache`), for generation one token at a time.
 
@@ -28,8 +30,10 @@ class LlamaConfig:
   num_layers: int = 2
   num_heads: int = 4
   ffn_dim: int = 128
-  norm_eps: float = 1e-6
-  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6            # RMSNorm eps (the papers'; Llama-3 1e-5)
+  rope_theta: float = 10000.0       # rotary base (Llama-3: 500000)
+  num_kv_heads: int = 0             # key/value heads; 0: num_heads (MHA)
+  tie_embeddings: bool = False      # output head = embedding transposed
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
   remat: bool = False               # recompute each block in the backward
   loss_chunk_tokens: int = 8192     # tokens per chunk of the loss; 0: one
@@ -37,6 +41,11 @@ class LlamaConfig:
   @property
   def head_dim(self) -> int:
     return self.dim // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when 0."""
+    return self.num_kv_heads or self.num_heads
 
 
 def dense(cfg: LlamaConfig, in_features: int, out_features: int,
@@ -76,48 +85,66 @@ def _tokens_major(x: jax.Array) -> jax.Array:
 _attention = attention_lib.causal_attention
 
 
+def _shared_kv(k: jax.Array, num_heads: int) -> jax.Array:
+  """(B, T, H_kv, d) keys or values for all H heads: query head h uses
+  key/value head h // (H / H_kv), as transformers' repeat_kv."""
+  group = num_heads // k.shape[2]
+  return k if group == 1 else jnp.repeat(k, group, axis=2)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    d = cfg.dim
+    d, kv = cfg.dim, cfg.kv_heads * cfg.head_dim
     self.q = dense(cfg, d, d, rngs)
-    self.k = dense(cfg, d, d, rngs)
-    self.v = dense(cfg, d, d, rngs)
+    self.k = dense(cfg, d, kv, rngs)
+    self.v = dense(cfg, d, kv, rngs)
     self.o = dense(cfg, d, d, rngs)
+
+  def _heads(self, y, b, t, num_heads):
+    return y.reshape(b, t, num_heads, self.cfg.head_dim)
 
   def __call__(self, x, positions):
     b, t, d = x.shape
-    heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
+    cfg = self.cfg
     flat = _tokens_major(x)
-    q = rotary(heads(self.q(flat)), positions, self.cfg.rope_theta)
-    k = rotary(heads(self.k(flat)), positions, self.cfg.rope_theta)
-    out = _attention(q, k, heads(self.v(flat)))
+    q = rotary(self._heads(self.q(flat), b, t, cfg.num_heads), positions,
+               cfg.rope_theta)
+    k = rotary(self._heads(self.k(flat), b, t, cfg.kv_heads), positions,
+               cfg.rope_theta)
+    v = self._heads(self.v(flat), b, t, cfg.kv_heads)
+    out = _attention(q, _shared_kv(k, cfg.num_heads),
+                     _shared_kv(v, cfg.num_heads))
     return self.o(_tokens_major(out.reshape(b, t, d))).reshape(b, t, d)
 
   def decode(self, x, positions, k_cache, v_cache):
     """Attention of new tokens over themselves and the cached ones.
 
     x (B, T, D) sits at `positions` (B, T), consecutive and the same in every
-    row; their keys and values are written into the caches (B, S, H, d) at
-    those slots, and each token attends to slots up to its own position.
+    row; their keys and values are written into the caches (B, S, H_kv, d)
+    at those slots, and each token attends to slots up to its own position.
     Returns (output (B, T, D), k_cache, v_cache).
     """
     b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
-    q = rotary(heads(self.q(x)), positions, self.cfg.rope_theta)
-    k = rotary(heads(self.k(x)), positions, self.cfg.rope_theta)
+    cfg = self.cfg
+    q = rotary(self._heads(self.q(x), b, t, cfg.num_heads), positions,
+               cfg.rope_theta)
+    k = rotary(self._heads(self.k(x), b, t, cfg.kv_heads), positions,
+               cfg.rope_theta)
     start = positions[0, 0]
     k_cache = jax.lax.dynamic_update_slice_in_dim(
         k_cache, k.astype(k_cache.dtype), start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, heads(self.v(x)).astype(v_cache.dtype), start, axis=1)
+        v_cache, self._heads(self.v(x), b, t, cfg.kv_heads).astype(
+            v_cache.dtype), start, axis=1)
     # Slots after a token's position are empty or in its future.
     visible = jnp.arange(k_cache.shape[1]) <= positions[:, :, None]
-    out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype),
-                                       v_cache.astype(q.dtype),
-                                       mask=visible[:, None])
-    return self.o(out.reshape(b, t, self.cfg.dim)), k_cache, v_cache
+    out = jax.nn.dot_product_attention(
+        q, _shared_kv(k_cache.astype(q.dtype), cfg.num_heads),
+        _shared_kv(v_cache.astype(q.dtype), cfg.num_heads),
+        mask=visible[:, None])
+    return self.o(out.reshape(b, t, cfg.dim)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -171,11 +198,25 @@ class Llama(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.norm = nnx.RMSNorm(cfg.dim, epsilon=cfg.norm_eps, dtype=cfg.dtype,
                             rngs=rngs)
-    self.lm_head = dense(cfg, cfg.dim, cfg.vocab_size, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = dense(cfg, cfg.dim, cfg.vocab_size, rngs)
+
+  def head_kernel(self) -> jax.Array:
+    """The output head's (dim, vocab) kernel: lm_head's, or the embedding
+    transposed when tied."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """The output head: x (..., dim) -> logits (..., vocab) float32."""
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(x).astype(jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int -> logits (B, T, vocab) float32."""
-    return self.lm_head(self.features(tokens)).astype(jnp.float32)
+    return self.head(self.features(tokens))
 
   def features(self, tokens: jax.Array) -> jax.Array:
     """tokens (B, T) int -> the final norm's output (B, T, dim), the
@@ -222,17 +263,17 @@ class Llama(nnx.Module):
       return x, (k_cache, v_cache)
 
     x, (k, v) = jax.lax.scan(run_block, x, (stacked, cache['k'], cache['v']))
-    return self.lm_head(self.norm(x)).astype(jnp.float32), {'k': k, 'v': v}
+    return self.head(self.norm(x)), {'k': k, 'v': v}
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int) -> dict:
   """An empty key/value cache for Llama.decode.
 
-  {'k', 'v'}: zeros (num_layers, batch_size, max_length, num_heads,
+  {'k', 'v'}: zeros (num_layers, batch_size, max_length, kv_heads,
   head_dim) of the compute dtype; max_length bounds prompt + generated
   tokens.
   """
-  shape = (cfg.num_layers, batch_size, max_length, cfg.num_heads,
+  shape = (cfg.num_layers, batch_size, max_length, cfg.kv_heads,
            cfg.head_dim)
   return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
 
@@ -247,7 +288,7 @@ def next_token_loss(model: Llama, tokens: jax.Array,
   hidden = model.features(tokens[:, :-1])
   weights = None if mask is None else mask[:, 1:].astype(jnp.float32)
   total = loss_lib.cross_entropy_sum(
-      hidden, model.lm_head.kernel[...], tokens[:, 1:], weights,
+      hidden, model.head_kernel(), tokens[:, 1:], weights,
       chunk_tokens=model.cfg.loss_chunk_tokens, dtype=model.cfg.dtype)
   count = (jnp.asarray(tokens[:, 1:].size, jnp.float32) if mask is None
            else jnp.maximum(weights.sum(), 1.0))

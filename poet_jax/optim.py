@@ -40,13 +40,23 @@ class ScaleByPoetState(NamedTuple):
   nu: optax.Updates
 
 
-def _one_minus_power(decay: float, count: jax.Array) -> jax.Array:
+def no_params_message(name: str) -> str:
+  """The error of an update that needs params and got none."""
+  return (f'{name}: update needs the current parameters: call '
+          'tx.update(grads, opt_state, params)')
+
+
+def _one_minus_power(decay, count: jax.Array) -> jax.Array:
   """1 - decay**count in float32 without the cancellation of computing the
   power first (1 - 0.999**t loses 1e-5 relative at t = 1 that way); count
-  >= 1, so decay 0 (no averaging) gives 1."""
-  if decay == 0:
-    return jnp.ones([], jnp.float32)
-  return -jnp.expm1(count.astype(jnp.float32) * math.log(decay))
+  >= 1, so decay 0 (no averaging) gives 1. decay may be an array (from
+  optax.inject_hyperparams): log(0) = -inf gives the same 1."""
+  count = count.astype(jnp.float32)
+  if isinstance(decay, (int, float)):
+    if decay == 0:
+      return jnp.ones([], jnp.float32)
+    return -jnp.expm1(count * math.log(decay))
+  return -jnp.expm1(count * jnp.log(jnp.asarray(decay, jnp.float32)))
 
 
 def adam_direction(mu, nu, count, b1: float, b2: float, eps: float,
@@ -139,7 +149,7 @@ def decay_after_step(weight_decay: float, learning_rate: optax.ScalarOrSchedule
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(no_params_message('decay_after_step'))
     lr = (learning_rate(state.count) if callable(learning_rate)
           else learning_rate)
     out = jax.tree.map(
@@ -315,7 +325,8 @@ def _require_poet_leaves(tx, param_labels):
           'generators; wrap the optimizer: poet_jax.reparameterize(poet(...))')
     return tx.init(params)
 
-  return optax.GradientTransformation(init_fn, tx.update)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, optax.with_extra_args_support(tx).update)
 
 
 def poet(learning_rate: optax.ScalarOrSchedule,
@@ -324,7 +335,7 @@ def poet(learning_rate: optax.ScalarOrSchedule,
          eps: float = 1e-6, weight_decay: float = 0.01,
          poet_b1: float = 0.9, poet_b2: float = 0.999, poet_eps: float = 1e-6,
          adam_convention: str = 'reference',
-         param_labels=poet_param_labels) -> optax.GradientTransformation:
+         param_labels=None) -> optax.GradientTransformationExtraArgs:
   """POET's optimizer: Adam on the generators, AdamW on the other leaves.
 
   The defaults are the official POET-X code's (spec section 7; its
@@ -342,7 +353,13 @@ def poet(learning_rate: optax.ScalarOrSchedule,
     poet_b1, poet_b2, poet_eps: Adam hyperparameters of the generators.
     adam_convention: 'reference' (default) or 'optax' (optax.scale_by_adam
       and optax.adamw).
-    param_labels: pytree or callable giving 'poet' or 'base' per leaf.
+    param_labels: pytree or callable giving 'poet' or 'base' per leaf
+      (None: poet_param_labels, by the leaves' names).
+
+  Composes as optax's own optimizers do: optax.inject_hyperparams(poet)(
+  learning_rate=..., poet_learning_rate=...) makes both groups' rates (and
+  the betas, eps, decay and scale) hyperparameters that can change at run
+  time, and extra update arguments pass through.
 
   Raises:
     ValueError: for an unknown adam_convention, and at init when no leaf is
@@ -351,6 +368,10 @@ def poet(learning_rate: optax.ScalarOrSchedule,
   if adam_convention not in CONVENTIONS:
     raise ValueError(f'unknown adam_convention {adam_convention!r}; use one '
                      f'of {CONVENTIONS}')
+  # None rather than the function as the default: optax.inject_hyperparams
+  # takes every callable argument for a schedule.
+  if param_labels is None:
+    param_labels = poet_param_labels
   tx = optax.partition(
       {
           'poet': optax.chain(
@@ -365,26 +386,37 @@ def poet(learning_rate: optax.ScalarOrSchedule,
 
 
 def per_layer(inner: optax.GradientTransformation,
-              ndim: int = 3) -> optax.GradientTransformation:
+              stacked) -> optax.GradientTransformation:
   """Runs `inner` with each stacked (L, ...) leaf split into L leaves.
 
   The model keeps its layers stacked for the scan, so a block kernel is
   (L, in, out). Transformations written for one matrix per leaf (GaLore's
   projection, whose optax version takes no batch axis) see L matrices of
-  their own this way; leaves of another rank pass through whole.
+  their own this way.
+
+  Args:
+    inner: the transformation.
+    stacked: (key path, leaf) -> bool: which leaves carry a leading stack
+      axis. Declared, never guessed from the rank: a (D, H, Dh) attention
+      kernel is one matrix, not D layers.
   """
-  split = lambda tree: jax.tree.map(
-      lambda x: tuple(jnp.unstack(x)) if jnp.ndim(x) == ndim else x, tree)
+  if not callable(stacked):
+    raise ValueError('per_layer: stacked must be a function (key path, leaf)'
+                     ' -> bool naming the leaves stacked on axis 0')
+  marks = lambda tree: jax.tree_util.tree_map_with_path(stacked, tree)
+  split = lambda tree, m: jax.tree.map(
+      lambda s, x: tuple(jnp.unstack(x)) if s else x, m, tree)
 
   def init_fn(params):
-    return inner.init(split(params))
+    return inner.init(split(params, marks(params)))
 
-  def update_fn(updates, state, params=None):
-    params = None if params is None else split(params)
-    out, state = inner.update(split(updates), state, params)
-    # `updates` gives the structure: a leaf of rank `ndim` there is a tuple
-    # of slices in `out`.
-    return jax.tree.map(lambda u, o: jnp.stack(o) if jnp.ndim(u) == ndim
-                        else o, updates, out), state
+  def update_fn(updates, state, params=None, **extra_args):
+    m = marks(updates)
+    params = None if params is None else split(params, m)
+    out, state = optax.with_extra_args_support(inner).update(
+        split(updates, m), state, params, **extra_args)
+    # A stacked leaf is a tuple of slices in `out`.
+    return jax.tree.map(lambda s, o: jnp.stack(o) if s else o, m,
+                        out), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

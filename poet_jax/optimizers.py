@@ -75,7 +75,8 @@ def optimizer(c) -> optax.GradientTransformation:
         'galore': optim.per_layer(optax.contrib.galore(
             lr, rank=o.galore_rank, update_proj_gap=o.galore_update_proj_gap,
             scale=o.galore_scale, weight_decay=wd,
-            base_optimizer=optax.scale_by_adam(o.b1, o.b2))),
+            base_optimizer=optax.scale_by_adam(o.b1, o.b2)),
+            stacked=_is_block_kernel),
         'adamw': optax.adamw(lr, o.b1, o.b2, weight_decay=wd,
                              mask=optim.decay_mask),
     }, labels)

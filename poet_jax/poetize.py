@@ -1,15 +1,16 @@
-"""poetize: turn the nnx.Linear layers of any Flax NNX model into POET layers.
+"""poetize: turn the projections of any Flax NNX model into POET layers.
 
 As the official package's model wrapper does for torch modules, but never
 silently: a layer the block size does not divide raises, or is skipped and
-reported, by the caller's explicit choice (spec section 3.1). A stack of
+reported, by the caller's explicit choice (spec section 3.1), and every
+projection left dense is returned and logged with the reason.
+Multi-axis projections (nnx.Einsum, nnx.LinearGeneral) are POET on their
+flattened matrix (poet_jax.layout, poet_jax.multihead). A stack of
 layers (an nnx.Linear made under nnx.vmap, kernel (L, in, out), as the
 Llama's scanned blocks) becomes one stacked POETLinear: every variable has
 the leading axis L and every layer its own W0 and permutations, so a scan
 over the stack and the merges work as on any POET layer.
 """
-import fnmatch
-import logging
 import math
 import zlib
 from typing import Any, Sequence
@@ -20,9 +21,11 @@ from flax import nnx
 
 from poet_jax import inject
 from poet_jax import layers
+from poet_jax import layout as layout_lib
+from poet_jax import multihead
 from poet_jax import quant
 
-DEFAULT_EXCLUDE = ('*lm_head*', '*head*', '*embed*')
+DEFAULT_EXCLUDE = layout_lib.DEFAULT_EXCLUDE
 W0_CHOICES = ('keep', 'normalize', 'redraw')
 
 
@@ -39,9 +42,10 @@ class BiasedPOETLinear(nnx.Module):
     kind = nnx.Param if trainable_bias else layers.FrozenWeight
     self.bias = kind(jnp.asarray(bias))
 
-  def __call__(self, x):
+  def __call__(self, x, out_sharding=None):
+    """As nnx.Linear's call (out_sharding: layers.POETLinear's)."""
     y = self.linear(x)
-    return y + self.bias[...].astype(y.dtype)
+    return layers.reshard(y + self.bias[...].astype(y.dtype), out_sharding)
 
 
 def _name(path) -> str:
@@ -58,18 +62,45 @@ def _replace(model, path, new) -> None:
     setattr(parent, path[-1], new)
 
 
-def _selected(model, target, exclude) -> tuple[list, int]:
-  """(path, name, layer) of the nnx.Linear layers the patterns select, and
-  how many nnx.Linear layers there are."""
-  found = [(path, node) for path, node in nnx.iter_graph(model)
-           if isinstance(node, nnx.Linear)]
-  chosen = []
-  for path, dense in found:
+PROJECTIONS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def _layout(node, name: str, kernel_axes) -> layout_lib.KernelLayout:
+  """The kernel's roles: given in kernel_axes, else read from the module;
+  ValueError (the reason it stays dense) for an einsum that is not a
+  projection or roles that do not fit the kernel."""
+  given = layout_lib.roles_for(name, kernel_axes)
+  if isinstance(node, nnx.Linear):
+    roles = 'io'
+  elif given is not None:
+    roles = given
+  elif isinstance(node, nnx.LinearGeneral):
+    roles = layout_lib.dense_general_roles(
+        len(node.batch_axis), len(node.in_features), len(node.out_features))
+  else:
+    roles = layout_lib.einsum_roles(node.einsum_str)
+  result = layout_lib.KernelLayout(roles)
+  result.check(node.kernel[...].shape, name)
+  return result
+
+
+def _selected(model, target, exclude, kernel_axes):
+  """([(path, name, layer, layout)] to replace, {name: why not} for every
+  other projection (nnx.Linear, LinearGeneral, Einsum))."""
+  chosen, dense = [], {}
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, PROJECTIONS):
+      continue
     name = _name(path)
-    if any(fnmatch.fnmatch(name, p) for p in target) and not any(
-        fnmatch.fnmatch(name, p) for p in exclude):
-      chosen.append((path, name, dense))
-  return chosen, len(found)
+    why = layout_lib.is_chosen(name, target, exclude)
+    if why:
+      dense[name] = why
+      continue
+    try:
+      chosen.append((path, name, node, _layout(node, name, kernel_axes)))
+    except ValueError as e:
+      dense[name] = str(e)
+  return chosen, dense
 
 
 def _kept_w0(kernel: jax.Array, choice: str) -> jax.Array:
@@ -89,16 +120,16 @@ def layer_key(key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(name.encode()))
 
 
-def _poet_layer(dense: nnx.Linear, name: str, key: jax.Array, w0: str,
-                init: str, options: dict) -> layers.POETLinear:
-  """The POET layer (stacked like `dense`'s kernel) that replaces `dense`.
+def _poet_layer(kernel: jax.Array, dtype, name: str, key: jax.Array,
+                w0: str, init: str, options: dict) -> layers.POETLinear:
+  """The POET layer of the matrix `kernel` (*stack, in, out), stacked
+  like it.
 
   A stack of n layers is built by layers.POETLinear's own constructor under
   nnx.vmap, with n keys split from `key`: independent W0 and permutations.
   """
-  kernel = dense.kernel[...]
   lead = kernel.shape[:-2]
-  options = {'dtype': dense.dtype, 'w0_dtype': kernel.dtype, **options}
+  options = {'dtype': dtype, 'w0_dtype': kernel.dtype, **options}
 
   def make(key):
     # With w0 != 'redraw' the drawn W0 is overwritten below: the cheapest
@@ -120,6 +151,23 @@ def _poet_layer(dense: nnx.Linear, name: str, key: jax.Array, w0: str,
   return layer
 
 
+def _replacement(node, layer: layers.POETLinear,
+                 layout: layout_lib.KernelLayout, trainable_bias: bool):
+  """What takes `node`'s place: the POET layer with node's bias and call."""
+  bias = None if node.bias is None else node.bias[...]
+  if isinstance(node, nnx.Linear):
+    return layer if bias is None else BiasedPOETLinear(layer, bias,
+                                                       trainable_bias)
+  # The declared kernel shape, without the axes of an nnx.vmap.
+  shape = node.kernel[...].shape[-len(layout.roles):]
+  if isinstance(node, nnx.LinearGeneral):
+    return multihead.POETLinearGeneral(
+        layer, layout, shape, bias, trainable_bias, axis=node.axis,
+        batch_axis=tuple(node.batch_axis.keys()))
+  return multihead.POETEinsum(layer, layout, shape, bias, trainable_bias,
+                              einsum_str=node.einsum_str)
+
+
 def _check_choices(w0, init, on_indivisible) -> None:
   if w0 not in W0_CHOICES:
     raise ValueError(f'w0={w0!r}: use one of {W0_CHOICES}')
@@ -129,43 +177,54 @@ def _check_choices(w0, init, on_indivisible) -> None:
     raise ValueError(f"on_indivisible={on_indivisible!r}: 'raise' or 'skip'")
 
 
-def _divisible(chosen, variant, block_size, on_indivisible):
-  """(the layers to replace, the paths skipped for their sizes)."""
-  todo, skipped = [], []
-  for path, name, dense in chosen:
-    try:
-      layers.resolve_block_sizes(name, *dense.kernel[...].shape[-2:], variant,
-                                 block_size)
-    except ValueError:
-      if on_indivisible == 'raise' or variant != 'block':
-        raise
-      skipped.append(name)
-      continue
-    todo.append((path, name, dense))
+def _divisible(chosen, variant, block_size, on_indivisible, exclude):
+  """(the layers to replace, {name: why} of those skipped for their
+  sizes)."""
+  todo, skipped = [], {}
+  for path, name, node, layout in chosen:
+    m, n = layout.matrix_shape(node.kernel[...].shape)[-2:]
+    why = layout_lib.indivisible(name, m, n, variant, block_size, exclude,
+                                 on_indivisible)
+    if why:
+      skipped[name] = why
+    else:
+      todo.append((path, name, node, layout))
   return todo, skipped
 
 
 def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
             target: Sequence[str] = ('*',),
-            exclude: Sequence[str] = DEFAULT_EXCLUDE, w0: str = 'keep',
-            init: str = 'normalized', trainable_bias: bool = False,
-            on_indivisible: str = 'raise', compute: str = 'fast',
-            memory_budget: int = 0, dtype: Any = None, w0_dtype: Any = None,
+            exclude: Sequence[str] = DEFAULT_EXCLUDE, kernel_axes=None,
+            w0: str = 'keep', init: str = 'normalized',
+            trainable_bias: bool = False, on_indivisible: str = 'raise',
+            compute: str = 'fast', memory_budget: int = 0, dtype: Any = None,
+            w0_dtype: Any = None,
             w0_group_size: int = quant.DEFAULT_GROUP_SIZE,
-            rngs: nnx.Rngs) -> list[str]:
-  """Replaces the model's nnx.Linear layers by POET layers, in place.
+            rngs: nnx.Rngs) -> dict[str, str]:
+  """Replaces the model's projections by POET layers, in place.
 
   Args:
-    model: any nnx.Module; its nnx.Linear submodules are candidates, named
-      by their dotted path ('mlp.fc1', 'layers.0.q', 'blocks.attention.q').
-      A kernel with leading axes (..., in, out), as made under nnx.vmap,
-      becomes one POETLinear with those leading axes on every variable.
+    model: any nnx.Module; its nnx.Linear, nnx.LinearGeneral and nnx.Einsum
+      submodules are candidates, named by their dotted path ('mlp.fc1',
+      'layers.0.q', 'blocks.attention.q'). nnx.Linear becomes a POETLinear
+      (a BiasedPOETLinear with a bias); LinearGeneral and Einsum become
+      multihead.POETLinearGeneral / POETEinsum: POET on the flattened
+      (inputs x outputs) matrix of their kernel, the axes read from the
+      module (poet_jax.layout), called as the module was. A kernel with
+      leading axes made under nnx.vmap ((L, in, out) as the Llama's
+      scanned blocks) becomes one layer with those axes on every variable.
     block_size, variant, compute, memory_budget, w0_group_size: of the new
       layers (layers.POETLinear). The orthogonal map (Cayley–Neumann terms)
       is a setting of the optimizer: poet_jax.reparameterize.
-    target, exclude: glob patterns on the dotted path; a layer is replaced
+    target, exclude: fnmatch globs on the dotted path; a layer is replaced
       when it matches a target and no exclude (the output head and
-      embeddings are excluded by default, spec section 7).
+      embeddings are excluded by default, spec section 7). poet_kernels
+      takes the same patterns.
+    kernel_axes: {glob: roles}, the roles ('i' input, 'o' output, 's'
+      stack; one letter per kernel axis, as 'ioo' for (D, H, Dh)) of the
+      LinearGeneral / Einsum layers it matches, instead of the module's (a
+      stack axis where the module has an output axis, say; such a layer
+      then multiplies by its kernel() in the module's einsum).
     w0: 'keep' (W0 is the layer's kernel: R = P = I, so the model computes
       what it did; finetuning), 'normalize' (the kernel with unit-norm
       output neurons) or 'redraw' (a fresh W0 drawn with `init`: the papers'
@@ -174,7 +233,7 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       default).
     trainable_bias: a replaced layer's bias is frozen unless this is True.
     on_indivisible: 'raise' (default) on a layer whose sizes block_size
-      does not divide, or 'skip': leave it dense, log and return its path.
+      does not divide, or 'skip': leave it dense.
     dtype: compute dtype of the new layers (None: the replaced layer's).
     w0_dtype: storage of W0 (None: the kernel's dtype; 'int8': POET-XQ).
     rngs: one key is drawn from rngs.params(); the layer at path p uses
@@ -182,19 +241,28 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       permutations (and W0 with w0='redraw').
 
   Returns:
-    The paths of the layers left dense because of their sizes.
+    {path: reason} of every projection left dense (not targeted, excluded,
+    axes unknown, sizes not divisible), also logged (a warning for those
+    not left by a pattern).
   Raises:
     ValueError: a bad choice or option, a size the block does not divide
-      (with on_indivisible='raise'), or no layer replaced; the model is
-      then unchanged.
+      (with on_indivisible='raise'; the message names exclude= and
+      on_indivisible='skip'), or no layer replaced; the model is then
+      unchanged.
   """
   _check_choices(w0, init, on_indivisible)
-  chosen, num_linear = _selected(model, target, exclude)
-  todo, skipped = _divisible(chosen, variant, block_size, on_indivisible)
+  if isinstance(model, PROJECTIONS):
+    raise ValueError(f'poetize replaces the projections inside a model; '
+                     f'this is one ({type(model).__name__}): put it in a '
+                     'module')
+  chosen, dense = _selected(model, target, exclude, kernel_axes)
+  todo, skipped = _divisible(chosen, variant, block_size, on_indivisible,
+                             exclude)
+  dense.update(skipped)
   if not todo:
-    raise ValueError(f'poetize: no nnx.Linear replaced among {num_linear} '
-                     f'(target={list(target)}, exclude={list(exclude)}, '
-                     f'skipped={skipped})')
+    raise ValueError(f'poetize: no projection replaced (target='
+                     f'{list(target)}, exclude={list(exclude)}); left dense: '
+                     f'{dense}')
   options = {'block_size': block_size, 'variant': variant,
              'compute': compute, 'memory_budget': memory_budget,
              'w0_group_size': w0_group_size}
@@ -204,14 +272,11 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
   # Every new layer is built before any is put in: an error leaves the model
   # as it was.
   new = []
-  for path, name, dense in todo:
-    layer = _poet_layer(dense, name, layer_key(key, name), w0, init, options)
-    if dense.bias is not None:
-      layer = BiasedPOETLinear(layer, dense.bias[...], trainable_bias)
-    new.append((path, layer))
+  for path, name, node, layout in todo:
+    layer = _poet_layer(layout.to_matrix(node.kernel[...]), node.dtype, name,
+                        layer_key(key, name), w0, init, options)
+    new.append((path, _replacement(node, layer, layout, trainable_bias)))
   for path, layer in new:
     _replace(model, path, layer)
-  if skipped:
-    logging.warning('poetize: block_size=%s does not divide these layers, '
-                    'left dense: %s', block_size, ', '.join(skipped))
-  return skipped
+  layout_lib.log_dense('poetize', dense)
+  return dense

@@ -22,13 +22,16 @@ update
 
 The blocks then equal map(u) up to one rounding of the addition p + (map - p)
 in the blocks' dtype: each update is taken against the current blocks, so the
-rounding does not accumulate.
+rounding does not accumulate. Step 1 checks that (the map's value comes with
+its VJP) and warns when the blocks are further off: a merge the model did
+not take, or a transformation after this one that changed its output.
 
 With optax.MultiSteps around it, the map and its VJP run once per optimizer
 update (the VJP is linear, so the accumulated blocks' gradient gives the
 accumulated generators' gradient).
 """
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poet_jax import drift
 from poet_jax import optim
 from poet_jax import orthogonal
 
@@ -45,6 +49,7 @@ class ReparameterizeState(NamedTuple):
   count: jax.Array   # updates applied; a merge follows every merge_every-th
   generators: Any    # (..., k, b(b-1)/2) float32 per POET leaf
   inner_state: Any
+  merge_every: jax.Array  # () int32 of the last update; 0: no merges
 
 
 def is_none(x) -> bool:
@@ -58,28 +63,42 @@ def swap(selected, tree, replacement):
 
 
 def step_generators(inner, selected, gen_grads, updates, params, generators,
-                    inner_state):
+                    inner_state, **extra_args):
   """Steps 2 and 3 of the module docstring, shared with poet_kernels.
 
-  Returns (inner's updates, new generators (None where not selected), new
-  inner state).
+  `extra_args` (optax's, such as `value=` for reduce_on_plateau) go to
+  inner. Returns (inner's updates, new generators (None where not
+  selected), new inner state).
   """
-  inner_updates, inner_state = inner.update(
+  inner_updates, inner_state = optax.with_extra_args_support(inner).update(
       swap(selected, updates, gen_grads), inner_state,
-      swap(selected, params, generators))
+      swap(selected, params, generators), **extra_args)
   new = jax.tree.map(lambda s, u, d: optax.apply_updates(u, d) if s else None,
                      selected, generators, inner_updates, is_leaf=is_none)
   return inner_updates, new, inner_state
 
 
-def block_map(num_terms: int, method: str, block_size: int):
-  """u (..., b(b-1)/2) -> orthogonal blocks (..., b, b)."""
+MAX_TERMS = 8  # the most Cayley–Neumann terms a traced num_terms may pick
+
+
+def block_map(num_terms, method: str, block_size: int):
+  """u (..., b(b-1)/2) -> orthogonal blocks (..., b, b).
+
+  num_terms is normally a Python int. A traced one (what
+  optax.inject_hyperparams hands over) picks its polynomial with a
+  lax.switch over 1 .. MAX_TERMS terms: each branch is the static map.
+  """
   if method not in orthogonal.METHODS:
     raise ValueError(f'unknown orthogonal_map {method!r}; use one of '
                      f'{orthogonal.METHODS}')
-  return functools.partial(orthogonal.orthogonal_blocks,
-                           block_size=block_size, num_terms=num_terms,
-                           method=method)
+  make = lambda k: functools.partial(orthogonal.orthogonal_blocks,
+                                     block_size=block_size, num_terms=k,
+                                     method=method)
+  if method == 'exact' or not isinstance(num_terms, jax.core.Tracer):
+    return make(int(num_terms))
+  branches = [make(k) for k in range(1, MAX_TERMS + 1)]
+  return lambda u: jax.lax.switch(
+      jnp.clip(num_terms - 1, 0, MAX_TERMS - 1), branches, u)
 
 
 def poet_leaves(params) -> Any:
@@ -99,30 +118,31 @@ def layerwise(fn, u, *blocks):
   """fn(u, *blocks) computed one layer of a stack at a time.
 
   u is (..., k, b(b-1)/2) and each of `blocks` (..., k, b, b), with the same
-  leading (layer) axes; fn maps one layer's (k, ...) arrays to a (k, ...)
-  array. A loop over the flattened leading axes: the map's float32
-  intermediates (Q and its powers, b x b per block, kept for its VJP) then
-  take one layer's memory, not the model's, and cannot be scheduled early
-  and held across the model's forward and backward (as the whole model's
-  were: 8.5 GiB at llama_8b, docs/benchmarks.md issue 12). Each block goes
-  through the same products either way.
+  leading (layer) axes; fn maps one layer's (k, ...) arrays to an array or
+  a tuple of arrays. A loop over the flattened leading axes: the map's
+  float32 intermediates (Q and its powers, b x b per block, kept for its
+  VJP) then take one layer's memory, not the model's, and cannot be
+  scheduled early and held across the model's forward and backward (as the
+  whole model's were: 8.5 GiB at llama_8b, docs/benchmarks.md issue 12).
+  Each block goes through the same products either way.
   """
   lead = u.shape[:-2]
   if not lead:
     return fn(u, *blocks)
   args = tuple(x.reshape((-1,) + x.shape[len(lead):]) for x in (u,) + blocks)
-  shape = jax.eval_shape(fn, *(x[0] for x in args))
-  # The loop overwrites every layer of its output buffer. That buffer is
-  # filled from the inputs (times 0) rather than made as constant zeros:
-  # XLA:CPU's scheduler starts constant buffers with the step, and this one
-  # would then be held across the forward and backward (1.3 GiB at
-  # llama_8b for each of the two uses).
+  shapes = jax.eval_shape(fn, *(x[0] for x in args))
+  # The loop overwrites every layer of its output buffers. They are filled
+  # from the inputs (times 0) rather than made as constant zeros: XLA:CPU's
+  # scheduler starts constant buffers with the step, and this one would
+  # then be held across the forward and backward (1.3 GiB at llama_8b for
+  # each of the two uses).
   fill = sum(x.ravel()[0].astype(jnp.float32) for x in args) * 0
-  out = jnp.full((args[0].shape[0],) + shape.shape, fill, shape.dtype)
+  out = jax.tree.map(
+      lambda s: jnp.full((args[0].shape[0],) + s.shape, fill, s.dtype), shapes)
   out = jax.lax.fori_loop(
-      0, out.shape[0], lambda i, out: out.at[i].set(fn(*(x[i] for x in args))),
-      out)
-  return out.reshape(lead + out.shape[1:])
+      0, args[0].shape[0], lambda i, out: jax.tree.map(
+          lambda o, v: o.at[i].set(v), out, fn(*(x[i] for x in args))), out)
+  return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
 
 
 def _cap(u, max_norm):
@@ -131,16 +151,26 @@ def _cap(u, max_norm):
   return u * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
 
 
-def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
+def _concrete_int(x):
+  """x as a Python int when it is not traced (None stays None)."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return x
+  return int(x)
+
+
+def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
                    orthogonal_map: str = 'neumann', merge_every=None,
-                   max_q_norm=None) -> optax.GradientTransformation:
+                   max_q_norm=None, check_blocks: bool = True
+                   ) -> optax.GradientTransformationExtraArgs:
   """Trains POET layers' orthogonal blocks through their generators.
 
   Args:
     inner: the optimizer of the generators and every other leaf, typically
       `optax.chain(poet_jax.clip_by_global_norm(0.1), poet_jax.poet(lr,
       poet_lr))`. It sees each POET leaf as its generators, float32
-      (..., k, b(b-1)/2), under the leaf's own path.
+      (..., k, b(b-1)/2), under the leaf's own path, and gets the extra
+      arguments of `update` (such as `value=` for
+      optax.contrib.reduce_on_plateau).
     num_terms: k of the Neumann series (spec section 2; paper 3).
     orthogonal_map: 'neumann' (paper: (I+Q)(I+...+Q^k)), 'taylor' (the
       degree-(k+1) Taylor polynomial of the Cayley map) or 'exact' (Cayley
@@ -148,23 +178,36 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     merge_every: updates between merges (spec section 5; paper 400), or
       None for no merges. At a merge this transformation zeroes its
       generators and resets the POET state of `inner`
-      (optim.reset_poet_state); the model must merge after the same update
-      (merge.merge_if_due, or `merge_due` and `merge_count`).
+      (optim.reset_poet_state); the model merges after the same update,
+      reading merge_every from this state (merge.merge_if_due,
+      merge_model_if_due).
     max_q_norm: if set, every block's ||Q||_F is capped at this after each
       update (the series converges while ||Q||_2 < 1).
+    check_blocks: warn (RuntimeWarning, once a kind, from inside jit) when
+      the blocks given to `update` are not map(generators) within the
+      rounding (poet_jax.drift): the model skipped a merge, or something
+      after this transformation changed its output (docs/method.md).
+
+  Every argument may also come from optax.inject_hyperparams: numbers
+  arrive as arrays (num_terms then picks its map by a lax.switch, and
+  merge_every may change between updates).
 
   Returns:
-    An optax.GradientTransformation; `update` needs `params` (the current
-    blocks). Its state is a ReparameterizeState.
+    An optax.GradientTransformationExtraArgs; `update` needs `params` (the
+    current blocks). Its state is a ReparameterizeState.
 
   Raises:
     ValueError: for an unknown orthogonal_map or merge_every < 1; from
-      `init`, when `params` has no POET leaf.
+      `init`, when `params` has no POET leaf; from `update` without params.
   """
-  block_map(num_terms, orthogonal_map, 2)  # validates orthogonal_map
-  if merge_every is not None and merge_every < 1:
+  block_map(3, orthogonal_map, 2)  # validates orthogonal_map
+  num_terms, merge_every = _concrete_int(num_terms), _concrete_int(
+      merge_every)
+  if isinstance(merge_every, int) and merge_every < 1:
     raise ValueError(f'merge_every={merge_every} must be >= 1 or None')
   make = lambda b: block_map(num_terms, orthogonal_map, b)
+  period = lambda: jnp.asarray(0 if merge_every is None else merge_every,
+                               jnp.int32)
 
   def init_fn(params):
     params = nnx.as_pure(params)
@@ -180,46 +223,64 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
             orthogonal.num_generator_params(jnp.shape(x)[-1]),), jnp.float32)
         if s else None, selected, params)
     return ReparameterizeState(jnp.zeros([], jnp.int32), generators,
-                               inner.init(swap(selected, params, generators)))
+                               inner.init(swap(selected, params, generators)),
+                               period())
 
-  def generator_grad(s, g, u):
+  def generator_grad(s, g, u, p):
+    """(the generators' gradient, the blocks' distance from map(u) in
+    tolerances) of one POET leaf."""
     if not s:
       return None
 
-    def one_layer(u, g):
-      _, vjp = jax.vjp(make(g.shape[-1]), u)
-      return vjp(g.astype(u.dtype))[0]
-    return layerwise(one_layer, u, g)
+    def one_layer(u, g, p):
+      blocks, vjp = jax.vjp(make(g.shape[-1]), u)
+      gap = jnp.max(jnp.abs(blocks - p.astype(blocks.dtype)))
+      return vjp(g.astype(u.dtype))[0], gap
+    grad, gap = layerwise(one_layer, u, g, p)
+    return grad, jnp.max(gap) / drift.tolerance(p.dtype, p.shape[-1])
 
   def new_blocks_update(u, p):
     return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
                      u, p)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(optim.no_params_message('reparameterize'))
     params = nnx.as_pure(params)
     # POET leaves are where the state holds generators: chosen at init.
     selected = jax.tree.map(lambda u: u is not None, state.generators,
                             is_leaf=is_none)
-    gen_grads = jax.tree.map(generator_grad, selected, updates,
-                             state.generators, is_leaf=is_none)
+    both = jax.tree.map(generator_grad, selected, updates, state.generators,
+                        params, is_leaf=is_none)
+    pick = lambda i: jax.tree.map(lambda s, x: x[i] if s else None, selected,
+                                  both, is_leaf=is_none)
+    gen_grads = pick(0)
     inner_updates, new, inner_state = step_generators(
         inner, selected, gen_grads, updates, params, state.generators,
-        state.inner_state)
+        state.inner_state, **extra_args)
     if max_q_norm is not None:
       new = jax.tree.map(lambda u: _cap(u, max_q_norm), new)
     out = jax.tree.map(
         lambda s, d, u, p: new_blocks_update(u, p) if s else d, selected,
         inner_updates, new, params, is_leaf=is_none)
+    if check_blocks:
+      drift.warn_if_changed(state.count, jnp.max(jnp.stack(jax.tree.leaves(
+          pick(1)))), state.merge_every)
     count = optax.safe_increment(state.count)
-    state = ReparameterizeState(count, new, inner_state)
+    every = period()
+    state = ReparameterizeState(count, new, inner_state, every)
     if merge_every is not None:
-      state = jax.lax.cond(count % merge_every == 0, reset_after_merge,
+      state = jax.lax.cond(_due(count, every), reset_after_merge,
                            lambda s: s, state)
     return out, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _due(count, merge_every):
+  """count is a positive multiple of merge_every (never when it is 0)."""
+  return (merge_every > 0) & (count > 0) & (
+      count % jnp.maximum(merge_every, 1) == 0)
 
 
 def _is_state(x) -> bool:
@@ -258,9 +319,14 @@ def _find(opt_state):
         visit(x.inner_opt_state, x)
 
   visit(opt_state, None)
-  if len(found) != 1:
+  if not found:
+    raise ValueError(
+        'opt_state holds no ReparameterizeState: train a POET model with '
+        'poet_jax.reparameterize(inner) (a plain optax optimizer moves its '
+        'blocks off the orthogonal group)')
+  if len(found) > 1:
     raise ValueError(f'opt_state holds {len(found)} ReparameterizeState; '
-                     'expected one (build it with poet_jax.reparameterize)')
+                     'expected one')
   return found[0]
 
 
@@ -269,21 +335,42 @@ def update_count(opt_state) -> jax.Array:
   return _find(opt_state)[0].count
 
 
-def merge_count(opt_state, merge_every: int) -> jax.Array:
-  """() int32: merges so far on the counter: count // merge_every."""
-  return update_count(opt_state) // merge_every
+def deprecated_merge_every(where: str, merge_every) -> None:
+  """The former merge_every argument: warned about and ignored."""
+  if merge_every is not None:
+    warnings.warn(
+        f'{where}: the merge_every argument is ignored and will be removed; '
+        "the merge reads it from reparameterize's state (one source)",
+        FutureWarning, stacklevel=3)
 
 
-def merge_due(opt_state, merge_every: int) -> jax.Array:
+def merge_every_of(opt_state) -> jax.Array:
+  """() int32: the merge period of the last update (0: no merges)."""
+  return _find(opt_state)[0].merge_every
+
+
+def merge_count(opt_state, merge_every=None) -> jax.Array:
+  """() int32: merges so far on the counter: count // merge_every (0 with
+  no merges). merge_every comes from the state (the argument is
+  deprecated and ignored)."""
+  deprecated_merge_every('merge_count', merge_every)
+  state, _ = _find(opt_state)
+  return state.count // jnp.maximum(state.merge_every, 1) * (
+      state.merge_every > 0)
+
+
+def merge_due(opt_state, merge_every=None) -> jax.Array:
   """() bool: the update just applied was a merging one.
 
-  True when the counter is a positive multiple of merge_every and, inside
-  optax.MultiSteps, that update was applied by the call that produced this
-  state (mini_step back at 0). Call it on the state right after an applied
-  update: a state rolled back to one that merged would say True again.
+  True when the counter is a positive multiple of the state's merge_every
+  and, inside optax.MultiSteps, that update was applied by the call that
+  produced this state (mini_step back at 0). Call it on the state right
+  after an applied update: a state rolled back to one that merged would
+  say True again. (The merge_every argument is deprecated and ignored.)
   """
+  deprecated_merge_every('merge_due', merge_every)
   state, outer = _find(opt_state)
-  due = (state.count > 0) & (state.count % merge_every == 0)
+  due = _due(state.count, state.merge_every)
   if outer is not None:
     due = due & (outer.mini_step == 0)
   return due

@@ -179,14 +179,14 @@ def dense_weights(model: model_lib.Llama) -> dict[str, jax.Array]:
   Keys: 'embed' (V, D); per layer, stacked on a leading axis L:
   'attention_norm', 'mlp_norm' (L, D) and the kernels 'q', 'k', 'v', 'o',
   'gate', 'up', 'down' (L, in, out), with layer(x) == x @ kernel; 'norm'
-  (D,), 'lm_head' (D, V).
+  (D,), 'lm_head' (D, V) (the embedding transposed when tied).
   """
   blocks = model.blocks
   out = {'embed': model.embed.embedding[...],
          'attention_norm': blocks.attention_norm.scale[...],
          'mlp_norm': blocks.mlp_norm.scale[...],
          'norm': model.norm.scale[...],
-         'lm_head': model.lm_head.kernel[...]}
+         'lm_head': model.head_kernel()}
   out.update({n: _kernel(getattr(blocks.attention, n)) for n in ATTENTION})
   out.update({n: _kernel(getattr(blocks.mlp, n)) for n in MLP})
   return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
@@ -199,7 +199,8 @@ def set_weights(model: model_lib.Llama, weights: dict) -> None:
   blocks.attention_norm.scale.set_value(weights['attention_norm'])
   blocks.mlp_norm.scale.set_value(weights['mlp_norm'])
   model.norm.scale.set_value(weights['norm'])
-  model.lm_head.kernel.set_value(weights['lm_head'])
+  if not model.cfg.tie_embeddings:
+    model.lm_head.kernel.set_value(weights['lm_head'])
   for name in ATTENTION:
     getattr(blocks.attention, name).kernel.set_value(weights[name])
   for name in MLP:

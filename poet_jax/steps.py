@@ -84,8 +84,8 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   frozen = state['frozen']
   if c.optimizer.name == 'poet':
     params, frozen = merge_lib.merge_if_due(
-        setup.graphdef, params, frozen, opt_state, c.poet.merge_every,
-        jax.random.key(c.seed), applied=finite)
+        setup.graphdef, params, frozen, opt_state, jax.random.key(c.seed),
+        applied=finite)
   new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
                'step': step,
                'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),

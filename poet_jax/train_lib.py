@@ -264,8 +264,7 @@ class _Loop:
         'step': step, 'data_position': step,
         # On the optimizer's counter: dropped (non-finite) updates do not
         # count towards a merge.
-        'merges': (int(reparam.merge_count(self.run.state['opt_state'],
-                                           c.poet.merge_every))
+        'merges': (int(reparam.merge_count(self.run.state['opt_state']))
                    if c.optimizer.name == 'poet' else 0),
         **self.run.inputs})
 

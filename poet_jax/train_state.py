@@ -33,6 +33,8 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
   return model_lib.LlamaConfig(
       vocab_size=vocab_size, dim=c.model.dim, num_layers=c.model.num_layers,
       num_heads=c.model.num_heads, ffn_dim=config_lib.ffn_dim(c),
+      num_kv_heads=c.model.num_kv_heads, norm_eps=c.model.norm_eps,
+      rope_theta=c.model.rope_theta, tie_embeddings=c.model.tie_embeddings,
       dtype=DTYPES[c.model.dtype], remat=c.model.remat,
       loss_chunk_tokens=c.model.loss_chunk_tokens)
 

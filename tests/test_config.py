@@ -213,6 +213,10 @@ def test_every_non_string_key_refuses_a_word_on_the_command_line(key):
     ('--config.poet.neumann_terms=9', 'poet.neumann_terms'),
     ('--config.poet.max_q_norm=-1', 'poet.max_q_norm'),
     ('--config.model.dim=100', 'model.dim'),
+    ('--config.model.num_kv_heads=3', 'model.num_kv_heads=3 must divide '
+     'model.num_heads=4'),
+    ('--config.model.rope_theta=0', 'model.rope_theta'),
+    ('--config.model.norm_eps=-1e-5', 'model.norm_eps'),
     ('--config.data.max_tokens=-5', 'data.max_tokens'),
     ('--config.data.name=/no/such/dir', '/no/such/dir'),
     ('--config.data.tokenizer=/no/such/tok.model', '/no/such/tok.model'),
@@ -245,6 +249,14 @@ def test_range_divisibility_mesh_and_paths(override, expected):
   result = parse(override)
   assert_one_clear_line(result)
   assert expected in result, result
+
+
+def test_poet_blocks_must_divide_the_key_value_width():
+  # 4 heads of 32 share one key/value head: k and v are 32 wide.
+  result = parse('--config.model.num_kv_heads=1',
+                 '--config.poet.block_size=64')
+  assert_one_clear_line(result)
+  assert 'does not divide the key/value width=32' in result, result
 
 
 @pytest.mark.parametrize('override,kind', [

@@ -2,8 +2,10 @@
 
 The exported file is checked against a NumPy forward pass written here from
 transformers' modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
-rotate_half, eager attention, LlamaMLP), independent of poet_jax.model; and,
-when transformers and torch are installed, against transformers itself:
+rotate_half, eager attention with repeat_kv, LlamaMLP), independent of
+poet_jax.model; and, when transformers and torch are installed, against
+transformers itself (tests/hf_reference.py), which then also builds the
+random Llama-3-shaped checkpoints the import is tested on:
 
   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   pip install transformers
@@ -18,11 +20,16 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
+import hf_reference
 from poet_jax import cli as train
+from poet_jax import config as config_lib
+from poet_jax import config_checks
 from poet_jax import export
 from poet_jax import hf_import
 from poet_jax import restore
+from poet_jax import steps as steps_lib
 from poet_jax import train_state
+from spectra import assert_spectrum_kept
 from trained_runs import trained_run
 from train_util import read_metrics, run_train
 
@@ -53,8 +60,14 @@ def rotate_half(x):
 
 
 def hf_llama_logits(hf, t, ids):
-  """LlamaForCausalLM.forward(ids).logits in float64 NumPy; t: state dict."""
+  """LlamaForCausalLM.forward(ids).logits in float64 NumPy; t: state dict.
+
+  Grouped-query attention as repeat_kv (query head h reads key/value head
+  h // (heads / kv_heads)); a tied head (no lm_head.weight) is the
+  embedding.
+  """
   heads, dim = hf['num_attention_heads'], hf['hidden_size']
+  kv_heads = hf.get('num_key_value_heads') or heads
   head_dim, eps = dim // heads, hf['rms_norm_eps']
   batch, seq = ids.shape
   inv_freq = 1.0 / hf['rope_theta'] ** (np.arange(0, head_dim, 2) / head_dim)
@@ -66,9 +79,10 @@ def hf_llama_logits(hf, t, ids):
   for i in range(hf['num_hidden_layers']):
     p = lambda name: t[f'model.layers.{i}.{name}.weight']
     h = rms_norm(x, p('input_layernorm'), eps)
-    split = lambda y: y.reshape(batch, seq, heads, head_dim).transpose(
+    split = lambda y: y.reshape(batch, seq, -1, head_dim).transpose(
         0, 2, 1, 3)
     q, k, v = (split(h @ p(f'self_attn.{n}_proj').T) for n in 'qkv')
+    k, v = (np.repeat(y, heads // kv_heads, axis=1) for y in (k, v))
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
@@ -82,7 +96,7 @@ def hf_llama_logits(hf, t, ids):
     x = x + ((gate / (1 + np.exp(-gate))) * (h @ p('mlp.up_proj').T)) @ (
         p('mlp.down_proj').T)
   x = rms_norm(x, t['model.norm.weight'], eps)
-  return x @ t['lm_head.weight'].T
+  return x @ t.get('lm_head.weight', t['model.embed_tokens.weight']).T
 
 
 def read_export(out):
@@ -199,7 +213,9 @@ TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
     ('missing', 'no such directory'),
     ('gpt2', "not a Llama checkpoint (model_type='gpt2')"),
     ('sizes', 'hidden_size=64 but model.dim=32'),
-    ('gqa', 'unsupported Llama variant: grouped-query attention'),
+    ('gqa', 'num_key_value_heads=1 but model.num_kv_heads=2 (set '
+            '--config.model.num_kv_heads=1)'),
+    ('theta', 'rope_theta=500000.0 but model.rope_theta=10000.0'),
     ('no_weights', 'no model.safetensors'),
 ])
 def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
@@ -209,6 +225,8 @@ def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
             'sizes': lambda: write_config(tmp_path / 'hf', hidden_size=64),
             'gqa': lambda: write_config(tmp_path / 'hf',
                                         num_key_value_heads=1),
+            'theta': lambda: write_config(tmp_path / 'hf',
+                                          rope_theta=500000.0),
             'no_weights': lambda: write_config(tmp_path / 'hf')}[case]()
   workdir = tmp_path / 'run'
   code = train.main(['train.py', f'--workdir={workdir}', *TINY_FLAGS,
@@ -251,3 +269,142 @@ def test_a_sentencepiece_tokenizer_is_exported_beside_the_model(exported,
   tokenizer_config = json.loads(
       (tmp_path / 'out' / 'tokenizer_config.json').read_text())
   assert tokenizer_config['tokenizer_class'] == 'LlamaTokenizer'
+
+
+# ------------------------------------------ a Llama-3-shaped checkpoint
+
+
+def has_transformers() -> bool:
+  try:
+    import torch, transformers  # pylint: disable=g-import-not-at-top,unused-import,multiple-imports
+  except ImportError:
+    return False
+  return True
+
+
+def llama3_checkpoint(directory: str, tied: bool) -> np.ndarray:
+  """A random checkpoint of hf_reference.LLAMA3's shape in `directory`, and
+  its logits of hf_reference.IDS: built, saved and run by transformers
+  when installed, else written here and run by the NumPy forward."""
+  if has_transformers():
+    return hf_reference.build(directory, tied)
+  hf = {**hf_reference.LLAMA3, 'model_type': 'llama',
+        'architectures': ['LlamaForCausalLM'], 'hidden_act': 'silu',
+        'tie_word_embeddings': tied}
+  d, f, v = hf['hidden_size'], hf['intermediate_size'], hf['vocab_size']
+  kv = hf['num_key_value_heads'] * d // hf['num_attention_heads']
+  shapes = {'q_proj': (d, d), 'k_proj': (kv, d), 'v_proj': (kv, d),
+            'o_proj': (d, d)}
+  mlp = {'gate_proj': (f, d), 'up_proj': (f, d), 'down_proj': (d, f)}
+  rng = np.random.default_rng(0)
+  draw = lambda shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)
+  tensors = {'model.embed_tokens.weight': draw((v, d)),
+             'model.norm.weight': 1 + draw((d,))}
+  if not tied:
+    tensors['lm_head.weight'] = draw((v, d))
+  for i in range(hf['num_hidden_layers']):
+    layer = f'model.layers.{i}.'
+    tensors.update({f'{layer}self_attn.{n}.weight': draw(s)
+                    for n, s in shapes.items()})
+    tensors.update({f'{layer}mlp.{n}.weight': draw(s) for n, s in mlp.items()})
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      tensors[f'{layer}{norm}.weight'] = 1 + draw((d,))
+  os.makedirs(directory)
+  with open(os.path.join(directory, 'config.json'), 'w') as file:
+    json.dump(hf, file)
+  safetensors.numpy.save_file(tensors, os.path.join(directory,
+                                                    'model.safetensors'))
+  return reference_logits(directory)
+
+
+def reference_logits(directory: str) -> np.ndarray:
+  """transformers' logits of hf_reference.IDS from a checkpoint directory,
+  or the NumPy forward's without transformers."""
+  if has_transformers():
+    return hf_reference.logits(directory)
+  hf, tensors = read_export(directory)
+  return hf_llama_logits(hf, {k: v.astype(np.float64)
+                              for k, v in tensors.items()}, hf_reference.IDS)
+
+
+def llama3_config(source: str, tied: bool):
+  """A run of the checkpoint's sizes and settings, starting from it."""
+  hf = hf_reference.LLAMA3
+  c = config_lib.base_config()
+  c.model.update(dim=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
+                 num_heads=hf['num_attention_heads'],
+                 num_kv_heads=hf['num_key_value_heads'],
+                 ffn_dim=hf['intermediate_size'], vocab_size=hf['vocab_size'],
+                 rope_theta=hf['rope_theta'], norm_eps=hf['rms_norm_eps'],
+                 tie_embeddings=tied)
+  c.train.update(steps=4, batch_size=2, seq_len=16, lr=1e-3)
+  c.poet.update(block_size=8.0, merge_every=2, lr=1e-2)
+  c.init_from = source
+  return c
+
+
+def start_from(c, method: str):
+  """(setup, train state) of a fresh run of `method` from c.init_from."""
+  c.optimizer.name = method
+  config_checks.validate(c)  # the checkpoint's config and tensor headers
+  setup, state = train_state.init_state(c, c.model.vocab_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = hf_import.init_state_from(c.init_from, setup, state,
+                                    jax.tree.map(lambda _: device, state))
+  return setup, state
+
+
+def logits_of(setup, state) -> np.ndarray:
+  """The run's logits of hf_reference.IDS."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  return np.asarray(nnx.jit(lambda m, x: m(x))(
+      model, jnp.asarray(hf_reference.IDS, jnp.int32)))
+
+
+def assert_same_logits(ours, theirs):
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4,
+                             atol=1e-4 * np.abs(theirs).max())
+
+
+def finetune(setup, state, steps: int):
+  """The run after `steps` trainer steps on one batch; (state, losses)."""
+  step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
+  batch = jnp.asarray(np.random.default_rng(2).integers(0, 257, (2, 17)),
+                      jnp.int32)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['train_loss']))
+  return state, losses
+
+
+@pytest.mark.parametrize('tied', [False, True], ids=['untied', 'tied'])
+def test_a_llama3_shaped_checkpoint_round_trips(tied, tmp_path):
+  """Grouped-query attention, rope_theta 500000, rms_norm_eps 1e-5, tied
+  or untied head: a dense and a POET run start from the checkpoint with
+  its logits; the POET run finetunes it (W0 = its weights; the untied
+  case, 4 steps with merges after 2 and 4), every projection keeping its
+  singular values; the export loads back with the model's logits."""
+  source = str(tmp_path / 'hf')
+  theirs = llama3_checkpoint(source, tied)
+  c = llama3_config(source, tied)
+  imported = hf_import.load_weights(source, train_state.model_config(
+      c, c.model.vocab_size))
+  for method in ('adamw', 'poet'):
+    setup, state = start_from(c, method)
+    assert_same_logits(logits_of(setup, state), theirs)
+  if not tied:
+    state, losses = finetune(setup, state, 4)
+    assert losses[-1] < losses[0], losses
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  weights = jax.device_get(nnx.jit(restore.dense_weights)(model))
+  for name in export.KERNELS if not tied else ():
+    assert not np.allclose(weights[name], imported[name], atol=1e-5), name
+    assert_spectrum_kept(weights[name], imported[name], 8, merges=2)
+  out = str(tmp_path / 'out')
+  export.write_checkpoint(out, model.cfg, weights, 256, 64)
+  hf, tensors = read_export(out)
+  assert (hf['num_key_value_heads'], hf['rope_theta'], hf['rms_norm_eps'],
+          hf['tie_word_embeddings']) == (2, 500000.0, 1e-5, tied)
+  assert ('lm_head.weight' in tensors) is not tied
+  assert_same_logits(reference_logits(out), logits_of(setup, state))

@@ -158,7 +158,7 @@ def replay(orthogonal_map: str):
     optimizer.update(model, grads)
     opt_state = nnx.as_pure(optimizer.opt_state)
     return (loss, opt_state.inner_state[0],
-            poet_jax.merge_due(opt_state, merge_every))
+            poet_jax.merge_due(opt_state))
 
   @nnx.jit
   def merge(model, placements):

@@ -61,6 +61,25 @@ def test_cached_decoding_equals_full_forward_token_by_token(dense_model):
                              dense_model(TOKENS), atol=2e-5, rtol=0)
 
 
+def test_cached_decoding_with_grouped_query_attention_and_a_tied_head():
+  """The cache holds the key/value heads only (2 for 4 query heads)."""
+  cfg = model_lib.LlamaConfig(vocab_size=257, dim=32, num_layers=2,
+                              num_heads=4, num_kv_heads=2, ffn_dim=64,
+                              tie_embeddings=True, rope_theta=500000.0)
+  model = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  cache = model_lib.init_cache(cfg, *TOKENS.shape)
+  assert cache['k'].shape[-2] == 2
+  decode = nnx.jit(lambda m, t, c, s: m.decode(t, c, s))
+  logits, cache = decode(model, TOKENS[:, :5], cache, 0)
+  steps = [logits]
+  for t in range(5, TOKENS.shape[1]):
+    logits, cache = decode(model, TOKENS[:, t:t + 1], cache, t)
+    steps.append(logits)
+  full = model(TOKENS)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
+                             atol=2e-5 * float(jnp.abs(full).max()), rtol=0)
+
+
 def test_folded_model_equals_poet_model(poet_model, dense_model):
   assert not list(merge.poet_layers(dense_model))
   np.testing.assert_allclose(dense_model(TOKENS), poet_model(TOKENS),

@@ -1,6 +1,6 @@
 """poet_kernels: POET through optax alone, on models that are not POET models."""
 import functools
-import warnings
+import logging
 
 import flax.linen as linen
 import jax
@@ -156,15 +156,23 @@ def test_multisteps_and_a_checkpoint_round_trip(linen_params, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_selection_is_never_silent(linen_params):
-  with pytest.raises(ValueError, match='block_size=5 does not divide'):
+def test_selection_is_never_silent(linen_params, caplog):
+  with pytest.raises(ValueError, match="block_size=5 does not divide.*"
+                     "exclude=.*on_indivisible='skip'"):
     kernels.select_kernels(linen_params, 5, exclude=())
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    selected = kernels.select_kernels(
-        {'a': jnp.ones((16, 8)), 'b': jnp.ones((16, 6))}, 8,
-        on_indivisible='skip')
-  assert selected == {'a': True, 'b': False}
-  assert 'b' in str(caught[0].message)
-  with pytest.raises(ValueError, match='no 2-D kernel selected'):
+  with caplog.at_level(logging.INFO):
+    layouts, dense = kernels.select_kernels(
+        {'a': jnp.ones((16, 8)), 'b': jnp.ones((16, 6)),
+         'c': {'kernel': jnp.ones((8, 2, 4))}, 'norm': {'scale': jnp.ones(
+             (2, 8))}}, 8, on_indivisible='skip')
+  assert layouts['a'].roles == 'io' and layouts['b'] is None
+  assert layouts['c']['kernel'] is None    # 3-D, its axes not declared
+  assert layouts['norm']['scale'] is None  # not a kernel: not reported
+  assert dense['b'] == 'block_size=8 does not divide 16 x 6'
+  assert 'no declared axes' in dense['c']
+  assert sorted(dense) == ['b', 'c']
+  assert 'b: block_size=8 does not divide' in caplog.text
+  with pytest.raises(ValueError, match='no kernel selected'):
     kernels.select_kernels({'head': {'kernel': jnp.ones((8, 8))}}, 8)
+  with pytest.raises(ValueError, match="write 'fc1'"):
+    kernels.select_kernels(linen_params, 8, target=('fc1/kernel',))

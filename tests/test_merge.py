@@ -52,7 +52,7 @@ def trained(steps, merge_every=None, lr=1e-2):
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     params, frozen = poet_jax.merge_if_due(
         graphdef, nnx.as_pure(params), nnx.as_pure(frozen),
-        nnx.as_pure(optimizer.opt_state), merge_every, jax.random.key(0))
+        nnx.as_pure(optimizer.opt_state), jax.random.key(0))
     nnx.update(model, params, frozen)
     return loss, before, poet_jax.next_token_loss(model, TOKENS)
 
@@ -130,24 +130,33 @@ def test_merge_is_deterministic_in_its_key(trained_model):
 
 
 def test_pure_merge_if_due_only_after_a_merging_update():
+  """merge_if_due reads merge_every from the transformation's state."""
   model, optimizer, _ = trained(2)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   opt_state = nnx.as_pure(optimizer.opt_state)
   assert int(poet_jax.update_count(opt_state)) == 2
-  merge = jax.jit(poet_jax.merge_if_due, static_argnums=(0, 4))
-  p, r = merge(graphdef, params, rest, opt_state, 3, jax.random.key(0))
-  jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
-  p, r = merge(graphdef, params, rest, opt_state, 2, jax.random.key(0),
+  every = lambda n: opt_state._replace(merge_every=jnp.asarray(n, jnp.int32))
+  merge = jax.jit(poet_jax.merge_if_due, static_argnums=0)
+  for state in (opt_state, every(3)):  # no merges; not a multiple of 3
+    p, r = merge(graphdef, params, rest, state, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
+  p, r = merge(graphdef, params, rest, every(2), jax.random.key(0),
                False)  # a dropped update: its rolled-back state said due
   jax.tree.map(np.testing.assert_array_equal, (p, r), (params, rest))
-  p, r = merge(graphdef, params, rest, opt_state, 2, jax.random.key(0))
+  p, r = merge(graphdef, params, rest, every(2), jax.random.key(0))
   assert not np.array_equal(jax.tree.leaves(r)[0], jax.tree.leaves(rest)[0])
   # merge number count // merge_every = 1 draws from fold_in(key, 1)
   expected = nnx.clone(model)
   poet_jax.merge_model(expected, poet_jax.merge_key(jax.random.key(0), 1))
   jax.tree.map(np.testing.assert_array_equal, r,
                nnx.as_pure(nnx.split(expected, nnx.Param, ...)[2]))
+  # The former signature (merge_every before the key) is warned about, and
+  # its merge_every ignored: 5 would not merge, the state's 2 does.
+  with pytest.warns(FutureWarning, match='merge_every argument is ignored'):
+    old = poet_jax.merge_if_due(graphdef, params, rest, every(2), 5,
+                                jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, old, (p, r))
 
 
 def test_tiny_llama_memorizes_a_batch_across_merges():

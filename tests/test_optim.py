@@ -249,7 +249,7 @@ def test_per_layer_equals_the_transformation_on_each_layer():
   stacked = {'k': jnp.arange(3 * 6 * 5, dtype=jnp.float32).reshape(3, 6, 5)
                   / 50.0, 'b': jnp.ones((5,))}
   grads = grads_like(stacked, 0)
-  wrapped = optim.per_layer(tx())
+  wrapped = optim.per_layer(tx(), stacked=lambda path, x: jnp.ndim(x) == 3)
   out, _ = wrapped.update(grads, wrapped.init(stacked), stacked)
   assert out['k'].shape == (3, 6, 5)
   for i in range(3):

@@ -30,7 +30,8 @@ class UserMLP(nnx.Module):
 def test_indivisible_layer_raises_by_default_and_changes_nothing():
   model = UserMLP(nnx.Rngs(0))
   before = jax.tree.map(np.array, nnx.state(model))
-  with pytest.raises(ValueError, match='odd.*block_size=8 does not divide'):
+  with pytest.raises(ValueError, match="odd.*block_size=8 does not divide.*"
+                     r"exclude=\[.*'odd'\] or on_indivisible='skip'"):
     poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
   assert isinstance(model.fc1, nnx.Linear)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
@@ -43,8 +44,10 @@ def test_poetize_keeps_the_function_and_reports_what_it_skipped(caplog):
   with caplog.at_level(logging.WARNING):
     skipped = poet_jax.poetize(model, block_size=8, on_indivisible='skip',
                                rngs=nnx.Rngs(1))
-  assert skipped == ['odd']
-  assert 'odd' in caplog.text
+  # Every projection left dense, with the reason, returned and logged.
+  assert skipped == {'head': "excluded by '*head*'",
+                     'odd': 'block_size=8 does not divide 24 x 12'}
+  assert 'odd: block_size=8 does not divide' in caplog.text
   assert isinstance(model.fc1, poet_jax.BiasedPOETLinear)
   assert isinstance(model.odd, nnx.Linear)   # left dense, and said so
   assert isinstance(model.head, nnx.Linear)  # excluded by default
@@ -96,7 +99,8 @@ def llama():
   """The dense Llama, and a copy of it poetized with w0='keep'."""
   dense = poet_jax.Llama(CFG, rngs=nnx.Rngs(0))
   poet = nnx.clone(dense)
-  assert poet_jax.poetize(poet, block_size=8, rngs=nnx.Rngs(1)) == []
+  assert poet_jax.poetize(poet, block_size=8, rngs=nnx.Rngs(1)) == {
+      'lm_head': "excluded by '*lm_head*'"}
   return dense, poet
 
 
@@ -176,3 +180,99 @@ def test_adamw_and_poet_runs_build_one_llama():
   for get in (lambda m: m.embed.embedding, lambda m: m.lm_head.kernel,
               lambda m: m.blocks.attention_norm.scale):
     np.testing.assert_array_equal(get(dense)[...], get(poet)[...])
+
+
+# ------------------------------------------------- multi-axis projections
+
+
+class Projections(nnx.Module):
+  """Every way the einsum of a multi-axis projection can be written."""
+
+  def __init__(self, rngs):
+    e = lambda eq, shape, bias=None: nnx.Einsum(eq, shape, bias, rngs=rngs)
+    self.split = e('btd,dnh->btnh', (16, 2, 8), (2, 8))      # 'ioo'
+    self.merge = e('btnh,nhd->btd', (2, 8, 16))              # 'iio'
+    self.order = e('btd,ndh->bnth', (2, 16, 8))              # out, in, out
+    self.dots = e('...d,dnh->...nh', (16, 2, 8))             # ellipsis
+    self.stack = e('btnd,ndh->btnh', (2, 16, 8))             # 's' axis n
+    self.summed = e('btd,dh->bh', (16, 8))                   # sums t
+    self.late = e('btd,dnh->btnh', (16, 2, 8))               # in the call
+    self.qkv = e('btd,sdnh->sbtnh', (3, 16, 2, 8))           # one matrix
+    self.general = nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=rngs)
+    self.batched = nnx.LinearGeneral(16, 8, batch_axis={0: 2}, rngs=rngs)
+
+  def __call__(self, x):
+    """x (2, 3, 16): one output per layer."""
+    h = self.split(x)
+    return {'split': h, 'merge': self.merge(h), 'order': self.order(x),
+            'dots': self.dots(x[0]), 'summed': self.summed(x),
+            'stack': self.stack(jnp.stack([x, 2 * x], axis=2)),
+            'late': self.late(x, 'btd,dnh->bnth'), 'qkv': self.qkv(x),
+            'general': self.general(h), 'batched': self.batched(x)}
+
+
+def test_multi_axis_projections_compute_what_they_replaced():
+  """W0 = the kernel, R = P = I: every form computes the module's output,
+  roles read from the module, or given (kernel_axes: q, k, v of a fused
+  projection as a stack of three matrices)."""
+  model = Projections(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  before = model(x)
+  left = poet_jax.poetize(model, block_size=8, kernel_axes={'qkv': 'sioo'},
+                          rngs=nnx.Rngs(1))
+  assert left == {}
+  roles = {n: getattr(model, n).layout.roles for n in before}
+  assert roles == {'split': 'ioo', 'merge': 'iio', 'order': 'oio',
+                   'dots': 'ioo', 'stack': 'sio', 'summed': 'io',
+                   'late': 'ioo', 'qkv': 'sioo', 'general': 'iio',
+                   'batched': 'sio'}
+  # A stack axis is a stack of POET matrices; inputs x outputs otherwise.
+  assert model.stack.linear.w0[...].shape == (2, 16, 8)
+  assert model.order.linear.w0[...].shape == (16, 16)
+  assert model.qkv.linear.w0[...].shape == (3, 16, 16)
+  after = model(x)
+  for name in before:
+    np.testing.assert_allclose(after[name], before[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  # Trained blocks change the function; the kernel() is still the forward's.
+  layer = model.split.linear
+  layer.out_blocks[...] = poet_jax.orthogonal_blocks(
+      0.1 * jax.random.normal(jax.random.key(2), (2, 28)), 8)
+  np.testing.assert_allclose(
+      model.split(x), jnp.einsum('btd,dnh->btnh', x, model.split.kernel())
+      + model.split.bias[...], rtol=1e-5, atol=1e-6)
+
+
+def test_an_einsum_that_is_no_projection_stays_dense_and_says_why(caplog):
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(16, 16, rngs=rngs)
+      self.trace = nnx.Einsum('btd,dk->bt', (16, 8), rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  with caplog.at_level(logging.WARNING):
+    left = poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
+  assert "kernel axis 'k' is summed away" in left['trace']
+  assert isinstance(model.trace, nnx.Einsum)
+  assert 'trace: einsum' in caplog.text
+
+
+def test_a_stack_of_multi_axis_layers_under_vmap():
+  """nnx.vmap's leading axis on a LinearGeneral: one stacked POET layer,
+  each layer its own W0 and permutations."""
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.LinearGeneral(16, (2, 8), use_bias=False,
+                             rngs=nnx.Rngs(params=key))
+
+  model = nnx.Dict(q=make(jax.random.split(jax.random.key(0), 3)))
+  kernels = model['q'].kernel[...]
+  poet_jax.poetize(model, block_size=8, rngs=nnx.Rngs(1))
+  stack = model['q']
+  assert stack.linear.w0[...].shape == (3, 16, 16)
+  np.testing.assert_array_equal(stack.kernel(), kernels)
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  one = poet_jax.layer_at(stack, 1)
+  np.testing.assert_allclose(one(x), jnp.einsum('bd,dnh->bnh', x,
+                                                kernels[1]),
+                             rtol=1e-5, atol=1e-6)

@@ -105,7 +105,7 @@ def test_installed_package_imports_from_another_directory(tmp_path):
   assert os.path.isfile(os.path.join(config_dir, 'llama_60m.py'))
 
 
-@pytest.mark.parametrize('index, says', [(1, 'poetized MLP'),
+@pytest.mark.parametrize('index, says', [(1, 'poetized attention'),
                                          (2, 'linen MLP through optax')])
 def test_each_route_example_runs_as_written(index, says, capsys):
   """The README's other ```python blocks: poetize, and optax only."""
