@@ -9,7 +9,6 @@ on the run's mesh: the printed line equals the trainer's evaluation line of
 that step. --data and --split evaluate on any corpus the trainer supports
 (data.name), tokenized with the run's tokenizer.
 """
-import math
 import sys
 
 import jax
@@ -18,6 +17,7 @@ from absl import flags
 from poet_jax import tool_cli as cli
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
+from poet_jax import metrics as metrics_lib
 from poet_jax import restore
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
@@ -35,7 +35,7 @@ def evaluate(run: restore.Run, steps: steps_lib.CompiledSteps, data_name: str,
   stream = data_lib.open_token_stream(
       data_name, split, c.data.data_dir or config_lib.default_data_dir(),
       run.tokenizer, c.train.seq_len, c.data.max_tokens or None,
-      progress=progress)
+      progress=progress, decode_errors=c.data.decode_errors)
   batches = stream.eval_batches(c.train.batch_size,
                                 max(1, eval_tokens // c.train.seq_len),
                                 jax.process_index(), jax.process_count())
@@ -74,8 +74,9 @@ def _body(fv: flags.FlagValues) -> int:
   steps = steps_lib.compile_steps(run.setup, abstract, mesh)
   loss = evaluate(run, steps, fv.data or c.data.name, fv.split,
                   fv.eval_tokens or c.eval_tokens)
+  ppl = metrics_lib.perplexity(loss)
   print(f'step {run.step}: eval loss {loss:.4f}, perplexity '
-        f'{math.exp(min(loss, 700)):.2f}')
+        f'{metrics_lib.perplexity_text(ppl)}')
   return 0
 
 

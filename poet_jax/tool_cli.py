@@ -13,6 +13,7 @@ from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import flag_errors
 from poet_jax import tokenizer as tokenizer_lib
+from poet_jax import workdir as workdir_lib
 
 EXIT_BAD_INPUT = 2
 
@@ -57,5 +58,5 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
 
 
 USER_ERRORS = (UsageError, config_lib.ConfigError, data_lib.DataError,
-               tokenizer_lib.TokenizerError, FileNotFoundError,
-               NotADirectoryError, PermissionError)
+               tokenizer_lib.TokenizerError, workdir_lib.WorkdirError,
+               FileNotFoundError, NotADirectoryError, PermissionError)
