@@ -195,15 +195,22 @@ _SLOW_BUILD = textwrap.dedent('''
     from poet_jax import data, tokenizer
 
     class SlowBytes(tokenizer.ByteTokenizer):
-      """Half a second a shard: the build is still going when it is killed."""
+      """A minute a shard, after leaving a mark: long work in flight when the
+      build is killed, as a large corpus has."""
+
+      def __init__(self, marks):
+        super().__init__()
+        self.marks = marks
 
       def encode_batch(self, texts):
-        time.sleep(0.5)
+        open(os.path.join(self.marks, str(os.getpid())), 'w').close()
+        time.sleep(60)
         return super().encode_batch(texts)
 
     if __name__ == '__main__':
-      data.open_token_stream(sys.argv[1], 'train', sys.argv[2], SlowBytes(),
-                             8, workers=2, shard_docs=1, progress=False)
+      data.open_token_stream(sys.argv[1], 'train', sys.argv[2],
+                             SlowBytes(sys.argv[3]), 8, workers=2,
+                             shard_docs=1, progress=False)
 ''')
 
 
@@ -226,17 +233,18 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc')
 def test_a_killed_tokenizer_leaves_no_process_behind(tmp_path):
   """kill -9 while worker processes tokenize: the workers and
-  multiprocessing's resource tracker end within seconds, not minutes."""
+  multiprocessing's resource tracker end within seconds, not once their
+  work (here a minute) is done."""
   texts = _texts(tmp_path / 'texts', count=40, size=200)
-  script = tmp_path / 'build.py'
+  script, marks = tmp_path / 'build.py', tmp_path / 'marks'
   script.write_text(_SLOW_BUILD)
+  marks.mkdir()
   data.open_documents(texts, 'train', str(tmp_path / 'tfds'))  # prepared
   proc = subprocess.Popen([sys.executable, str(script), texts,
-                           str(tmp_path / 'tfds')], env=train_env(),
-                          cwd=ROOT)
-  shards = tmp_path / 'tfds' / 'poet_jax_streams'
+                           str(tmp_path / 'tfds'), str(marks)],
+                          env=train_env({'PYTHONPATH': ROOT}), cwd=ROOT)
   deadline = time.monotonic() + 120
-  while not list(shards.glob('*/shard-*.npy')):  # the workers are at work
+  while len(os.listdir(marks)) < 2:  # both workers are at work
     assert proc.poll() is None and time.monotonic() < deadline
     time.sleep(0.05)
   children = _children(proc.pid)
@@ -250,4 +258,3 @@ def test_a_killed_tokenizer_leaves_no_process_behind(tmp_path):
   for pid in left:  # not to leave them to the next test
     os.kill(pid, signal.SIGKILL)
   assert not left
-  assert not list(shards.glob('*/stream-*.json'))  # it was cut short

@@ -190,6 +190,15 @@ def write_config(directory, **changes):
   return str(directory)
 
 
+def truncated_weights(directory):
+  """A checkpoint directory whose model.safetensors lost its last bytes."""
+  write_config(directory)
+  path = os.path.join(directory, export.WEIGHTS_FILE)
+  safetensors.numpy.save_file({'x': np.zeros(64, np.float32)}, path)
+  os.truncate(path, os.path.getsize(path) - 16)
+  return str(directory)
+
+
 TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
               '--config.model.num_heads=2', '--config.model.ffn_dim=64',
               '--config.poet.block_size=8')
@@ -201,6 +210,7 @@ TINY_FLAGS = ('--config.model.dim=32', '--config.model.num_layers=2',
     ('sizes', 'hidden_size=64 but model.dim=32'),
     ('gqa', 'unsupported Llama variant: grouped-query attention'),
     ('no_weights', 'no model.safetensors'),
+    ('truncated', 'the safetensors files cannot be read'),
 ])
 def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
                                                           tmp_path, capsys):
@@ -209,7 +219,8 @@ def test_bad_init_from_is_one_line_and_nothing_is_written(case, expected,
             'sizes': lambda: write_config(tmp_path / 'hf', hidden_size=64),
             'gqa': lambda: write_config(tmp_path / 'hf',
                                         num_key_value_heads=1),
-            'no_weights': lambda: write_config(tmp_path / 'hf')}[case]()
+            'no_weights': lambda: write_config(tmp_path / 'hf'),
+            'truncated': lambda: truncated_weights(tmp_path / 'hf')}[case]()
   workdir = tmp_path / 'run'
   code = train.main(['train.py', f'--workdir={workdir}', *TINY_FLAGS,
                      f'--config.init_from={source}'])

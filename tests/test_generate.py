@@ -139,6 +139,11 @@ def test_command_line_prints_the_greedy_continuation(run, dense_model,
     (('--workdir={run}', '--prompt=x', '--top_p=0'),
      '--top_p=0.0 must be in (0, 1]'),
     (('--workdir={run}', '--prompt=x', '--max_new_tokens=0'), 'at least 1'),
+    # More than positions can count, or a cache larger than the device.
+    (('--workdir={run}', '--prompt=x', '--max_new_tokens=3000000000'),
+     'past the 2147483647 positions'),
+    (('--workdir={run}', '--prompt=x', '--max_new_tokens=2000000000'),
+     "the key/value cache of 2,000,000,002 positions needs"),
     (('--prompt=x',), 'workdir'),
     # Nothing to continue: from the separator alone the first token is
     # sampled almost at random (see generate's doc).

@@ -70,6 +70,20 @@ def test_nan_policy_stop_then_skip(reference, tmp_path):
   assert numeric([entries[4]], KEYS) == numeric([ref[4]], KEYS)
 
 
+def test_nan_policy_stop_before_any_checkpoint_says_how_to_go_on(tmp_path):
+  """Step 1 is non-finite: there is no good checkpoint to name; the line
+  says how to go on instead."""
+  workdir = str(tmp_path)
+  stopped = run_train(workdir, *SHORT, '--config.nan_policy=stop',
+                      env={'POET_JAX_FAULT': 'nan@1'})
+  assert stopped.returncode == train_lib.EXIT_NONFINITE, stopped.stderr
+  line = assert_one_error_line(stopped.stderr, 'at step 1',
+                               'no checkpoint had been saved before it',
+                               '--config.nan_policy=skip')
+  assert 'None' not in line
+  assert complete_steps(workdir) == []
+
+
 def test_jitted_step_drops_a_non_finite_update_and_counts_it():
   """In the compiled step itself (AdamW on a smaller model: it compiles in
   seconds; the check does not depend on the method, and the POET run above

@@ -121,6 +121,21 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit_3(interrupted):
   assert 'resumed from' in stages['sigint_after_step_5'][0].stdout
 
 
+def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path):
+  """SIGINT during step 4, whose evaluation follows: the evaluation stops
+  at its next batch instead of running to its end (it is not logged), and
+  the run saves step 4 and exits 3 as for any signal."""
+  workdir = str(tmp_path)
+  result = run_train(workdir, *SHORT, env={'POET_JAX_FAULT': 'int@4'})
+  assert result.returncode == train_lib.EXIT_INTERRUPTED, result.stderr
+  assert 'SIGINT: the evaluation of step 4 was stopped' in result.stdout
+  assert 'step 4: eval loss' not in result.stdout
+  assert 'SIGINT: checkpoint at step 4 written' in result.stdout
+  metrics = read_metrics(workdir)
+  assert steps_of(metrics)[-1] == 4 and 'eval_loss' not in metrics[-1]
+  assert complete_steps(workdir)[-1] == 4
+
+
 def test_sigkill_restarts_from_the_last_complete_checkpoint(interrupted):
   stages = interrupted[1]
   for name in ('sigkill_in_step_1', 'sigkill_in_save_of_4',
