@@ -204,22 +204,16 @@ def memory_warning(c, compiled, data_parallel: int = 1) -> str | None:
 
 
 def _check_write_paths(c, workdir: str) -> None:
-  """The run writes its work directory and data.data_dir: neither may lie
-  inside another run's work directory, nor the data inside this one."""
-  parent = workdir_lib.enclosing_run(
-      os.path.dirname(os.path.realpath(workdir)))
-  if parent:
+  """The run writes its work directory and data.data_dir: neither may hit
+  another run's files (workdir.run_owning)."""
+  other = workdir_lib.run_owning(workdir, itself=False)
+  if other:
     raise workdir_lib.WorkdirError(
-        f'--workdir={workdir} is inside the work directory of the run '
-        f'{parent}; give a path outside it')
+        f'--workdir={workdir} is inside the files of the run {other}; give '
+        'a path outside them')
   data_dir = os.path.expanduser(c.data.data_dir or
                                 config_lib.default_data_dir())
-  workdir_lib.check_outside_runs(data_dir, 'data.data_dir')
-  own, data = os.path.realpath(workdir), os.path.realpath(data_dir)
-  if data == own or data.startswith(own + os.sep):
-    raise workdir_lib.WorkdirError(
-        f'data.data_dir={c.data.data_dir} is inside --workdir={workdir}; '
-        'keep prepared data outside work directories')
+  workdir_lib.check_outside_runs(data_dir, 'data.data_dir', runs=[workdir])
 
 
 def open_run(c, workdir: str, progress: bool, say: Callable,

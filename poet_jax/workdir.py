@@ -148,29 +148,43 @@ def is_run_directory(path: str) -> bool:
       os.path.isdir(os.path.join(path, 'checkpoints')))
 
 
-def enclosing_run(path: str) -> str | None:
-  """The work directory of the run that path is or lies inside (links
-  resolved), or None."""
+# What the trainer writes in a work directory.
+RUN_ENTRIES = ('config.json', 'metrics.jsonl', 'loss.png', 'memory.json',
+               'checkpoints', 'tensorboard')
+
+
+def run_owning(path: str, itself: bool = True, runs=()) -> str | None:
+  """The run whose files writing `path` (links resolved) would overwrite or
+  mix with: path is its work directory (unless not `itself`), one of its
+  RUN_ENTRIES or inside one. A new name beside a run's files, or a run's
+  directory inside another one's, is no run's. `runs`: directories to take
+  as runs (one about to start). None if none."""
   path = os.path.realpath(path)
+  runs = {os.path.realpath(r) for r in runs}
+  child = None
+  if not itself:
+    path, child = os.path.dirname(path), os.path.basename(path)
   while True:
-    if is_run_directory(path):
+    if ((path in runs or is_run_directory(path)) and
+        (child is None or child in RUN_ENTRIES)):
       return path
     parent = os.path.dirname(path)
     if parent == path:
       return None
-    path = parent
+    path, child = parent, os.path.basename(path)
 
 
-def check_outside_runs(path: str, what: str) -> None:
+def check_outside_runs(path: str, what: str, runs=()) -> None:
   """WorkdirError when writing `path` (a file or directory; `what` names
-  the flag) could overwrite or mix with a training run's files."""
-  run = enclosing_run(path)
+  the flag) could overwrite or mix with a training run's files
+  (run_owning; `runs` as there)."""
+  run = run_owning(path, runs=runs)
   if run:
     where = ('the work directory' if run == os.path.realpath(path) else
-             'inside the work directory')
+             "one of the files of")
     raise WorkdirError(
-        f'{what}={path} is {where} of the run {run}, whose files it could '
-        'overwrite; give a path outside it')
+        f'{what}={path} is {where} the run {run}, which it could '
+        'overwrite; give a path outside the run\'s files')
 
 
 # ----------------------------------------------- one live trainer per directory

@@ -27,27 +27,31 @@ def _refused(main, argv, capsys, *expected):
   return assert_one_error_line(capsys.readouterr().err, *expected)
 
 
-def test_no_tool_writes_into_a_run(reference, tmp_path, capsys):
+def test_no_tool_writes_among_a_runs_files(reference, tmp_path, capsys):
   """Every path a tool or the trainer would write (export's and plot's
   --out, a new --workdir, data.data_dir, the compilation cache) is refused
-  at or inside a run's work directory, and nothing there changes."""
+  at a run's work directory or among its files, and nothing there
+  changes; a new name beside them is allowed (a run's directory may hold
+  other runs)."""
   run = str(tmp_path / 'run')
   shutil.copytree(reference, run)
   before = snapshot(run)
-  for out in (run, os.path.join(run, 'checkpoints', 'hf')):
+  checkpoints = os.path.join(run, 'checkpoints')
+  for out in (run, os.path.join(checkpoints, 'hf')):
     _refused(export.main, ['export', f'--workdir={run}', f'--out={out}'],
-             capsys, f'--out={out}', 'work directory of the run', run)
-  for out in (os.path.join(run, 'loss.png'), os.path.join(run, 'new.png')):
+             capsys, f'--out={out}', f'the run {run}')
+  for out in (os.path.join(run, 'loss.png'),
+              os.path.join(checkpoints, 'x.png')):
     _refused(plot.main, [run, f'--out={out}'], capsys, f'--out={out}',
-             'inside the work directory of the run')
-  inside = os.path.join(run, 'x')
+             'one of the files of the run')
+  inside = os.path.join(checkpoints, 'x')
   new = str(tmp_path / 'new')
   for argv, expected in [
-      ([f'--workdir={inside}'], f'--workdir={inside} is inside'),
+      ([f'--workdir={inside}'], f'--workdir={inside} is inside the files'),
       ([f'--workdir={new}', f'--config.data.data_dir={inside}'],
-       'data.data_dir'),
-      ([f'--workdir={new}', f'--config.data.data_dir={new}/data'],
-       f'data.data_dir={new}/data is inside --workdir={new}'),
+       f'data.data_dir={inside}'),
+      ([f'--workdir={new}', f'--config.data.data_dir={new}/checkpoints'],
+       f'data.data_dir={new}/checkpoints'),
       ([f'--workdir={new}', f'--compilation_cache={inside}'],
        '--compilation_cache'),
   ]:
@@ -55,6 +59,9 @@ def test_no_tool_writes_into_a_run(reference, tmp_path, capsys):
              *expected)
   assert snapshot(run) == before
   assert not os.path.exists(new)
+  beside = os.path.join(run, 'compare.png')
+  capsys.readouterr()
+  assert plot.main([run, f'--out={beside}']) == 0 and os.path.isfile(beside)
 
 
 def test_a_config_json_that_is_not_the_runs_is_refused(reference, tmp_path,
