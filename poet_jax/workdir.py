@@ -180,7 +180,7 @@ def check_outside_runs(path: str, what: str, runs=()) -> None:
   (run_owning; `runs` as there)."""
   run = run_owning(path, runs=runs)
   if run:
-    where = ('the work directory' if run == os.path.realpath(path) else
+    where = ('the work directory of' if run == os.path.realpath(path) else
              "one of the files of")
     raise WorkdirError(
         f'{what}={path} is {where} the run {run}, which it could '
