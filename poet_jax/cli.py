@@ -269,6 +269,7 @@ def parse_command_line(argv, devices=None):
     workdir = os.path.join('runs', f'{stem}_{c.optimizer.name}')
   if not workdir.strip():
     return '--workdir is empty; give a directory for checkpoints and metrics'
+  workdir = os.path.expanduser(workdir)  # a shell leaves --workdir=~/x as is
   # Last: the only check that needs the devices, so a line found without
   # them is the same with them.
   if devices is not None:

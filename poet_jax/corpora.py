@@ -268,12 +268,17 @@ def _text_dir_config(directory: str,
   directory = os.path.abspath(directory)
   shown = printable(directory)
   files = text_files(directory)
-  nonempty = sum(1 for _, path in files if os.path.getsize(path))
+  try:
+    nonempty = sum(1 for _, path in files if os.path.getsize(path))
+    scan, fresh = _scan(files)
+  except OSError as e:  # a broken link, a file without read permission
+    raise DataError(
+        f'corpus file {printable(str(e.filename))} cannot be read '
+        f'({e.strerror}); fix or remove it') from None
   if nonempty < 2:
     raise DataError(
         f'directory {shown} has {nonempty} non-empty .txt file(s); it '
         'needs at least 2 (one is held out as the validation split)')
-  scan, fresh = _scan(files)
   if scan.not_text:
     rel, _, first = scan.not_text[0]
     count = sum(n for _, n, _ in scan.not_text)
@@ -282,8 +287,9 @@ def _text_dir_config(directory: str,
     if decode_errors == 'strict':
       raise DataError(
           f'{where} (Latin-1, UTF-16 or binary?); convert them to UTF-8 (iconv '
-          '-f latin1 -t utf-8), remove them, or set --config.data.'
-          'decode_errors=replace to read each such byte sequence as U+FFFD')
+          '-f latin1 -t utf-8), remove them, or read each such byte sequence '
+          'as U+FFFD with --config.data.decode_errors=replace (evaluate: '
+          '--decode_errors=replace)')
     if fresh:  # once per process
       print(f'data: {where}: {count} byte sequence(s) read as U+FFFD '
             '(data.decode_errors=replace)', flush=True)

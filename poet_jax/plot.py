@@ -31,7 +31,7 @@ class PlotError(ValueError):
 def read_run(workdir: str) -> tuple[list[dict], dict]:
   """(metrics.jsonl entries, config.json as a dict or {}) of a work directory.
 
-  Raises PlotError when it has no metrics.jsonl.
+  Raises PlotError when it has no metrics.jsonl, or one without entries.
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
@@ -43,7 +43,11 @@ def read_run(workdir: str) -> tuple[list[dict], dict]:
       config = json.load(f)
   except (OSError, ValueError):
     pass  # the plot then goes without the run's settings
-  return metrics_lib.MetricsLog.read(path), config
+  entries = metrics_lib.MetricsLog.read(path)
+  if not entries:
+    raise PlotError(f'{workdir} has logged no step yet (its metrics.jsonl is '
+                    'empty); plot it after its first log step')
+  return entries, config
 
 
 def describe(workdir: str, config: dict) -> str:
@@ -223,6 +227,9 @@ def main(argv=None) -> int:
                       help='image file to write (default: runs.png; .png is '
                       'added to a name without a suffix; .pdf, .svg work too)')
   args = parser.parse_args(argv)
+  # A shell leaves the ~ of --out=~/x.png as it is.
+  args.runs = [os.path.expanduser(r) for r in args.runs]
+  args.out = os.path.expanduser(args.out)
   try:
     out = output_path(args.out)
     plot_runs(args.runs, out)

@@ -246,11 +246,13 @@ def open_run(c, workdir: str, progress: bool, say: Callable,
             if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
     latest = ckpt.latest_step() if ckpt else None
     trained_on = ckpt.read_meta(latest) if latest is not None else {}
-    # A checkpoint that records its data is checked on the data itself
-    # (_open_data), not on the name it was given.
+    # What a checkpoint records of its data and tokenizer is checked on
+    # their contents (_check_input), not on the paths they were named by:
+    # a moved corpus directory or tokenizer file may resume.
+    moved = (('data.name',) if 'data' in trained_on else ()) + (
+        ('data.tokenizer',) if 'tokenizer' in trained_on else ())
     workdir_lib.check_config_matches(
-        workdir, c, has_checkpoint=latest is not None,
-        also_resumable=('data.name',) if 'data' in trained_on else ())
+        workdir, c, has_checkpoint=latest is not None, also_resumable=moved)
     # What the checkpoint was trained on must be what is at hand: checked
     # for the tokenizer before the data is tokenized with it.
     _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)

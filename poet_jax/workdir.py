@@ -108,8 +108,9 @@ def check_config_matches(workdir: str, c, has_checkpoint: bool,
   config.json that is not a run's (damaged, or another tool's) is refused
   all the same: the run would overwrite it.
 
-  also_resumable: keys that may change too (data.name, when the checkpoint
-  records its data: that record is compared instead).
+  also_resumable: keys that may change too (the data's and tokenizer's
+  paths, when the checkpoint records their identity: that is compared
+  instead).
   """
   old = _saved_config(workdir)
   if not has_checkpoint or old is None:
