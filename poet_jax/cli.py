@@ -11,15 +11,17 @@ not exist where you are, is the config installed with the package.
 Exit codes (docs/reliability.md):
   0  done.
   2  bad input: a flag, config value, path, data or tokenizer file, or a
-     checkpoint that cannot be read; one line on stderr says what and how
-     to fix it. Nothing in the work directory was changed.
+     checkpoint that cannot be read, or a work directory another trainer
+     is using; one line on stderr says what and how to fix it. Nothing in
+     the work directory was changed.
   3  interrupted by SIGTERM/SIGINT; the step in flight was finished and a
      checkpoint written (or, during start-up, nothing was lost). Run the
      same command to resume.
   4  nan_policy='stop' met a non-finite loss or gradient; the message names
      the step and the last good checkpoint.
-  5  a checkpoint or the metrics could not be written (disk full, I/O); the
-     earlier checkpoints are intact. Fix it and run the same command.
+  5  a file could not be written (disk full, I/O): a checkpoint, the
+     metrics, the prepared data; the line names it, and the earlier
+     checkpoints are intact. Fix it and run the same command.
 """
 import dataclasses
 import difflib
@@ -198,6 +200,10 @@ def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
   if isinstance(e, OSError) and 'No such file' in text:
     return (f'config file {config_file} does not exist; use one of '
             'configs/*.py')
+  if config_file.split(':')[0].endswith('.json'):
+    return (f'--config={config_file} is a JSON file; --config takes a Python '
+            "config file such as configs/llama_60m.py (a run's config.json "
+            'is what --workdir=<its directory> resumes with)')
   if isinstance(e, flags.Error):
     # absl quotes Python reprs; drop their memory addresses so the same
     # input always gives the same line.

@@ -29,7 +29,7 @@ from poet_jax import workdir as workdir_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
 EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
-EXIT_IO_ERROR = 5      # a checkpoint or the metrics could not be written
+EXIT_IO_ERROR = 5      # a checkpoint, the metrics or the data could not be written
 
 # Errors that mean bad input (config, paths, data, mesh), reported as one
 # line with exit code 2 by train.py.

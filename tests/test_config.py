@@ -266,6 +266,16 @@ def test_an_unparsable_number_is_one_line_and_creates_nothing(override, kind,
   assert not workdir.exists()
 
 
+def test_a_runs_config_json_given_as_config_says_what_to_do(tmp_path):
+  """A newcomer reruns a run from its config.json: not Python (false, null
+  are names there); the line says what --config takes and how to resume."""
+  path = tmp_path / 'config.json'
+  path.write_text(config_lib.base_config().to_json())
+  message = train.parse_command_line(['train.py', f'--config={path}'])
+  assert isinstance(message, str) and 'is a JSON file' in message, message
+  assert 'configs/llama_60m.py' in message and '--workdir' in message
+
+
 def test_a_config_file_that_raises_is_one_line(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config():\n  return undefined_name\n')
