@@ -24,6 +24,10 @@ PANELS = (('loss', 'loss (nats/token)', 'linear'),
           ('q_norm_max', 'max ‖Q‖_F (POET)', 'linear'))
 
 
+# Past this loss (nats) the right axis would read exp(loss) > 5e21.
+PERPLEXITY_AXIS_MAX_LOSS = 50.0
+
+
 class PlotError(ValueError):
   """A work directory that cannot be plotted; one line for the user."""
 
@@ -149,12 +153,14 @@ def _loss_axes(ax, yrange):
     ax.set_ylim(*yrange)
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats/token)')
+  ax.grid(alpha=0.3)
+  if yrange and yrange[1] > PERPLEXITY_AXIS_MAX_LOSS:
+    return  # a diverged run: its perplexity reads as nothing
   # Perplexity is exp(loss): the same curves, read on the right.
   right = ax.secondary_yaxis('right', functions=(
       lambda x: np.exp(np.clip(x, -50, 50)), lambda p: np.log(
           np.maximum(p, 1e-12))))
   right.set_ylabel('perplexity')
-  ax.grid(alpha=0.3)
 
 
 def plot_run(workdir: str, png_path: str) -> None:

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import warnings
 
 import matplotlib.image
 import pytest
@@ -115,6 +116,16 @@ def test_a_diverged_runs_perplexity_is_short(tmp_path):
   entries[-1]['eval_loss'] = 800.0
   _, legend = _labels(entries)
   assert 'eval loss (final perplexity 1.01e+304)' in legend
+  # A run diverged to losses of 6e14 (train.lr=1000) plots without a
+  # perplexity axis, whose exp would be constant, and so without warnings.
+  diverged = make_run(tmp_path / 'b')
+  with open(os.path.join(diverged, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps({'step': s, 'train_loss': 6.2e14 + s * 1e10,
+                             'eval_loss': 6.3e14, 'eval_ppl': math.exp(700)})
+                 + '\n' for s in (10, 20))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    plot.plot_run(diverged, str(tmp_path / 'b.png'))
 
 
 def test_command_out_is_checked_before_drawing(tmp_path, monkeypatch):
