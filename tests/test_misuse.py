@@ -77,7 +77,7 @@ def test_a_signal_in_start_up_is_not_taken_for_an_error():
 
 def test_evaluate_names_its_own_flag_for_undecodable_files(reference,
                                                            tmp_path, capsys):
-  """The refusal names a flag evaluate has; with it, it evaluates."""
+  """The refusal names a flag evaluate has (not train.py's --config.*)."""
   run = str(tmp_path / 'run')
   shutil.copytree(reference, run)
   with open(os.path.join(run, 'config.json')) as f:
@@ -93,7 +93,13 @@ def test_evaluate_names_its_own_flag_for_undecodable_files(reference,
   argv = ['evaluate', f'--workdir={run}', f'--data={texts}']
   capsys.readouterr()
   assert evaluate.main(argv) == 2
-  assert_one_error_line(capsys.readouterr().err, 'not UTF-8 text',
-                        '--decode_errors=replace')
-  assert evaluate.main([*argv, '--decode_errors=replace']) == 0
-  assert 'eval loss' in capsys.readouterr().out
+  line = assert_one_error_line(capsys.readouterr().err, 'not UTF-8 text',
+                               'evaluate: --decode_errors=replace')
+  flag = line.split('evaluate: ')[1].rstrip(')')
+  # The flag it names is evaluate's own: accepted, the run then stops at
+  # its mesh, before any work (4 rows do not split over 8 devices).
+  config['mesh']['data'] = 8
+  with open(os.path.join(run, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  assert evaluate.main([*argv, flag]) == 2
+  assert 'not divisible by mesh data' in capsys.readouterr().err
