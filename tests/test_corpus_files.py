@@ -15,7 +15,6 @@ import pytest
 from poet_jax import cli as train
 from poet_jax import corpora
 from poet_jax import data
-from poet_jax import tokenizer as tokenizer_lib
 from train_util import (ROOT, assert_one_error_line, run_train, snapshot,
                         train_env)
 

@@ -1,7 +1,6 @@
 """Chunked cross-entropy: the plain loss and gradients, without the logits."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from poet_jax import loss as loss_lib
