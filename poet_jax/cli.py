@@ -11,15 +11,17 @@ not exist where you are, is the config installed with the package.
 Exit codes (docs/reliability.md):
   0  done.
   2  bad input: a flag, config value, path, data or tokenizer file, or a
-     checkpoint that cannot be read; one line on stderr says what and how
-     to fix it. Nothing in the work directory was changed.
+     checkpoint that cannot be read, or a work directory another trainer
+     is using; one line on stderr says what and how to fix it. Nothing in
+     the work directory was changed.
   3  interrupted by SIGTERM/SIGINT; the step in flight was finished and a
      checkpoint written (or, during start-up, nothing was lost). Run the
      same command to resume.
   4  nan_policy='stop' met a non-finite loss or gradient; the message names
      the step and the last good checkpoint.
-  5  a checkpoint or the metrics could not be written (disk full, I/O); the
-     earlier checkpoints are intact. Fix it and run the same command.
+  5  a file could not be written (disk full, I/O): a checkpoint, the
+     metrics, the prepared data; the line names it, and the earlier
+     checkpoints are intact. Fix it and run the same command.
 """
 import dataclasses
 import difflib
@@ -60,6 +62,7 @@ class Command:
   dry_run: bool
   progress: bool
   compilation_cache: str = ''  # '' : no persistent compilation cache
+  allow_data_change: bool = False
 
 
 def define_flags(flag_values: flags.FlagValues, argv):
@@ -82,6 +85,11 @@ def define_flags(flag_values: flags.FlagValues, argv):
       flag_values=flag_values)
   flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.',
                     flag_values=flag_values)
+  flags.DEFINE_bool(
+      'allow_data_change', False, "Resume although the data's identity "
+      "differs from the checkpoint's (a harmless change: a fixed typo, "
+      'files added); the run continues on the new data.',
+      flag_values=flag_values)
   flags.DEFINE_string(
       'compilation_cache', None, "JAX's persistent compilation cache: a "
       'restarted or repeated run loads its compiled steps instead of '
@@ -192,6 +200,10 @@ def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
   if isinstance(e, OSError) and 'No such file' in text:
     return (f'config file {config_file} does not exist; use one of '
             'configs/*.py')
+  if config_file.split(':')[0].endswith('.json'):
+    return (f'--config={config_file} is a JSON file; --config takes a Python '
+            "config file such as configs/llama_60m.py (a run's config.json "
+            'is what --workdir=<its directory> resumes with)')
   if isinstance(e, flags.Error):
     # absl quotes Python reprs; drop their memory addresses so the same
     # input always gives the same line.
@@ -263,6 +275,7 @@ def parse_command_line(argv, devices=None):
     workdir = os.path.join('runs', f'{stem}_{c.optimizer.name}')
   if not workdir.strip():
     return '--workdir is empty; give a directory for checkpoints and metrics'
+  workdir = os.path.expanduser(workdir)  # a shell leaves --workdir=~/x as is
   # Last: the only check that needs the devices, so a line found without
   # them is the same with them.
   if devices is not None:
@@ -273,8 +286,15 @@ def parse_command_line(argv, devices=None):
                                c.train.grad_accum_steps)
     except sharding_lib.MeshError as e:
       return _one_line(e)
+  cache = compilation_cache_dir(flag_values.compilation_cache)
+  from poet_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    if cache:
+      workdir_lib.check_outside_runs(cache, '--compilation_cache')
+  except workdir_lib.WorkdirError as e:
+    return _one_line(e)
   return Command(c, workdir, flag_values.dry_run, not flag_values.no_progress,
-                 compilation_cache_dir(flag_values.compilation_cache))
+                 cache, flag_values.allow_data_change)
 
 
 class _DropClosedLoopNoise:
@@ -332,6 +352,23 @@ def _error(message: str) -> None:
   print(f'error: {_one_line(message, 1000)}', file=sys.stderr, flush=True)
 
 
+def write_failure(e: OSError, workdir: str) -> str:
+  """One line for a file the run could not write (disk full, I/O error):
+  which file, why, what to do, and what of the run is safe."""
+  if e.strerror is None:  # a message of ours, with its fix
+    text = str(e)
+  else:
+    what = e.filename or 'a file'
+    text = f'could not write {what} ({e.strerror}); free space or fix the disk'
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  saved = os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints))
+  return text + (', then run the same command to resume; the earlier '
+                 'checkpoints are intact' if saved else
+                 ', then run the same command (no checkpoint had been '
+                 'written yet)')
+
+
 def help_text(argv) -> str:
   """The module doc, the flags, and every config key of the chosen config
   file with its value and meaning."""
@@ -369,7 +406,8 @@ def main(argv=None) -> int:
       planner.dry_run(command.config, command.workdir)
       return 0
     return train_lib.train(command.config, command.workdir,
-                           progress=command.progress)
+                           progress=command.progress,
+                           allow_data_change=command.allow_data_change)
   except train_lib.USER_ERRORS as e:
     _error(str(e))
     return EXIT_BAD_INPUT
@@ -381,9 +419,7 @@ def main(argv=None) -> int:
     _error(str(e))
     return train_lib.EXIT_IO_ERROR
   except OSError as e:
-    where = f' ({e.filename})' if e.filename else ''
-    _error(f'{e.strerror or e}{where}; the earlier checkpoints are intact: '
-           'fix it, then run the same command to resume')
+    _error(write_failure(e, command.workdir))
     return train_lib.EXIT_IO_ERROR
   finally:
     logging.getLogger('absl').removeFilter(quiet)

@@ -13,6 +13,9 @@ METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
 W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
 EVAL_AT_START = ('auto', 'always', 'never')
+# data.decode_errors: what a directory corpus's bytes that are not UTF-8 text
+# do (corpora.decode_text).
+DECODE_ERRORS = ('strict', 'replace')
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -128,6 +131,9 @@ _DATA = {
     'data_dir': '',           # '' : ~/.cache/poet_jax/tensorflow_datasets
     'tokenizer': 'byte',      # or a SentencePiece .model path
     'max_tokens': 0,          # cap on tokens read per split; 0: all
+    # A directory corpus's bytes that are not UTF-8 text: 'strict' refuses
+    # the file, 'replace' reads them as U+FFFD (counted, said at start).
+    'decode_errors': 'strict',
 }
 
 _MESH = {

@@ -207,6 +207,8 @@ def _check_data_and_devices(c) -> None:
     _check(isinstance(_get(c, key), str) and _get(c, key),
            f'{key} must be a non-empty string')
   _positive('data.max_tokens', c.data.max_tokens, allow_zero=True)
+  _choice('data.decode_errors', c.data.decode_errors,
+          config_lib.DECODE_ERRORS)
   d = c.distributed
   _check(isinstance(d.num_processes, int) and d.num_processes >= 0,
          f'distributed.num_processes={d.num_processes!r} must be a '
@@ -245,10 +247,14 @@ def _check_poet_sizes(c, width: int) -> None:
   b = config_lib.block_size(c)
   _check(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0,
          f'poet.block_size={b!r} must be a positive number')
+  # A block of 1 is the identity for ever: b(b-1)/2 = 0 generators to learn.
+  one = (f'poet.block_size={b!r} gives blocks of 1, which have no rotation '
+         'to learn (b(b-1)/2 = 0 generators); use blocks of 2 or more')
   if c.poet.variant == 'block':
     _check(isinstance(b, int) and b >= 1,
            f'poet.block_size={b!r} must be a whole number for '
            "poet.variant='block'")
+    _check(b >= 2, one)
     kv_width = c.model.dim // c.model.num_heads * (
         c.model.num_kv_heads or c.model.num_heads)
     common = math.gcd(c.model.dim, width, kv_width)
@@ -264,6 +270,8 @@ def _check_poet_sizes(c, width: int) -> None:
         isinstance(b, int) and 0 < b <= min(c.model.dim, width))
     _check(ok, f'poet.block_size={b!r} must be a fraction in (0, 1] or an '
            "integer no larger than the smallest width for poet.variant='full'")
+    smallest = min(c.model.dim, width)
+    _check((round(b * smallest) if isinstance(b, float) else b) >= 2, one)
 
 
 def _check_w0_groups(c, width: int) -> None:

@@ -42,6 +42,11 @@ class DataError(ValueError):
   """Unusable data or data settings; its message is one line for the user."""
 
 
+class PrepareError(OSError):
+  """A corpus could not be written into data_dir (disk full, I/O error);
+  its message is one line for the user."""
+
+
 def default_data_dir() -> str:
   return os.path.join(os.path.expanduser('~'), '.cache', 'poet_jax',
                       'tensorflow_datasets')
@@ -83,8 +88,16 @@ def text_files(directory: str) -> list[tuple[str, str]]:
   return _files_under(directory, '.txt')
 
 
+def printable(path: str) -> str:
+  """A path for a message: a file name that is not UTF-8 (os.walk gives its
+  bytes as surrogates, which print cannot encode) with those bytes as \\xNN."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
 def _bucket(relpath: str) -> int:
-  digest = hashlib.sha256(relpath.encode('utf-8')).digest()
+  # The name's bytes: a name that is not UTF-8 hashes too (UTF-8 names
+  # hash as their UTF-8 encoding, as they always did).
+  digest = hashlib.sha256(os.fsencode(relpath)).digest()
   return int.from_bytes(digest[:8], 'big') % _HASH_BUCKETS
 
 
@@ -112,17 +125,10 @@ def split_files(files: Sequence[tuple[str, str]]
           'validation': [f for f in files if f[0] in held_out]}
 
 
-def _held_out_an_empty_file(files: Sequence[tuple[str, str]]) -> bool:
-  """Whether the split before empty files were kept in training (datasets
-  prepared then are not reused) held out an empty file."""
-  buckets = {rel: _bucket(rel) for rel, _ in files}
-  old = _held_out(buckets, list(buckets))
-  return any(not os.path.getsize(path) for rel, path in files if rel in old)
-
-
 def split_sources(name: str, split: str) -> list[tuple[str, int]] | None:
   """(relative path, bytes) of the files of one split of a local corpus
-  ('python_stdlib' or a directory); None for a tfds dataset."""
+  ('python_stdlib' or a directory), paths printable; None for a tfds
+  dataset."""
   path = os.path.expanduser(name)
   if name == STDLIB:
     files = stdlib_files()
@@ -130,16 +136,66 @@ def split_sources(name: str, split: str) -> list[tuple[str, int]] | None:
     files = text_files(path)
   else:
     return None
-  return [(rel, os.path.getsize(p)) for rel, p in split_files(files)[split]]
+  return [(printable(rel), os.path.getsize(p))
+          for rel, p in split_files(files)[split]]
 
 
-def _directory_fingerprint(files: Sequence[tuple[str, str]]) -> str:
-  """Changes when a file is added, removed or rewritten."""
-  h = hashlib.sha256()
+def decode_text(raw: bytes) -> tuple[str, int, int | None]:
+  """A corpus file's bytes as text: (text, sequences replaced, offset of the
+  first).
+
+  UTF-8; each byte sequence that is not text (invalid UTF-8, and NUL, which
+  a text file never holds: a UTF-16 or binary file does) becomes one U+FFFD
+  and is counted. (text, 0, None) for a clean file.
+  """
+  try:
+    text, first = raw.decode('utf-8'), None
+  except UnicodeDecodeError as e:
+    text, first = raw.decode('utf-8', errors='replace'), e.start
+  # U+FFFD the file itself holds (as its 3 UTF-8 bytes) is not a replacement.
+  replaced = text.count('\ufffd') - raw.count('\ufffd'.encode('utf-8'))
+  if '\0' in text:
+    nul = raw.index(b'\0')
+    first = nul if first is None else min(first, nul)
+    replaced += text.count('\0')
+    text = text.replace('\0', '\ufffd')
+  return text, replaced, first
+
+
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+  """What reading every file of a directory corpus found."""
+  digest: str           # of the relative paths and the bytes of the files
+  not_text: list        # (relative path, sequences replaced, first offset)
+
+
+# Scans of this process, by the files' (path, size, mtime, inode): the
+# validation and train splits of one start read the files once.
+_SCANS: dict[tuple, _Scan] = {}
+
+
+def _scan(files: Sequence[tuple[str, str]]) -> tuple[_Scan, bool]:
+  """(what the files are, whether they were read now): a digest of their
+  relative paths and bytes, so a touched file or another path to the same
+  files is the same corpus, and the files that are not UTF-8 text."""
+  key = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino)
+              for rel, st in ((rel, os.stat(path)) for rel, path in files))
+  if key in _SCANS:
+    return _SCANS[key], False
+  h, not_text = hashlib.sha256(), []
   for rel, path in files:
-    st = os.stat(path)
-    h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode('utf-8'))
-  return h.hexdigest()[:10]
+    raw = _read(path)
+    h.update(os.fsencode(rel) + b'\0' + hashlib.sha256(raw).digest())
+    _, replaced, first = decode_text(raw)
+    if replaced:
+      not_text.append((rel, replaced, first))
+  _SCANS[key] = _Scan(h.hexdigest()[:16], not_text)
+  return _SCANS[key], True
 
 
 # ---------------------------------------------------------------------------
@@ -187,30 +243,59 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for split, split_list in split_files(files).items()}
 
   def _generate_examples(self, files):
+    directory = self.builder_config.directory
     for index, (_, path) in enumerate(files):
-      with open(path, 'rb') as f:
-        # Some test files are deliberately not UTF-8; keep them, mangled.
-        yield index, {'text': f.read().decode('utf-8', errors='replace')}
+      if directory:
+        # Checked by _text_dir_config: clean, or replacing was asked for.
+        text = decode_text(_read(path))[0]
+      else:
+        with open(path, 'rb') as f:
+          # Some test files are deliberately not UTF-8; kept, mangled (the
+          # embedded corpus, as it always was: docs/data.md).
+          text = f.read().decode('utf-8', errors='replace')
+      yield index, {'text': text}
 
 
-def _text_dir_config(directory: str) -> TextCorpusConfig:
-  """A config per directory and contents, so caches never collide or go stale.
+def _text_dir_config(directory: str,
+                     decode_errors: str = 'strict') -> TextCorpusConfig:
+  """A config per directory contents (not its path or time stamps), so
+  caches never collide or go stale and a run resumes on the same files.
 
-  Raises DataError if the directory cannot make both splits.
+  Raises DataError if the directory cannot make both splits, or holds a file
+  that is not UTF-8 text and decode_errors is 'strict'; with 'replace' one
+  line says how many byte sequences were read as U+FFFD, and where.
   """
   directory = os.path.abspath(directory)
+  shown = printable(directory)
   files = text_files(directory)
-  nonempty = sum(1 for _, path in files if os.path.getsize(path))
+  try:
+    nonempty = sum(1 for _, path in files if os.path.getsize(path))
+    scan, fresh = _scan(files)
+  except OSError as e:  # a broken link, a file without read permission
+    raise DataError(
+        f'corpus file {printable(str(e.filename))} cannot be read '
+        f'({e.strerror}); fix or remove it') from None
   if nonempty < 2:
     raise DataError(
-        f'directory {directory} has {nonempty} non-empty .txt file(s); it '
+        f'directory {shown} has {nonempty} non-empty .txt file(s); it '
         'needs at least 2 (one is held out as the validation split)')
-  path_hash = hashlib.sha256(directory.encode('utf-8')).hexdigest()[:10]
-  rule = '_e' if _held_out_an_empty_file(files) else ''
+  if scan.not_text:
+    rel, _, first = scan.not_text[0]
+    count = sum(n for _, n, _ in scan.not_text)
+    where = (f'{len(scan.not_text)} file(s) under {shown} are not UTF-8 '
+             f'text, such as {printable(rel)} at byte {first}')
+    if decode_errors == 'strict':
+      raise DataError(
+          f'{where} (Latin-1, UTF-16 or binary?); convert them to UTF-8 (iconv '
+          '-f latin1 -t utf-8), remove them, or read each such byte sequence '
+          'as U+FFFD with --config.data.decode_errors=replace (evaluate: '
+          '--decode_errors=replace)')
+    if fresh:  # once per process
+      print(f'data: {where}: {count} byte sequence(s) read as U+FFFD '
+            '(data.decode_errors=replace)', flush=True)
   return TextCorpusConfig(
-      name=f'dir_{path_hash}_{_directory_fingerprint(files)}{rule}',
-      directory=directory,
-      description=f'.txt files under {directory}')
+      name=f'txt_{scan.digest}', directory=directory,
+      description=f'.txt files under {shown}')
 
 
 @contextlib.contextmanager
@@ -251,9 +336,17 @@ def prepare_text_corpus(config: TextCorpusConfig, data_dir: str) -> TextCorpus:
         return builder
     print(f'preparing {config.description} for tfds in {data_dir} (once; '
           'nothing is downloaded)', flush=True)
-    with _quiet_tfds():
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False))
+    try:
+      with _quiet_tfds():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False))
+    except (OSError, RuntimeError) as e:  # the records writer: RuntimeError
+      reason = ' '.join(str(e).split())
+      raise PrepareError(
+          f'could not prepare {config.description} in {data_dir} ('
+          f'{reason[:300]}); free space there or set data.data_dir to '
+          'another disk') from None
   return builder
 
 
@@ -329,13 +422,14 @@ def _damaged(name: str, split: str, where: str, reason) -> DataError:
       'tfds dataset such as c4: prepare it again with `tfds build`)')
 
 
-def _open_builder(name: str, data_dir: str):
+def _open_builder(name: str, data_dir: str, decode_errors: str):
   """The prepared builder for a corpus name (see module docstring)."""
   if name == STDLIB:
     return prepare_text_corpus(TextCorpus.BUILDER_CONFIGS[0], data_dir)
   path = os.path.expanduser(name)
   if os.path.isdir(path):
-    return prepare_text_corpus(_text_dir_config(path), data_dir)
+    return prepare_text_corpus(_text_dir_config(path, decode_errors),
+                               data_dir)
   if name.startswith(('/', '.', '~')):
     raise FileNotFoundError(
         f'directory {path} does not exist; pass a directory of .txt files, '
@@ -369,8 +463,8 @@ def _open_tfds_builder(name: str, data_dir: str):
   return builder
 
 
-def open_documents(name: str, split: str,
-                   data_dir: str | None = None) -> Documents:
+def open_documents(name: str, split: str, data_dir: str | None = None,
+                   decode_errors: str = 'strict') -> Documents:
   """The documents (str) of one split of a corpus, by random access.
 
   Args:
@@ -379,9 +473,12 @@ def open_documents(name: str, split: str,
     split: 'train' or 'validation' (any split the tfds dataset has).
     data_dir: where tfds datasets live and local corpora are prepared;
       None: ~/.cache/poet_jax/tensorflow_datasets.
+    decode_errors: a directory's files that are not UTF-8 text: 'strict'
+      refuses them (DataError), 'replace' reads each byte sequence that is
+      not text as U+FFFD and says so.
   """
   data_dir = os.path.expanduser(data_dir or default_data_dir())
-  builder = _open_builder(name, data_dir)
+  builder = _open_builder(name, data_dir, decode_errors)
   if split not in builder.info.splits:
     raise DataError(
         f'dataset {name} has no split {split!r}; it has '

@@ -42,7 +42,8 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
                       cache_dir: str | None = None,
                       progress: bool = True, workers: int | None = None,
                       shard_docs: int | None = None,
-                      background: bool = False) -> TokenStream:
+                      background: bool = False,
+                      decode_errors: str = 'strict') -> TokenStream:
   """One split of a corpus as a TokenStream, tokenizing it on first use.
 
   Args:
@@ -59,6 +60,7 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
       (token_cache.shard_docs_for).
     background: return at once and tokenize in a background thread; reads
       of the stream wait for the shards they need (TokenStream).
+    decode_errors: as for open_documents.
   Raises:
     DataError, FileNotFoundError: see open_documents and load_manifest.
   """
@@ -67,7 +69,7 @@ def open_token_stream(name: str, split: str, data_dir: str | None,
   data_dir = os.path.expanduser(data_dir or default_data_dir())
   cache_dir = os.path.expanduser(
       cache_dir or os.path.join(data_dir, 'poet_jax_streams'))
-  docs = open_documents(name, split, data_dir)
+  docs = open_documents(name, split, data_dir, decode_errors)
   shard_docs = shard_docs or shard_docs_for(docs)
   path = stream_path(docs, tokenizer, max_tokens, cache_dir, shard_docs)
   name = f'{docs.name} {split}'
@@ -91,7 +93,8 @@ def open_train_and_eval(name: str, data_dir: str | None,
                         tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
                         max_tokens: int | None = None,
                         cache_dir: str | None = None,
-                        progress: bool = True, workers: int | None = None
+                        progress: bool = True, workers: int | None = None,
+                        decode_errors: str = 'strict'
                         ) -> tuple[TokenStream, TokenStream]:
   """The 'train' and 'validation' streams (see open_token_stream).
 
@@ -101,8 +104,8 @@ def open_train_and_eval(name: str, data_dir: str | None,
   """
   validation = open_token_stream(name, 'validation', data_dir, tokenizer,
                                  seq_len, max_tokens, cache_dir, progress,
-                                 workers)
+                                 workers, decode_errors=decode_errors)
   train = open_token_stream(name, 'train', data_dir, tokenizer, seq_len,
                             max_tokens, cache_dir, progress, workers,
-                            background=True)
+                            background=True, decode_errors=decode_errors)
   return train, validation

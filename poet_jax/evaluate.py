@@ -9,7 +9,6 @@ on the run's mesh: the printed line equals the trainer's evaluation line of
 that step. --data and --split evaluate on any corpus the trainer supports
 (data.name), tokenized with the run's tokenizer.
 """
-import math
 import sys
 
 import jax
@@ -18,6 +17,7 @@ from absl import flags
 from poet_jax import tool_cli as cli
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
+from poet_jax import metrics as metrics_lib
 from poet_jax import restore
 from poet_jax import sharding as sharding_lib
 from poet_jax import steps as steps_lib
@@ -25,17 +25,19 @@ from poet_jax import train_state
 
 
 def evaluate(run: restore.Run, steps: steps_lib.CompiledSteps, data_name: str,
-             split: str, eval_tokens: int, progress: bool = False) -> float:
+             split: str, eval_tokens: int, progress: bool = False,
+             decode_errors: str | None = None) -> float:
   """Mean next-token loss (nats) over the evaluation batches of a split.
 
   The batches are the trainer's: the split's first
   max(1, eval_tokens // seq_len) examples, in train.batch_size rows.
+  decode_errors: as data.decode_errors; None: the run's.
   """
   c = run.config
   stream = data_lib.open_token_stream(
       data_name, split, c.data.data_dir or config_lib.default_data_dir(),
       run.tokenizer, c.train.seq_len, c.data.max_tokens or None,
-      progress=progress)
+      progress=progress, decode_errors=decode_errors or c.data.decode_errors)
   batches = stream.eval_batches(c.train.batch_size,
                                 max(1, eval_tokens // c.train.seq_len),
                                 jax.process_index(), jax.process_count())
@@ -59,6 +61,10 @@ def _define(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_integer('eval_tokens', None, "Tokens to evaluate; default "
                        "the run's eval_tokens.", flag_values=fv)
+  flags.DEFINE_enum('decode_errors', None, config_lib.DECODE_ERRORS,
+                    "A directory corpus's files that are not UTF-8 text "
+                    "(as data.decode_errors); default the run's.",
+                    flag_values=fv)
 
 
 def _body(fv: flags.FlagValues) -> int:
@@ -73,9 +79,11 @@ def _body(fv: flags.FlagValues) -> int:
   _, abstract = train_state.abstract_state(c, run.model.cfg.vocab_size)
   steps = steps_lib.compile_steps(run.setup, abstract, mesh)
   loss = evaluate(run, steps, fv.data or c.data.name, fv.split,
-                  fv.eval_tokens or c.eval_tokens)
+                  fv.eval_tokens or c.eval_tokens,
+                  decode_errors=fv.decode_errors)
+  ppl = metrics_lib.perplexity(loss)
   print(f'step {run.step}: eval loss {loss:.4f}, perplexity '
-        f'{math.exp(min(loss, 700)):.2f}')
+        f'{metrics_lib.perplexity_text(ppl)}')
   return 0
 
 

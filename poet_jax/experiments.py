@@ -34,6 +34,7 @@ from poet_jax import experiments_report as report
 from poet_jax import metrics as metrics_lib
 from poet_jax import stopping
 from poet_jax import train_lib
+from poet_jax import workdir as workdir_lib
 
 INITS = ('normalized', 'standard', 'xavier', 'uniform_spectrum')
 STUDIES = ('compare', 'seeds', 'neumann', 'merge', 'init', 'spectrum',
@@ -267,6 +268,7 @@ def parse_args(argv):
     if os.path.exists(path) and not os.path.isdir(path):
       raise UsageError(f'{path} exists and is not a directory; choose '
                        'another --root / --out')
+  workdir_lib.check_outside_runs(args.out, '--out')
   return args
 
 

@@ -197,6 +197,7 @@ def _define(fv: flags.FlagValues) -> None:
 
 
 def _body(fv: flags.FlagValues) -> int:
+  workdir_lib.check_outside_runs(fv.out, '--out')
   check_writable(fv.out)
   run = restore.load_run(fv.workdir, fv.step)
   try:

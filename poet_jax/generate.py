@@ -28,6 +28,7 @@ from jax.experimental import io_callback
 
 from poet_jax import tool_cli as cli
 from poet_jax import model as model_lib
+from poet_jax import planner
 from poet_jax import restore
 
 
@@ -178,13 +179,36 @@ def _warn_past_training_length(length: int, seq_len: int) -> None:
           file=sys.stderr)
 
 
+def check_length(cfg: model_lib.LlamaConfig, length: int,
+                 max_new_tokens: int) -> None:
+  """UsageError when `length` positions (prompt + max_new_tokens) cannot be
+  decoded: past int32 positions, or a key/value cache (its exact shapes, by
+  jax.eval_shape) larger than one device's memory."""
+  if length >= 2**31:
+    raise cli.UsageError(f'--max_new_tokens={max_new_tokens} is past the '
+                         f'{2**31 - 1} positions decoding can count')
+  cache = jax.eval_shape(lambda: model_lib.init_cache(cfg, 1, length))
+  per_position = sum(x.size * x.dtype.itemsize
+                     for x in jax.tree.leaves(cache)) / length
+  limit = planner.device_memory_gib() * planner.GIB
+  if length * per_position > limit:
+    fits = int(limit // per_position) - (length - max_new_tokens)
+    raise cli.UsageError(
+        f'--max_new_tokens={max_new_tokens}: the key/value cache of '
+        f'{length:,} positions needs {length * per_position / planner.GIB:.3g}'
+        f' GiB, more than this device\'s {limit / planner.GIB:.3g} GiB; at '
+        f'most about {max(fits, 0):,} new tokens fit')
+
+
 def _body(fv: flags.FlagValues) -> int:
   _check(fv)
   run = restore.load_run(fv.workdir, fv.step)
   tokenizer = run.tokenizer
-  model = restore.folded_model(run)
   prompt = np.concatenate([[tokenizer.eos_id],
                            tokenizer.encode(fv.prompt)]).astype(np.int32)
+  check_length(run.model.cfg, len(prompt) + fv.max_new_tokens,
+               fv.max_new_tokens)
+  model = restore.folded_model(run)
   _warn_past_training_length(len(prompt) + fv.max_new_tokens,
                              run.config.train.seq_len)
   printer = StreamPrinter(tokenizer)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from poet_jax import config as config_lib
 from poet_jax import export
@@ -122,7 +122,7 @@ def _tensor_files(path: str) -> dict[str, str]:
       with open(index) as f:
         weight_map = json.load(f)['weight_map']
       return {k: os.path.join(path, v) for k, v in weight_map.items()}
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
     raise _fail(path, f'the safetensors files cannot be read ({e})') from None
   raise _fail(path, f'no {export.WEIGHTS_FILE} or {INDEX_FILE}; only '
               'safetensors checkpoints can be imported')
@@ -135,7 +135,7 @@ def _shapes(files: dict[str, str], path: str) -> dict[str, tuple]:
       with safe_open(file, framework='numpy') as f:
         for name in f.keys():
           shapes[name] = tuple(f.get_slice(name).get_shape())
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, SafetensorError) as e:
     raise _fail(path, f'the safetensors files cannot be read ({e})') from None
   return shapes
 

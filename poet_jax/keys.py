@@ -106,6 +106,9 @@ MEANINGS = {
                       '`~/.cache/poet_jax/tensorflow_datasets`'),
     'data.tokenizer': '`byte`, or a SentencePiece `.model` path',
     'data.max_tokens': 'read at most this many tokens per split (0: all)',
+    'data.decode_errors': ("a directory corpus's files that are not UTF-8 "
+                           'text: `strict` refuses them, `replace` reads each '
+                           'such byte sequence as U+FFFD (counted and said)'),
     'mesh.data': 'data-parallel devices; -1 takes the remaining devices',
     'mesh.fsdp': 'devices the parameters and optimizer state are sharded over',
     'mesh.tensor': 'tensor-parallel devices',

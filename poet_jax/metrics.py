@@ -1,5 +1,6 @@
 """metrics.jsonl (and TensorBoard events), POET diagnostics, the loss plot."""
 import json
+import math
 import os
 
 import jax.numpy as jnp
@@ -9,6 +10,18 @@ from flax import nnx
 from poet_jax import merge
 from poet_jax import orthogonal
 from poet_jax.layers import BLOCK_NAMES
+
+
+def perplexity(loss: float) -> float:
+  """exp(loss) (nats/token), capped at exp(700), float64's range, so that a
+  diverged run's metrics stay finite JSON."""
+  return math.exp(min(loss, 700))
+
+
+def perplexity_text(ppl: float) -> str:
+  """A perplexity for a printed line or a legend: two decimals, or three
+  significant digits past 1e6 (exp(700) would print 305 digits)."""
+  return f'{ppl:.2f}' if ppl < 1e6 else f'{ppl:.3g}'
 
 
 class MetricsLog:

@@ -14,11 +14,18 @@ import sys
 
 import numpy as np
 
+from poet_jax import metrics as metrics_lib
+from poet_jax import workdir as workdir_lib
+
 PANELS = (('loss', 'loss (nats/token)', 'linear'),
           ('learning_rate', 'learning rate', 'linear'),
           ('orth_error_max', 'max ‖GGᵀ−I‖/‖I‖ (POET; 0 after a merge)',
            'linear'),
           ('q_norm_max', 'max ‖Q‖_F (POET)', 'linear'))
+
+
+# Past this loss (nats) the right axis would read exp(loss) > 5e21.
+PERPLEXITY_AXIS_MAX_LOSS = 50.0
 
 
 class PlotError(ValueError):
@@ -28,9 +35,8 @@ class PlotError(ValueError):
 def read_run(workdir: str) -> tuple[list[dict], dict]:
   """(metrics.jsonl entries, config.json as a dict or {}) of a work directory.
 
-  Raises PlotError when it has no metrics.jsonl.
+  Raises PlotError when it has no metrics.jsonl, or one without entries.
   """
-  from poet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
     raise PlotError(f'{workdir} has no metrics.jsonl; give work directories '
@@ -41,7 +47,11 @@ def read_run(workdir: str) -> tuple[list[dict], dict]:
       config = json.load(f)
   except (OSError, ValueError):
     pass  # the plot then goes without the run's settings
-  return metrics_lib.MetricsLog.read(path), config
+  entries = metrics_lib.MetricsLog.read(path)
+  if not entries:
+    raise PlotError(f'{workdir} has logged no step yet (its metrics.jsonl is '
+                    'empty); plot it after its first log step')
+  return entries, config
 
 
 def describe(workdir: str, config: dict) -> str:
@@ -98,23 +108,35 @@ def loss_range(runs: list[list[dict]]) -> tuple[float, float] | None:
 
 
 def _mark_off_scale(ax, steps, values, top, color):
-  """Points above the range: an arrow at the top edge with their value."""
-  for s, v in zip(steps, values):
-    if v > top:
-      ax.annotate(f'{v:.2f} ↑', (s, top), textcoords='offset points',
-                  xytext=(2, -10), fontsize=7, color=color)
+  """Points above the range: per stretch of consecutive ones, an arrow at
+  the top edge with the stretch's highest value (a diverged train loss
+  would otherwise stack a label per logged step)."""
+  above = np.append(values > top, False)
+  start = None
+  for i, off in enumerate(above):
+    if off and start is None:
+      start = i
+    elif not off and start is not None:
+      peak = start + int(np.argmax(values[start:i]))
+      ax.annotate(f'{values[peak]:.3g} ↑', (steps[peak], top),
+                  textcoords='offset points', xytext=(2, -10), fontsize=7,
+                  color=color)
+      start = None
 
 
 def _draw_losses(ax, entries, colors, yrange, labelled=True):
-  """Train loss (solid) and eval loss (dashed, dots) in colors (two)."""
+  """Train loss (solid) and eval loss (dashed, dots) in colors (two); the
+  points above yrange marked with their value."""
   steps, values = series(entries, 'train_loss')
   ax.plot(steps, values, color=colors[0], lw=1.2,
           **({'label': 'train loss'} if labelled else {}))
+  if yrange:
+    _mark_off_scale(ax, steps, values, yrange[1], colors[0])
   steps, values = series(entries, 'eval_loss')
   if len(values):
+    ppl = metrics_lib.perplexity_text(final_perplexity(entries))
     ax.plot(steps, values, color=colors[1], ls='--', marker='o', ms=4,
-            **({'label': 'eval loss (final perplexity '
-                         f'{final_perplexity(entries):.2f})'}
+            **({'label': f'eval loss (final perplexity {ppl})'}
                if labelled else {}))
     if yrange:
       _mark_off_scale(ax, steps, values, yrange[1], colors[1])
@@ -123,7 +145,7 @@ def _draw_losses(ax, entries, colors, yrange, labelled=True):
 def final_perplexity(entries: list[dict]) -> float:
   """exp of the last evaluation's loss; nan without one."""
   _, values = series(entries, 'eval_loss')
-  return math.exp(min(values[-1], 700)) if len(values) else math.nan
+  return metrics_lib.perplexity(values[-1]) if len(values) else math.nan
 
 
 def _loss_axes(ax, yrange):
@@ -131,12 +153,14 @@ def _loss_axes(ax, yrange):
     ax.set_ylim(*yrange)
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats/token)')
+  ax.grid(alpha=0.3)
+  if yrange and yrange[1] > PERPLEXITY_AXIS_MAX_LOSS:
+    return  # a diverged run: its perplexity reads as nothing
   # Perplexity is exp(loss): the same curves, read on the right.
   right = ax.secondary_yaxis('right', functions=(
       lambda x: np.exp(np.clip(x, -50, 50)), lambda p: np.log(
           np.maximum(p, 1e-12))))
   right.set_ylabel('perplexity')
-  ax.grid(alpha=0.3)
 
 
 def plot_run(workdir: str, png_path: str) -> None:
@@ -177,7 +201,8 @@ def plot_runs(workdirs: list[str], out: str) -> None:
         ax.plot(steps, values, color=color)
     ppl = final_perplexity(entries)
     axes[0, 0].plot([], [], color=color, lw=4, label=name + (
-        f'; eval perplexity {ppl:.2f}' if math.isfinite(ppl) else ''))
+        f'; eval perplexity {metrics_lib.perplexity_text(ppl)}'
+        if math.isfinite(ppl) else ''))
   _loss_axes(axes[0, 0], yrange)
   # Below the panels: run descriptions are long.
   fig.legend(*axes[0, 0].get_legend_handles_labels(), loc='lower center',
@@ -205,15 +230,54 @@ def main(argv=None) -> int:
   parser.add_argument('runs', nargs='+', metavar='RUN',
                       help='work directories (each with metrics.jsonl)')
   parser.add_argument('--out', default='runs.png',
-                      help='PNG file to write (default: runs.png)')
+                      help='image file to write (default: runs.png; .png is '
+                      'added to a name without a suffix; .pdf, .svg work too)')
   args = parser.parse_args(argv)
+  # A shell leaves the ~ of --out=~/x.png as it is.
+  args.runs = [os.path.expanduser(r) for r in args.runs]
+  args.out = os.path.expanduser(args.out)
   try:
-    plot_runs(args.runs, args.out)
+    out = output_path(args.out)
+    plot_runs(args.runs, out)
   except PlotError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'wrote {args.out}')
+  except OSError as e:
+    print(f'error: could not write {args.out} ({e.strerror or e}); choose '
+          'another --out', file=sys.stderr)
+    return 2
+  print(f'wrote {out}')
   return 0
+
+
+def output_path(out: str) -> str:
+  """The file --out names: .png added to a name without a suffix. Raises
+  PlotError when it cannot be written (no such directory, a suffix
+  matplotlib cannot write, a training run's file), before anything is
+  drawn."""
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(out):
+    raise PlotError(f'--out={out} is a directory; give a file name such as '
+                    f'{os.path.join(out, "runs.png")}')
+  if not os.path.splitext(out)[1]:
+    out += '.png'
+  kind = os.path.splitext(out)[1][1:].lower()
+  if kind not in figure.Figure().canvas.get_supported_filetypes():
+    raise PlotError(f'--out={out}: matplotlib cannot write .{kind} files; '
+                    'end the name in .png (or .pdf, .svg)')
+  directory = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(directory):
+    raise PlotError(f'--out={out}: directory {directory} does not exist; '
+                    'create it or choose another --out')
+  problem = workdir_lib.unwritable(directory)
+  if problem:
+    raise PlotError(f'--out={out}: {problem[0]} cannot be written '
+                    f'({problem[1]}); choose another --out')
+  try:
+    workdir_lib.check_outside_runs(out, '--out')
+  except workdir_lib.WorkdirError as e:
+    raise PlotError(str(e)) from None
+  return out
 
 
 if __name__ == '__main__':

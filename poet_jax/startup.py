@@ -39,6 +39,13 @@ class Run:
   layer_names: list          # POET layers, for the numerical warnings
   log: metrics_lib.MetricsLog | None  # None except on the main process
   say: Callable
+  lock: int | None = None    # the descriptor holding workdir_lib.lock
+
+  def unlock(self) -> None:
+    """Lets another trainer have the work directory."""
+    if self.lock is not None:
+      os.close(self.lock)
+      self.lock = None
 
 
 def _load_tokenizer(spec: str):
@@ -52,19 +59,29 @@ def _load_tokenizer(spec: str):
   return tokenizer_lib.load_tokenizer(spec)
 
 
-def _check_input(ckpt, step, trained_on: dict, key: str, now: str) -> None:
+def _check_input(ckpt, step, trained_on: dict, key: str, now: str,
+                 allow_change: bool = False, say: Callable = print) -> None:
   """The tokenizer or data a checkpoint was trained on is the one at hand.
 
   A tokenizer file that was replaced (or damaged yet still loads) or another
   corpus would silently change the run: refuse, naming both. Checkpoints
-  that did not record it pass.
+  that did not record it pass. allow_change (the data only: --allow_data_change)
+  goes on with the new data, saying so.
   """
   then = trained_on.get(key)
-  if then is not None and then != now:
-    raise config_lib.ConfigError(
-        f'the {key} differs from the one checkpoint {ckpt.step_path(step)} '
-        f'was trained with ({then!r}, now {now!r}); restore the original '
-        'or use a new --workdir')
+  if then is None or then == now:
+    return
+  differs = (f'the {key} differs from the one checkpoint '
+             f'{ckpt.step_path(step)} was trained with ({then!r}, now '
+             f'{now!r})')
+  if allow_change:
+    say(f'{differs}; continuing on the new data (--allow_data_change)')
+    return
+  override = (' (--allow_data_change continues on the new data when the '
+              'change is harmless: a fixed typo, files added)'
+              if key == 'data' else '')
+  raise config_lib.ConfigError(
+      f'{differs}; restore the original, or use a new --workdir{override}')
 
 
 def _open_checkpoints(c, workdir: str,
@@ -92,17 +109,20 @@ def data_identity(train_data) -> str:
   return f'{train_data.name}, {train_data.source}'
 
 
-def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool):
+def _open_data(c, tokenizer, ckpt, latest, trained_on: dict, progress: bool,
+               allow_change: bool, say: Callable):
   """(train stream, eval stream, inputs): the data, checked to be what the
   checkpoint was trained on and to hold one batch of each split."""
   data_dir = c.data.data_dir or config_lib.default_data_dir()
   train_data, eval_data = data_lib.open_train_and_eval(
       c.data.name, data_dir, tokenizer, c.train.seq_len,
-      c.data.max_tokens or None, progress=progress)
+      c.data.max_tokens or None, progress=progress,
+      decode_errors=c.data.decode_errors)
   inputs = {'tokenizer': tokenizer.identity,
             'data': data_identity(train_data)}
   if latest is not None:
-    _check_input(ckpt, latest, trained_on, 'data', inputs['data'])
+    _check_input(ckpt, latest, trained_on, 'data', inputs['data'],
+                 allow_change, say)
   for split, stream in zip(data_lib.SPLITS, (train_data, eval_data)):
     data_lib.check_one_batch(stream, c.train.batch_size, c.data.name,
                              split, c.data.max_tokens)
@@ -183,33 +203,62 @@ def memory_warning(c, compiled, data_parallel: int = 1) -> str | None:
                                  else ''))
 
 
-def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
+def _check_write_paths(c, workdir: str) -> None:
+  """The run writes its work directory and data.data_dir: neither may hit
+  another run's files (workdir.run_owning)."""
+  other = workdir_lib.run_owning(workdir, itself=False)
+  if other:
+    raise workdir_lib.WorkdirError(
+        f'--workdir={workdir} is inside the files of the run {other}; give '
+        'a path outside them')
+  data_dir = os.path.expanduser(c.data.data_dir or
+                                config_lib.default_data_dir())
+  workdir_lib.check_outside_runs(data_dir, 'data.data_dir', runs=[workdir])
+
+
+def open_run(c, workdir: str, progress: bool, say: Callable,
+             allow_data_change: bool = False) -> Run:
   """Checks, then builds, everything the loop needs.
 
   Raises train_lib.USER_ERRORS for bad input, before anything is written
   to the work directory and before any compile; stopping.Interrupted for a
-  signal during start-up.
+  signal during start-up. allow_data_change: resume on data other than the
+  checkpoint's (its identity changed) instead of refusing.
   """
   is_main = jax.process_index() == 0
   workdir_lib.check_writable(workdir)
-  mesh = sharding_lib.make_mesh(c.mesh)
-  sharding_lib.check_batch(mesh, c.train.batch_size, c.train.grad_accum_steps)
-  tokenizer, vocab = _tokenizer_and_vocab(c)
-  # Only an existing directory is opened now, and only to look: the
-  # temporary directories of killed saves are removed once nothing refused
-  # the run.
-  ckpt = (_open_checkpoints(c, workdir, tidy=False)
-          if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
+  _check_write_paths(c, workdir)
+  # One live trainer per work directory (the main process holds the lock);
+  # a new directory is locked once it is made.
+  lock = (workdir_lib.lock(workdir) if is_main and os.path.isdir(workdir)
+          else None)
+  locked = lock is not None
+  ckpt = None
   try:
+    mesh = sharding_lib.make_mesh(c.mesh)
+    sharding_lib.check_batch(mesh, c.train.batch_size,
+                             c.train.grad_accum_steps)
+    tokenizer, vocab = _tokenizer_and_vocab(c)
+    # Only an existing directory is opened now, and only to look: the
+    # temporary directories of killed saves are removed once nothing refused
+    # the run.
+    ckpt = (_open_checkpoints(c, workdir, tidy=False)
+            if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
     latest = ckpt.latest_step() if ckpt else None
-    workdir_lib.check_config_matches(workdir, c,
-                                     has_checkpoint=latest is not None)
+    trained_on = ckpt.read_meta(latest) if latest is not None else {}
+    # What a checkpoint records of its data and tokenizer is checked on
+    # their contents (_check_input), not on the paths they were named by:
+    # a moved corpus directory or tokenizer file may resume.
+    moved = (('data.name',) if 'data' in trained_on else ()) + (
+        ('data.tokenizer',) if 'tokenizer' in trained_on else ())
+    workdir_lib.check_config_matches(
+        workdir, c, has_checkpoint=latest is not None, also_resumable=moved)
     # What the checkpoint was trained on must be what is at hand: checked
     # for the tokenizer before the data is tokenized with it.
-    trained_on = ckpt.read_meta(latest) if latest is not None else {}
     _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
     train_data, eval_data, inputs = _open_data(
-        c, tokenizer, ckpt, latest, trained_on, progress and is_main)
+        c, tokenizer, ckpt, latest, trained_on, progress and is_main,
+        allow_data_change, say)
     setup, abstract = train_state.abstract_state(c, vocab)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
     layer_names = _describe_model(c, setup, abstract, mesh, say)
@@ -220,6 +269,8 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
     start = int(state['step'])
     # Nothing refused the run: from here on it writes.
     os.makedirs(workdir, exist_ok=True)
+    if is_main and not locked:
+      lock, locked = workdir_lib.lock(workdir), True
     if is_main:
       workdir_lib.write_config(workdir, c)
     if ckpt:
@@ -233,6 +284,8 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
   except BaseException:
     if ckpt:
       ckpt.abandon()
+    if lock is not None:
+      os.close(lock)
     raise
 
   num_eval = max(1, c.eval_tokens // c.train.seq_len)
@@ -240,4 +293,4 @@ def open_run(c, workdir: str, progress: bool, say: Callable) -> Run:
                                        jax.process_index(),
                                        jax.process_count())
   return Run(c, workdir, ckpt, setup, steps, state, start, vocab, train_data,
-             eval_batches, inputs, layer_names, log, say)
+             eval_batches, inputs, layer_names, log, say, lock)

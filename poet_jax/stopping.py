@@ -10,8 +10,14 @@ from jax.experimental import multihost_utils
 # -------------------------------------------------------------------- loop
 
 
-class Interrupted(Exception):
-  """SIGTERM or SIGINT before the first step: there was nothing to save."""
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT before the first step: there was nothing to save.
+
+  A BaseException, as KeyboardInterrupt is: raised from the signal handler
+  wherever start-up happens to be, it must not be taken for an error by
+  library code that catches Exception (JAX's compilation cache did, and
+  start-up went on).
+  """
 
 
 class StopSignal:

@@ -99,6 +99,8 @@ def _atomic(path: str, write) -> None:
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes it private; caches may be shared.
     os.replace(tmp, path)
+  except OSError as e:  # a full disk: the message names the file
+    raise OSError(e.errno, e.strerror, path) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

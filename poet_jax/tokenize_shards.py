@@ -8,9 +8,11 @@ in this process. Shards are submitted in this host's order (token_cache's
 docstring) and the build stops once the shards in order reach max_tokens.
 """
 import concurrent.futures
+import ctypes
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -57,7 +59,39 @@ def _make_shard(docs, tokenizer, task) -> tuple[int, int, int]:
   return index, len(tokens), stop - start
 
 
-def _init_worker(tokenizer, identity: str, split: str, name: str) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(0.5)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def die_with_parent(parent: int) -> None:
+  """Ends this process when `parent` (its parent's pid) ends, however that
+  ends: a killed trainer must not leave its workers tokenizing (nor, through
+  them, multiprocessing's resource tracker) for minutes.
+
+  Linux: the kernel sends SIGKILL at the parent's death (PR_SET_PDEATHSIG;
+  the workers are started by the thread that also shuts them down, so that
+  thread's end is never early). Elsewhere a thread polls the parent's pid.
+  A parent already gone ends it at once.
+  """
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+      raise OSError(ctypes.get_errno(), 'prctl')
+  except (OSError, AttributeError):  # no prctl
+    threading.Thread(target=_exit_when_orphaned, args=(parent,),
+                     daemon=True).start()
+  if os.getppid() != parent:
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(tokenizer, identity: str, split: str, name: str,
+                 parent: int) -> None:
+  die_with_parent(parent)
   # One thread each: the processes are the parallelism.
   if hasattr(tokenizer, 'num_threads'):
     tokenizer.num_threads = 1
@@ -144,7 +178,8 @@ def _executor(docs, tokenizer, workers: int):
   return concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context('spawn'),
       initializer=_init_worker,
-      initargs=(tokenizer, docs.identity, docs.split, docs.name))
+      initargs=(tokenizer, docs.identity, docs.split, docs.name,
+                os.getpid()))
 
 
 class _Prefix:

@@ -4,6 +4,7 @@ Flags are absl flags on a fresh FlagValues per call, so `main(argv)` can be
 called more than once in a process. Bad input is one line on stderr and exit
 code 2 (docs/reliability.md), raised by the tools as one of USER_ERRORS.
 """
+import os
 import sys
 from typing import Callable
 
@@ -13,8 +14,10 @@ from poet_jax import config as config_lib
 from poet_jax import data as data_lib
 from poet_jax import flag_errors
 from poet_jax import tokenizer as tokenizer_lib
+from poet_jax import workdir as workdir_lib
 
 EXIT_BAD_INPUT = 2
+PATH_FLAGS = ('workdir', 'out')  # ~ expanded
 
 
 class UsageError(ValueError):
@@ -49,6 +52,9 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
     error(f'unexpected argument {rest[1]!r}; flags look like --name=value '
           '(see --help)')
     return EXIT_BAD_INPUT
+  for name in PATH_FLAGS:  # a shell leaves the ~ of --workdir=~/x as it is
+    if name in flag_values and isinstance(flag_values[name].value, str):
+      flag_values[name].value = os.path.expanduser(flag_values[name].value)
   try:
     return body(flag_values) or 0
   except USER_ERRORS + tuple(user_errors) as e:
@@ -57,5 +63,5 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
 
 
 USER_ERRORS = (UsageError, config_lib.ConfigError, data_lib.DataError,
-               tokenizer_lib.TokenizerError, FileNotFoundError,
-               NotADirectoryError, PermissionError)
+               tokenizer_lib.TokenizerError, workdir_lib.WorkdirError,
+               FileNotFoundError, NotADirectoryError, PermissionError)

@@ -6,7 +6,6 @@ of the initial model, then per step: train, log, evaluate, act on
 non-finite steps, save, stop on a signal; at the end, the loss curves.
 docs/reliability.md has the whole contract.
 """
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from poet_jax import workdir as workdir_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
 EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
-EXIT_IO_ERROR = 5      # a checkpoint or the metrics could not be written
+EXIT_IO_ERROR = 5      # a checkpoint, the metrics or the data could not be written
 
 # Errors that mean bad input (config, paths, data, mesh), reported as one
 # line with exit code 2 by train.py.
@@ -41,28 +40,42 @@ USER_ERRORS = (config_lib.ConfigError, sharding_lib.MeshError,
                NotADirectoryError, PermissionError)
 
 
-def train(c, workdir: str, progress: bool = True) -> int:
+def train(c, workdir: str, progress: bool = True,
+          allow_data_change: bool = False) -> int:
   """Train (or resume) the configured run in workdir; returns an exit code.
 
   Raises USER_ERRORS for bad input (before any heavy work where it can be
   found then), stopping.Interrupted for SIGTERM/SIGINT before the first
   step, checkpoint_lib.SaveError or OSError when a checkpoint or the metrics
-  cannot be written. docs/reliability.md has the whole contract.
+  cannot be written. allow_data_change: resume on data whose identity
+  differs from the checkpoint's instead of refusing. The work directory is
+  locked against other trainers while it runs. docs/reliability.md has the
+  whole contract.
   """
   sharding_lib.initialize_distributed(c.distributed)
   stop = stopping.StopSignal()
   try:
-    return _train(c, workdir, progress, stop)
+    return _train(c, workdir, progress, stop, allow_data_change)
   finally:
     stop.restore()
 
 
-def _train(c, workdir: str, progress: bool, stop: stopping.StopSignal) -> int:
+def _train(c, workdir: str, progress: bool, stop: stopping.StopSignal,
+           allow_data_change: bool) -> int:
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   # Everything that can refuse the run (exit 2) is checked before anything
   # is written to the work directory and before any compile.
-  run = startup.open_run(c, workdir, progress, say)
+  run = startup.open_run(c, workdir, progress, say, allow_data_change)
+  try:
+    return _run(run, progress, stop)
+  finally:
+    run.unlock()
+
+
+def _run(run: startup.Run, progress: bool, stop: stopping.StopSignal) -> int:
+  c, workdir, say = run.config, run.workdir, run.say
+  is_main = jax.process_index() == 0
   say(f'workdir: {os.path.abspath(workdir)}')
   for line in data_notes(c, run.train_data, len(run.eval_batches)):
     say(line)
@@ -103,6 +116,7 @@ class _Loop:
     self.tokens_per_step = self.c.train.batch_size * self.c.train.seq_len
     self.warned = set()  # kinds of numerical warning given (each once a run)
     self.reported = 0    # non-finite steps reported so far
+    self.eval_stopped = None  # the signal that cut an evaluation short
     self.last_time, self.last_step = time.perf_counter(), run.start
 
   def train(self) -> int:
@@ -145,7 +159,8 @@ class _Loop:
       if log_due:  # tokens/s counts train steps, not evaluations or logging
         self._restart_step_clock(step)
       hooks.current.logged(step, self.stop)
-      stopping_on = stopping.agreed_stop(self.stop, log_due)
+      stopping_on = (self.eval_stopped or
+                     stopping.agreed_stop(self.stop, log_due))
       save_due = (step % c.checkpoint_every == 0 or last or
                   stopping_on is not None)
       if save_due and c.nan_policy == 'stop' and nonfinite is None:
@@ -175,11 +190,11 @@ class _Loop:
                  f'the initial model ({why})')
     if run.start == 0 and at_start:
       first = self._eval_loss()
+      ppl = metrics_lib.perplexity(first)
       run.say(f'step 0: eval loss {first:.4f}, perplexity '
-              f'{math.exp(first):.2f}')
+              f'{metrics_lib.perplexity_text(ppl)}')
       if run.log:
-        run.log.write({'step': 0, 'eval_loss': first,
-                       'eval_ppl': math.exp(min(first, 700))})
+        run.log.write({'step': 0, 'eval_loss': first, 'eval_ppl': ppl})
 
   def _step(self, step: int):
     """Dispatches step + 1 on its batch; returns its metrics (on device)."""
@@ -216,13 +231,18 @@ class _Loop:
                          tok_s=f'{entry["tokens_per_s"]:.0f}')
     return entry
 
-  def _eval_loss(self) -> float:
-    """The mean token loss over the held-out batches."""
+  def _eval_loss(self) -> float | None:
+    """The mean token loss over the held-out batches; None when a signal
+    in the loop cut it short (every process stops at the same batch)."""
     run = self.run
     total, count = 0.0, 0.0
     for batch in tqdm.tqdm(run.eval_batches, desc='evaluating', unit='batch',
                            leave=False, dynamic_ncols=True,
                            disable=not self.show_eval):
+      if self.stop.in_loop:
+        self.eval_stopped = stopping.agreed_stop(self.stop, sync_point=True)
+        if self.eval_stopped:
+          return None
       s, n = run.steps.eval(run.state,
                             _global_batch(batch, run.steps.batch_sharding))
       total, count = total + float(s), count + float(n)
@@ -230,9 +250,13 @@ class _Loop:
 
   def _evaluate(self, step: int) -> dict:
     loss = self._eval_loss()
-    entry = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 700))}
+    if loss is None:
+      self.write(f'{self.eval_stopped}: the evaluation of step {step} was '
+                 'stopped; it is not logged')
+      return {}
+    entry = {'eval_loss': loss, 'eval_ppl': metrics_lib.perplexity(loss)}
     self.write(f'step {step}: eval loss {loss:.4f}, perplexity '
-               f'{entry["eval_ppl"]:.2f}')
+               f'{metrics_lib.perplexity_text(entry["eval_ppl"])}')
     return entry
 
   def _nonfinite_allowed(self, nonfinite: int | None) -> bool:
@@ -249,10 +273,15 @@ class _Loop:
       # Nothing after the bad step is saved: wait for the saves of earlier
       # steps, then name the newest as the one to resume from.
       self.run.ckpt.wait()
+      latest = self.run.ckpt.latest_step()
+      good = (f'the last good checkpoint is step {latest}. See '
+              'docs/reliability.md to resume' if latest is not None else
+              'no checkpoint had been saved before it: rerun with '
+              '--config.nan_policy=skip to drop such updates, or with a '
+              'lower learning rate in a new --workdir')
       self.error(f'non-finite loss or gradient {where} (nan_policy=stop); '
-                 'its update was dropped and nothing after it was saved; the '
-                 f'last good checkpoint is step {self.run.ckpt.latest_step()}.'
-                 ' See docs/reliability.md to resume')
+                 f'its update was dropped and nothing after it was saved; '
+                 f'{good}')
       return False
     self.write(f'warning: non-finite loss or gradient {where}; the update '
                f'was skipped (nan_policy=skip, {nonfinite} so far)')

@@ -210,6 +210,8 @@ def test_every_non_string_key_refuses_a_word_on_the_command_line(key):
     ('--config.model.ffn_dim=-2', 'model.ffn_dim'),
     ('--config.model.ffn_dim_block=0', 'model.ffn_dim_block'),
     ('--config.poet.block_size=7', 'does not divide'),
+    ('--config.poet.block_size=1', 'blocks of 1, which have no rotation'),
+    ('--config.data.decode_errors=ignore', 'data.decode_errors'),
     ('--config.poet.neumann_terms=9', 'poet.neumann_terms'),
     ('--config.poet.max_q_norm=-1', 'poet.max_q_norm'),
     ('--config.model.dim=100', 'model.dim'),
@@ -276,6 +278,16 @@ def test_an_unparsable_number_is_one_line_and_creates_nothing(override, kind,
   assert not workdir.exists()
 
 
+def test_a_runs_config_json_given_as_config_says_what_to_do(tmp_path):
+  """A newcomer reruns a run from its config.json: not Python (false, null
+  are names there); the line says what --config takes and how to resume."""
+  path = tmp_path / 'config.json'
+  path.write_text(config_lib.base_config().to_json())
+  message = train.parse_command_line(['train.py', f'--config={path}'])
+  assert isinstance(message, str) and 'is a JSON file' in message, message
+  assert 'configs/llama_60m.py' in message and '--workdir' in message
+
+
 def test_a_config_file_that_raises_is_one_line(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config():\n  return undefined_name\n')
@@ -296,3 +308,32 @@ def test_help_exits_0():
   with contextlib.redirect_stdout(out):
     assert train.main(['train.py', '--help']) == 0
   assert 'Exit codes' in out.getvalue() and '--workdir' in out.getvalue()
+
+
+def _number_keys(prefixes):
+  from train_util import tiny_config  # pylint: disable=g-import-not-at-top
+  return sorted(k for k, v in config_checks._leaves(tiny_config()).items()
+                if k.startswith(prefixes) and isinstance(v, (int, float))
+                and not isinstance(v, bool))
+
+
+@pytest.mark.parametrize('key', _number_keys(('model.', 'poet.',
+                                              'optimizer.', 'train.')))
+def test_a_smallest_value_the_checks_accept_builds_the_run(key):
+  """0 and 1, where sizes and counts degenerate (blocks of 1, one layer,
+  no warm-up): refused in one line by validate, or the model and the
+  optimizer are built from them (abstractly), never a traceback later."""
+  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from train_util import tiny_config  # pylint: disable=g-import-not-at-top
+  for value in (0, 1):
+    c = tiny_config()
+    *path, last = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = type(node[last])(value)
+    try:
+      config_checks.validate(c)
+    except config_lib.ConfigError:
+      continue
+    train_state.abstract_state(c, 257)

@@ -24,6 +24,7 @@ from poet_jax import reparam
 from poet_jax import steps as steps_lib
 from poet_jax import train_lib
 from poet_jax import train_state
+import tolerance
 from train_util import (KEYS, SHORT, assert_one_error_line, complete_steps,
                         numeric, read_metrics, run_train, steps_of,
                         tiny_config)
@@ -70,6 +71,20 @@ def test_nan_policy_stop_then_skip(reference, tmp_path):
   assert numeric([entries[4]], KEYS) == numeric([ref[4]], KEYS)
 
 
+def test_nan_policy_stop_before_any_checkpoint_says_how_to_go_on(tmp_path):
+  """Step 1 is non-finite: there is no good checkpoint to name; the line
+  says how to go on instead."""
+  workdir = str(tmp_path)
+  stopped = run_train(workdir, *SHORT, '--config.nan_policy=stop',
+                      env={'POET_JAX_FAULT': 'nan@1'})
+  assert stopped.returncode == train_lib.EXIT_NONFINITE, stopped.stderr
+  line = assert_one_error_line(stopped.stderr, 'at step 1',
+                               'no checkpoint had been saved before it',
+                               '--config.nan_policy=skip')
+  assert 'None' not in line
+  assert complete_steps(workdir) == []
+
+
 def test_jitted_step_drops_a_non_finite_update_and_counts_it():
   """In the compiled step itself (AdamW on a smaller model: it compiles in
   seconds; the check does not depend on the method, and the POET run above
@@ -113,6 +128,8 @@ def test_logged_learning_rates_are_the_applied_ones():
   c.optimizer.b1 = c.optimizer.b2 = 0.0
   c.train.grad_clip = c.train.weight_decay = 0.0
   c.poet.lr = 1e-2
+  # Adam's eps far below every gradient: the step is exactly the rate.
+  c.poet.eps = 1e-12
   vocab = 64
   setup, state = train_state.init_state(c, vocab)
   step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
@@ -138,20 +155,30 @@ def test_logged_learning_rates_are_the_applied_ones():
     if i == 2:
       assert not bool(m['finite'])
       continue
-    np.testing.assert_allclose(
-        largest(state['params'], before, 'base'), m['learning_rate'],
-        rtol=1e-3)
-    np.testing.assert_allclose(
-        largest_step(generators(state), before_generators),
-        m['poet_learning_rate'], rtol=1e-3)
+    # p + u - p rounds twice at the parameters' size; the update's own few
+    # roundings at its own.
+    for change, rate, old in (
+        (largest(state['params'], before, 'base'), m['learning_rate'],
+         before),
+        (largest_step(generators(state), before_generators),
+         m['poet_learning_rate'], before_generators)):
+      size = max(float(np.abs(x).max()) for x in jax.tree.leaves(old))
+      tolerance.assert_close(change, rate, 2 * size / rate + 5,
+                             scale=float(rate))
     rates.append(float(m['learning_rate']))
   # Four updates were applied: the schedule went through its first four
   # values, without a gap at the dropped step.
   lr = optimizers.schedule(c, c.train.lr)
-  np.testing.assert_allclose(rates, [lr(i) for i in range(4)], rtol=1e-6)
+  # The cosine schedule in and out of the jitted step (about ten roundings).
+  tolerance.assert_close(rates, [lr(i) for i in range(4)], 10)
 
 
 # ------------------------------------------------------- divergence guard
+
+
+# A block of 8 rescaled to the guard's norm, then measured: twice the norm
+# of its 28 generators, the root, a division and a product.
+GUARD_ROUNDING = 4 * 2 * 31 * tolerance.EPS32
 
 
 def _generator_run(max_q_norm: float, steps: int = 300):
@@ -191,7 +218,7 @@ def test_max_q_norm_keeps_the_orthogonality_error_bounded():
   held_err, held_q = _generator_run(0.5)
   # With the guard every block stays at ||Q||_F <= 0.5, where the 3-term
   # series is close to orthogonal (measured: below 0.01) for the whole run.
-  assert held_q.max() <= 0.5 * (1 + 1e-6)
+  assert held_q.max() <= 0.5 * (1 + GUARD_ROUNDING)
   assert held_err.max() < 0.02
   # Without it ||Q|| passes 1 (the series' radius) and the error explodes.
   assert free_q[-1] > 2.0
@@ -218,7 +245,8 @@ def test_numerical_trouble_is_warned_once_with_the_step_and_layer():
   state['params']['blocks']['mlp']['up']['in_blocks'] = blocks.at[1, 0].set(
       orthogonal.orthogonal_blocks(jnp.asarray(u), blocks.shape[-1]))
   health = metrics_lib.poet_layer_health(model(), generators)
-  np.testing.assert_allclose(health['q_norm'].max(), 1.5, rtol=1e-5)
+  # sqrt(2) x the norm of two entries: a few roundings.
+  tolerance.assert_close(health['q_norm'].max(), 1.5, 5)
   lines = metrics_lib.numerical_warnings(7, names, health, warned)
   assert len(lines) == 2, lines
   for line, what in zip(lines, ('||Q||_F 1.5', 'orthogonality error')):
@@ -245,4 +273,4 @@ def test_a_diverging_run_warns(tmp_path):
   assert 'warning' not in guarded.stdout
   q_norms = [e['q_norm_max'] for e in read_metrics(str(tmp_path / 'guarded'))
              if 'q_norm_max' in e]
-  assert len(q_norms) == 3 and max(q_norms) <= 0.9 * (1 + 1e-6)
+  assert len(q_norms) == 3 and max(q_norms) <= 0.9 * (1 + GUARD_ROUNDING)

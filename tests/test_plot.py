@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import warnings
 
 import matplotlib.image
 import pytest
@@ -80,3 +81,68 @@ def test_command_refuses_a_directory_without_metrics(tmp_path):
   assert code == 2 and not os.path.exists(out)
   assert err.getvalue().count('\n') == 1
   assert 'has no metrics.jsonl' in err.getvalue()
+
+
+def _labels(entries):
+  """The off-scale labels and the legend of one run's loss axes."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots()
+  plot._draw_losses(ax, entries, ('C0', 'C1'), plot.loss_range([entries]))
+  texts = [t.get_text() for t in ax.texts]
+  legend = ax.get_legend_handles_labels()[1]
+  plt.close(fig)
+  return texts, legend
+
+
+def test_off_scale_points_of_both_losses_are_labelled(tmp_path):
+  """A spike of the train loss early on (steps 1-3, off the range that
+  shows training) gets one label, its highest value; an evaluation off
+  the range gets its own."""
+  entries, _ = plot.read_run(make_run(tmp_path / 'a'))
+  spike = [{'step': s, 'train_loss': v} for s, v in ((1, 60.0), (2, 80.0),
+                                                     (3, 70.0))]
+  entries = entries[:1] + spike + entries[1:]
+  texts, _ = _labels(entries)
+  assert sorted(texts) == ['5.58 ↑', '80 ↑']
+
+
+def test_a_diverged_runs_perplexity_is_short(tmp_path):
+  """exp(800) is capped at exp(700), and shown as 1.01e+304, not 305
+  digits (the eval line, evaluate's line and the legends use it)."""
+  from poet_jax import metrics  # pylint: disable=g-import-not-at-top
+  assert metrics.perplexity_text(metrics.perplexity(800.0)) == '1.01e+304'
+  assert metrics.perplexity_text(metrics.perplexity(2.0)) == '7.39'
+  entries, _ = plot.read_run(make_run(tmp_path / 'a'))
+  entries[-1]['eval_loss'] = 800.0
+  _, legend = _labels(entries)
+  assert 'eval loss (final perplexity 1.01e+304)' in legend
+  # A run diverged to losses of 6e14 (train.lr=1000) plots without a
+  # perplexity axis, whose exp would be constant, and so without warnings.
+  diverged = make_run(tmp_path / 'b')
+  with open(os.path.join(diverged, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps({'step': s, 'train_loss': 6.2e14 + s * 1e10,
+                             'eval_loss': 6.3e14, 'eval_ppl': math.exp(700)})
+                 + '\n' for s in (10, 20))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    plot.plot_run(diverged, str(tmp_path / 'b.png'))
+
+
+def test_command_out_is_checked_before_drawing(tmp_path, monkeypatch):
+  """A missing directory, a directory, an unknown suffix: one line, exit 2.
+  A name without a suffix is written, and named, with .png."""
+  run = make_run(tmp_path / 'a')
+  monkeypatch.chdir(tmp_path)
+  for out, expected in [(str(tmp_path / 'no' / 'x.png'), 'does not exist'),
+                        (str(tmp_path), 'is a directory'),
+                        ('x.jpgx', 'cannot write .jpgx files')]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      assert plot.main([run, f'--out={out}']) == 2
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+  said = io.StringIO()
+  with contextlib.redirect_stdout(said):
+    assert plot.main([run, '--out=compare']) == 0
+  assert said.getvalue() == 'wrote compare.png\n'
+  assert sorted(os.listdir(tmp_path)) == ['a', 'compare.png']

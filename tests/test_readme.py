@@ -114,3 +114,25 @@ def test_each_route_example_runs_as_written(index, says, capsys):
   out = capsys.readouterr().out
   assert says in out
   assert float(out.split('loss ')[1].split(',')[0].split()[0]) < 0.3
+
+
+def test_train_lib_example_plots_only_runs_it_trains(tmp_path, monkeypatch):
+  """The example that trains from Python, run in an empty directory with
+  train_lib.train standing in (each run's metrics written at once): every
+  run it plots is one it made, so it works from anywhere."""
+  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  block = re.search(r'```\n(from poet_jax import config, plot, train_lib\n'
+                    r'.*?)```', readme(), re.S).group(1)
+  trained = []
+
+  def train(c, workdir):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.write('{"step": 10, "train_loss": 3.0}\n')
+    trained.append((workdir, c.optimizer.name))
+    return 0
+
+  monkeypatch.setattr(train_lib, 'train', train)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(block, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+  assert len(trained) == 2 and os.path.isfile('compare.png')

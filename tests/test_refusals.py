@@ -350,3 +350,24 @@ def test_corrupted_tokenizer_file(damage, sentencepiece_models, tmp_path,
   assert_one_error_line(err, model if damage != 'replaced' else '',
                         expected[damage])
   assert snapshot(str(tmp_path / 'run')) == before
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_moved_tokenizer_file_is_the_same_tokenizer(sentencepiece_models,
+                                                      tmp_path, capsys):
+  """A tokenizer is its contents: moved, the run's config names another
+  path, yet the checkpoint's record of it matches, and start-up goes on (to
+  the stand-in checkpoint, which is what refuses here), changing nothing."""
+  texts, data_dir = _prepared_corpus(tmp_path)
+  model, moved = str(tmp_path / 'tok.model'), str(tmp_path / 'moved.model')
+  shutil.copy(sentencepiece_models[0], model)
+  argv = (*INPROC, f'--workdir={tmp_path / "run"}', f'--config.data.name={texts}',
+          f'--config.data.data_dir={data_dir}')
+  before = _run_dir_with_checkpoint(
+      str(tmp_path / 'run'), (*argv, f'--config.data.tokenizer={model}'),
+      meta={'tokenizer': tokenizer_lib.load_tokenizer(model).identity})
+  os.rename(model, moved)
+  code, _, err = _main((*argv, f'--config.data.tokenizer={moved}'), capsys)
+  assert code == 2
+  assert_one_error_line(err, 'checkpoints/2 cannot be read')
+  assert snapshot(str(tmp_path / 'run')) == before

@@ -8,6 +8,7 @@ from poet_jax import config_checks
 from poet_jax import sharding
 from poet_jax import steps as steps_lib
 from poet_jax import train_state
+import tolerance
 
 VOCAB = 64
 STEPS = 5  # merges after steps 2 and 4
@@ -54,7 +55,14 @@ def test_data_x_fsdp_mesh_trains_like_one_device():
   w0 = state['frozen']['blocks']['mlp']['up']['w0']
   assert len(w0.sharding.device_set) == 8
   assert not w0.sharding.is_fully_replicated  # fsdp really splits it
-  np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  # The same steps with the sums split over devices: rounding in another
+  # order along the run's chain.
+  params = sum(x.size for x in jax.tree.leaves(state['params']))
+  c = tiny_config()
+  terms = tolerance.training_terms(
+      train_state.model_config(c, VOCAB), c.train.seq_len,
+      c.train.batch_size, int(c.poet.block_size), params, STEPS)
+  tolerance.assert_close_probably(sharded, single, terms)
   assert single[-1] < single[0]
 
 

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+import tolerance
 from train_util import SHORT, STEPS, numeric, read_metrics, run_train
 
 
@@ -118,10 +119,17 @@ def test_grad_accumulation_equals_the_whole_batch():
       jax.tree.leaves(initial['frozen']), jax.tree.leaves(whole[1]['frozen'])))
   losses, state, evaluation = _run_steps(small_config(grad_accum_steps=4),
                                          batches)
-  np.testing.assert_allclose(losses, whole[0], rtol=2e-5)
-  np.testing.assert_allclose(evaluation, whole[2], rtol=2e-5)
+  # The gradient summed in another order (micro-batches), along the run's
+  # chain; each array to its own magnitude.
+  c = small_config()
+  terms = tolerance.training_terms(
+      train_state.model_config(c, 64), c.train.seq_len, c.train.batch_size,
+      int(c.poet.block_size),
+      sum(x.size for x in jax.tree.leaves(state['params'])), len(batches))
+  tolerance.assert_close_probably(losses, whole[0], terms)
+  tolerance.assert_close_probably(evaluation, whole[2], terms)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    tolerance.assert_close_probably(a, b, terms)
 
 
 def test_trainable_count_is_the_generators_and_the_dense_leaves():

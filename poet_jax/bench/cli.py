@@ -5,6 +5,7 @@ import json
 import os
 
 from poet_jax import config as config_lib
+from poet_jax import workdir as workdir_lib
 from poet_jax.bench import device
 from poet_jax.bench import reference
 from poet_jax.bench.blocks import bench_blocks
@@ -153,6 +154,10 @@ def main(argv=None) -> int:
                  f'choose from {METHODS}')
   if 'device' in sections:
     device.prepare_environment()  # before JAX starts a backend
+  try:
+    workdir_lib.check_outside_runs(args.json, '--json')
+  except workdir_lib.WorkdirError as e:
+    parser.error(str(e))
   report = run(sections, _sizes(args), args.reps, args.memory_dtype, methods,
                args.step_reps, args.profile, reference.Args.from_flags(args),
                args.tiny)
