@@ -125,6 +125,26 @@ def layerwise(fn, u, *blocks):
   return out.reshape(lead + out.shape[1:])
 
 
+def generator_gradients(grads, generators, num_terms: int,
+                        orthogonal_map: str) -> Any:
+  """The gradient `reparameterize`'s inner transformation sees (step 1).
+
+  grads: the model's gradient tree; generators: the state's
+  (ReparameterizeState.generators, or `generators(opt_state)`), None at
+  non-POET leaves. Every POET leaf's blocks' gradient (..., k, b, b) becomes
+  its generators' gradient (..., k, b(b-1)/2) float32, through the VJP of
+  the map at the current generators; other leaves are passed through. Its
+  global norm is the one the inner clip sees (spec section 7). Jittable.
+  """
+  def one_leaf(u, g):
+    if u is None:
+      return g
+    make = block_map(num_terms, orthogonal_map, g.shape[-1])
+    return layerwise(lambda u, g: jax.vjp(make, u)[1](g.astype(u.dtype))[0],
+                     u, g)
+  return jax.tree.map(one_leaf, generators, grads, is_leaf=is_none)
+
+
 def _cap(u, max_norm):
   """Scales each block's generator so that ||Q||_F = sqrt(2)||u|| <= max."""
   norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
@@ -182,15 +202,6 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     return ReparameterizeState(jnp.zeros([], jnp.int32), generators,
                                inner.init(swap(selected, params, generators)))
 
-  def generator_grad(s, g, u):
-    if not s:
-      return None
-
-    def one_layer(u, g):
-      _, vjp = jax.vjp(make(g.shape[-1]), u)
-      return vjp(g.astype(u.dtype))[0]
-    return layerwise(one_layer, u, g)
-
   def new_blocks_update(u, p):
     return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
                      u, p)
@@ -202,8 +213,8 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     # POET leaves are where the state holds generators: chosen at init.
     selected = jax.tree.map(lambda u: u is not None, state.generators,
                             is_leaf=is_none)
-    gen_grads = jax.tree.map(generator_grad, selected, updates,
-                             state.generators, is_leaf=is_none)
+    gen_grads = generator_gradients(updates, state.generators, num_terms,
+                                    orthogonal_map)
     inner_updates, new, inner_state = step_generators(
         inner, selected, gen_grads, updates, params, state.generators,
         state.inner_state)

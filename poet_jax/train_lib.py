@@ -179,7 +179,8 @@ class _Loop:
               f'{math.exp(first):.2f}')
       if run.log:
         run.log.write({'step': 0, 'eval_loss': first,
-                       'eval_ppl': math.exp(min(first, 700))})
+                       'eval_ppl': math.exp(min(first, 700)),
+                       **self._weight_diagnostics()})
 
   def _step(self, step: int):
     """Dispatches step + 1 on its batch; returns its metrics (on device)."""
@@ -231,9 +232,16 @@ class _Loop:
   def _evaluate(self, step: int) -> dict:
     loss = self._eval_loss()
     entry = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 700))}
+    entry.update(self._weight_diagnostics())
     self.write(f'step {step}: eval loss {loss:.4f}, perplexity '
                f'{entry["eval_ppl"]:.2f}')
     return entry
+
+  def _weight_diagnostics(self) -> dict:
+    """The papers' weight diagnostics (steps.weight_diagnostics), logged
+    with every evaluation."""
+    return {k: float(v) for k, v in jax.device_get(
+        self.run.steps.weights(self.run.state)).items()}
 
   def _nonfinite_allowed(self, nonfinite: int | None) -> bool:
     """Reports the non-finite steps not reported yet (nonfinite: the count,
