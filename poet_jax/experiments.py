@@ -162,9 +162,10 @@ def at_seed(overrides: dict, seed: int) -> dict:
 class Runner:
   """Trains runs in <root>/<name>, each once; collects their results."""
 
-  def __init__(self, root: str, scale: dict, log=print):
-    """root: parent of the work directories; scale: one of SCALES."""
-    self.root, self.scale, self.log = root, scale, log
+  def __init__(self, root: str, scale: dict, log=print, commit='unknown'):
+    """root: parent of the work directories; scale: one of SCALES; commit:
+    the code's, recorded in the result of every run trained here."""
+    self.root, self.scale, self.log, self.commit = root, scale, log, commit
     self.results = {}
     self.trained = []  # names of the runs this invocation trained
 
@@ -208,6 +209,7 @@ class Runner:
       raise SystemExit(code)
     result = _summarize(name, overrides, workdir,
                         time.perf_counter() - start)
+    result['commit'] = self.commit
     tmp = os.path.join(workdir, 'result.json.tmp')
     with open(tmp, 'w') as f:
       json.dump(result, f, indent=1)
@@ -357,9 +359,10 @@ def run_studies(args, argv=(), log=print) -> dict:
   """Runs (or reuses) every run of the chosen studies; writes the page,
   results.json and the plots. Returns results.json's content."""
   scale = SCALES[args.scale]
-  run = Runner(args.root, scale, log)
+  commit, dirty = page.git_commit()
+  run = Runner(args.root, scale, log, commit + (
+      ' with uncommitted changes' if dirty else ''))
   start = time.perf_counter()
-  commit = page.git_commit()  # the code the runs train with
   res = {'compare': study_compare(run, scale)}
   setting = res['compare']['best_poet'][0]['overrides']
   ablations = {'neumann': ('poet.neumann_terms', range(5)),
@@ -369,7 +372,7 @@ def run_studies(args, argv=(), log=print) -> dict:
     if study in args.studies:
       res[study] = study_ablation(run, setting, key, values, scale['seeds'])
   os.makedirs(args.out, exist_ok=True)
-  return page.write_all(run, res, args, argv, COMMON, commit,
+  return page.write_all(run, res, args, argv, COMMON,
                         wall=time.perf_counter() - start, log=log)
 
 

@@ -96,12 +96,11 @@ def fingerprints_differ(recorded: dict, computed: dict) -> list[str]:
   return bad
 
 
-def write_all(run, res: dict, args, argv, common: dict, commit: tuple,
-              wall: float, log=print) -> dict:
+def write_all(run, res: dict, args, argv, common: dict, wall: float,
+              log=print) -> dict:
   """Every section of the chosen studies; writes args.page, results.json
   and the plots into args.out. common: the overrides of every run (besides
-  the scale's); commit: git_commit() when the study started. Returns
-  results.json's content."""
+  the scale's). Returns results.json's content."""
   studies, compare = args.studies, res['compare']
   link = os.path.relpath(os.path.abspath(args.out), os.path.dirname(
       os.path.abspath(args.page)))
@@ -122,7 +121,6 @@ def write_all(run, res: dict, args, argv, common: dict, commit: tuple,
     parts.append(diagnostics.report_diagnostics(
         run, compare, out, no_merge[0] if no_merge else None))
   claims = [c for _, cs in parts for c in cs]
-  commit, dirty = commit
   fingerprints = []
   sizes = {}
   for key in ('best_poet', 'best_adamw'):
@@ -133,7 +131,8 @@ def write_all(run, res: dict, args, argv, common: dict, commit: tuple,
                            'leaves': init_fingerprint(state)})
       sizes.setdefault(key, train_state.count_params(state))
   summary = {
-      'scale': args.scale, 'commit': commit, 'dirty': dirty,
+      'scale': args.scale, 'commits': sorted(
+          {r.get('commit', 'unknown') for r in run.results.values()}),
       'base': run.scale['base'], 'common': common,
       'best_poet': compare['best_poet'][0]['name'],
       'best_adamw': compare['best_adamw'][0]['name'],
@@ -164,8 +163,7 @@ def _page(run, summary, claims, sections, sizes, argv, args,
                if r['overrides']['optimizer.name'] == 'poet']
   adamw_runs = [r['wall_s'] for r in run.results.values()
                 if r['overrides']['optimizer.name'] == 'adamw']
-  commit = summary['commit'][:12] + (
-      ' with uncommitted changes' if summary['dirty'] else '')
+  commits = ' and '.join(f'`{c}`' for c in summary['commits'])
   command = ' '.join(['python -m poet_jax.experiments'] + list(argv))
   tokens = steps * c.train.batch_size * c.train.seq_len
   scale_rows = [
@@ -201,8 +199,8 @@ def _page(run, summary, claims, sections, sizes, argv, args,
       'billions of C4 tokens. This page tests their findings (spec sections '
       '2, 5, 6, 9 and 10) on a much smaller model, on the embedded corpus, '
       'on CPU, with every setting run at several seeds.\n',
-      f'Written by `{command}` from {len(run.results)} runs, at commit '
-      f'`{commit}`, on {datetime.date.today().isoformat()}, on '
+      f'Written by `{command}` from {len(run.results)} runs trained at '
+      f'commit {commits}, on {datetime.date.today().isoformat()}, on '
       f'{_machine()}. The runs\' '
       f"training took {summary['train_minutes']:.1f} min in all (a POET run "
       f'{_mean(poet_runs):.0f} s on average, an AdamW run '
