@@ -11,9 +11,9 @@ from flax import nnx
 from poet_jax import layers
 from poet_jax import merge
 from poet_jax import orthogonal
-from poet_jax.poetize import DEFAULT_EXCLUDE
 from poet_jax import spo
 from poet_jax.layers import BLOCK_NAMES
+from poet_jax.poetize import DEFAULT_EXCLUDE
 
 
 class MetricsLog:
@@ -269,13 +269,12 @@ def reparameterized_layers(model: nnx.Module) -> list:
 
 def _one_layer(layer, index: jax.Array, key: jax.Array) -> dict:
   """The diagnostics of one (unstacked) layer; see weight_diagnostics."""
-  if not isinstance(layer, layers.POETLinear):
-    w = layer.kernel[...]
-    return {'svd_entropy': svd_entropy(w),
-            'hyperspherical_energy': hyperspherical_energy(w)}
-  w = layer.effective_weight()
+  poet = isinstance(layer, layers.POETLinear)
+  w = layer.effective_weight() if poet else layer.kernel[...]
   out = {'svd_entropy': svd_entropy(w),
          'hyperspherical_energy': hyperspherical_energy(w)}
+  if not poet:
+    return out
   g_in, g_out = layer.orthogonal_blocks()
   out_gather = layer.out_place[...]
   if layer.variant == 'block':

@@ -79,8 +79,9 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   # device, and reported with the next logged metrics.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if c.optimizer.name == 'poet':
-    # The norm the clip sees (and the reference logs): of the generators'
-    # gradient, not of the blocks'.
+    # Logged: the norm the clip sees (and the reference logs), of the
+    # generators' gradient, not of the blocks'. Its VJP is the update's
+    # own: XLA computes it once (the compiled step has no extra loop).
     grad_norm = optax.tree.norm(reparam.generator_gradients(
         grads, reparam.generators(state['opt_state']), c.poet.neumann_terms,
         c.poet.orthogonal_map))
@@ -140,7 +141,7 @@ class CompiledSteps:
   diagnostics: Callable
   state_sharding: Any
   batch_sharding: Any
-  weights: Callable = None  # weight_diagnostics
+  weights: Callable  # weight_diagnostics
 
 
 def compiler_options(c) -> dict:
