@@ -14,8 +14,8 @@ whose result.json exists is finished and skipped; an unfinished one resumes
 from its last checkpoint. The learning rates are swept first (over the
 scale's sweep seeds, the best by mean eval loss); the best settings then run
 at more seeds, and every ablation runs at the scale's seeds. The page,
-results.json (with the commit and a fingerprint of the initial weights) and
-the PNG plots are written from the runs (experiments_report).
+results.json (with the commits and a fingerprint of the initial weights)
+and the PNG plots are written from the runs (experiments_page).
 
 Exit codes as train.py: 2 bad input (nothing written), 3 interrupted (run
 the same command to resume).

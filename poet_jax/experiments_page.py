@@ -101,10 +101,50 @@ def write_all(run, res: dict, args, argv, common: dict, wall: float,
   """Every section of the chosen studies; writes args.page, results.json
   and the plots into args.out. common: the overrides of every run (besides
   the scale's). Returns results.json's content."""
-  studies, compare = args.studies, res['compare']
   link = os.path.relpath(os.path.abspath(args.out), os.path.dirname(
       os.path.abspath(args.page)))
   out = report.Plots(args.out, '' if link == '.' else link)
+  parts = _sections(run, res, args.studies, out)
+  claims = [c for _, cs in parts for c in cs]
+  compare = res['compare']
+  fingerprints, sizes = [], {}
+  for key in ('best_poet', 'best_adamw'):
+    for result in compare[key][:2]:  # seeds 0 and 1
+      state = initial_state(run.config(result['overrides']))
+      fingerprints.append({'run': result['name'],
+                           'overrides': result['overrides'],
+                           'leaves': init_fingerprint(state)})
+      sizes.setdefault(key, train_state.count_params(state)[0])
+  summary = {
+      'scale': args.scale, 'commits': sorted(
+          {r.get('commit', 'unknown') for r in run.results.values()}),
+      'base': run.scale['base'], 'common': common,
+      'best_poet': compare['best_poet'][0]['name'],
+      'best_adamw': compare['best_adamw'][0]['name'],
+      'train_minutes': sum(r['wall_s'] for r in run.results.values()) / 60,
+      'wall_minutes': wall / 60, 'trained_now': len(run.trained),
+      'claims': [{'finding': c.finding, 'a': c.a, 'b': c.b,
+                  'names': list(c.names), 'kind': c.kind,
+                  'verdict': c.verdict()} for c in claims],
+      'init_fingerprints': fingerprints, 'runs': run.results}
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  command = ' '.join(['python -m poet_jax.experiments'] + list(argv))
+  page = '\n'.join(
+      [_intro(run, summary, command, link)] +
+      [_scale(run, summary, sizes), _summary(claims)] +
+      [text for text, _ in parts] + [LIMITS])
+  os.makedirs(os.path.dirname(os.path.abspath(args.page)), exist_ok=True)
+  with open(args.page, 'w') as f:
+    f.write(page)
+  log(f'page {os.path.abspath(args.page)}; results and plots in '
+      f'{os.path.abspath(args.out)}')
+  return summary
+
+
+def _sections(run, res: dict, studies, out) -> list[tuple[str, list]]:
+  """(Markdown, claims) of each study that ran, in the page's order."""
+  compare = res['compare']
   parts = [report.report_compare(run, compare, out)]
   for study, key in (('neumann', 'poet.neumann_terms'),
                      ('merge', 'poet.merge_every'), ('init', 'poet.init')):
@@ -120,59 +160,54 @@ def write_all(run, res: dict, args, argv, common: dict, wall: float,
     no_merge = [r for t, r in res.get('merge', {}).items() if t >= steps]
     parts.append(diagnostics.report_diagnostics(
         run, compare, out, no_merge[0] if no_merge else None))
-  claims = [c for _, cs in parts for c in cs]
-  fingerprints = []
-  sizes = {}
-  for key in ('best_poet', 'best_adamw'):
-    for result in compare[key][:2]:
-      state = initial_state(run.config(result['overrides']))
-      fingerprints.append({'run': result['name'],
-                           'overrides': result['overrides'],
-                           'leaves': init_fingerprint(state)})
-      sizes.setdefault(key, train_state.count_params(state))
-  summary = {
-      'scale': args.scale, 'commits': sorted(
-          {r.get('commit', 'unknown') for r in run.results.values()}),
-      'base': run.scale['base'], 'common': common,
-      'best_poet': compare['best_poet'][0]['name'],
-      'best_adamw': compare['best_adamw'][0]['name'],
-      'train_minutes': sum(r['wall_s'] for r in run.results.values()) / 60,
-      'wall_minutes': wall / 60, 'trained_now': len(run.trained),
-      'claims': [{'finding': c.finding, 'a': c.a, 'b': c.b,
-                  'names': list(c.names), 'kind': c.kind,
-                  'verdict': c.verdict()} for c in claims],
-      'init_fingerprints': fingerprints, 'runs': run.results}
-  with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  page = _page(run, summary, claims, [text for text, _ in parts], sizes,
-               argv, args, out.link or '.')
-  os.makedirs(os.path.dirname(os.path.abspath(args.page)), exist_ok=True)
-  with open(args.page, 'w') as f:
-    f.write(page)
-  log(f'page {os.path.abspath(args.page)}; results and plots in '
-      f'{os.path.abspath(args.out)}')
-  return summary
+  return parts
 
 
-def _page(run, summary, claims, sections, sizes, argv, args,
-          link: str) -> str:
-  """The whole Markdown page."""
-  c = run.config(run.results[summary['best_poet']]['overrides'])
-  steps, m = c.train.steps, c.model
-  poet_runs = [r['wall_s'] for r in run.results.values()
-               if r['overrides']['optimizer.name'] == 'poet']
-  adamw_runs = [r['wall_s'] for r in run.results.values()
-                if r['overrides']['optimizer.name'] == 'adamw']
+def _intro(run, summary: dict, command: str, link: str) -> str:
+  """Title, provenance (command, commits, machine, time) and commands."""
+  seconds = lambda method: _mean([
+      r['wall_s'] for r in run.results.values()
+      if r['overrides']['optimizer.name'] == method])
   commits = ' and '.join(f'`{c}`' for c in summary['commits'])
-  command = ' '.join(['python -m poet_jax.experiments'] + list(argv))
+  return (
+      '# Reproducing the papers\' findings at small scale\n\n'
+      '<!-- Written by python -m poet_jax.experiments from the runs; edits '
+      'are lost on the next run. -->\n\n'
+      'The POET papers train Llama models from 60M to 13B parameters on '
+      'billions of C4 tokens. This page tests their findings (spec sections '
+      '2, 5, 6, 9 and 10) on a much smaller model, on the embedded corpus, '
+      'on CPU, with every setting run at several seeds.\n\n'
+      f'Written by `{command}` from {len(run.results)} runs trained at '
+      f'commit {commits}, on {datetime.date.today().isoformat()}, on '
+      f"{_machine()}. The runs' training took "
+      f"{summary['train_minutes']:.1f} min in all (a POET run "
+      f"{seconds('poet'):.0f} s on average, an AdamW run "
+      f"{seconds('adamw'):.0f} s); this invocation trained "
+      f"{summary['trained_now']} of them and took "
+      f"{summary['wall_minutes']:.1f} min. `{link}/results.json` holds every "
+      "run's figures, the commits, and a fingerprint of the initial weights "
+      'and permutations of the best settings at seeds 0 and 1: '
+      "`tests/test_experiments.py` fails when today's code draws other ones "
+      'from those seeds, and then this page must be regenerated.\n\n'
+      f'## Commands\n\n    {command}    # this page\n'
+      '    python -m poet_jax.experiments --scale=smoke --root=/tmp/runs '
+      '--out=/tmp/out --page=/tmp/out/reproduction.md  # the pipeline, '
+      'minutes\n\n' + RUNS + '\n## When a difference is a finding\n\n' +
+      findings.RULE + '\n')
+
+
+def _scale(run, summary: dict, sizes: dict) -> str:
+  """What was run beside the papers' 60M setting, and why this size."""
+  c = run.config(run.results[summary['best_poet']]['overrides'])
+  steps, m, s = c.train.steps, c.model, run.scale
   tokens = steps * c.train.batch_size * c.train.seq_len
-  scale_rows = [
+  rows = [
       ('model', 'dim 512, 8 layers, 8 heads, FFN 1280',
        f'dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, FFN '
        f'{m.ffn_dim}'),
       ('tokenizer, vocabulary', 'T5 SentencePiece, 32000', 'bytes, 256'),
-      ('data', 'C4', 'the embedded corpus (Python standard library '
-       f'source of Python {platform.python_version()})'),
+      ('data', 'C4', 'the embedded corpus (the standard library source of '
+       f'Python {platform.python_version()})'),
       ('sequence, batch', '256 tokens, 512 sequences',
        f'{c.train.seq_len} tokens, {c.train.batch_size} sequences'),
       ('steps (tokens)', '300k (30B)', f'{steps} ({tokens / 1e3:.0f}k)'),
@@ -181,77 +216,55 @@ def _page(run, summary, claims, sections, sizes, argv, args,
       ('T_m', '400 (750 merges)',
        f'{c.poet.merge_every} ({steps // c.poet.merge_every} merges)'),
       ('trainable parameters', 'POET 9.66M',
-       f"POET {sizes['best_poet'][0]:,}, AdamW {sizes['best_adamw'][0]:,}"),
+       f"POET {sizes['best_poet']:,}, AdamW {sizes['best_adamw']:,}"),
       ('evaluation', 'C4 validation', f'{c.eval_tokens:,} held-out tokens, '
        'the same for every run'),
-      ('seeds', '1', f"{len(run.scale['sweep_seeds'])} per sweep point, "
-       f"{len(run.scale['compare_seeds'])} for each best setting, "
-       f"{len(run.scale['seeds'])} per ablation setting")]
-  summary_rows = [claim.row() for claim in claims]
+      ('seeds', '1', f"{len(s['sweep_seeds'])} per sweep point, "
+       f"{len(s['compare_seeds'])} for each best setting, "
+       f"{len(s['seeds'])} per ablation setting")]
+  return ('## What was run, and why this size\n\n' +
+          report.table(('', 'papers (60M, spec section 8)', 'here'), rows) +
+          '\n' + s['why'] + '\n\n' + SPEC + '\n')
+
+
+def _summary(claims) -> str:
   verdicts = [claim.verdict() for claim in claims]
   counts = ', '.join(f'{verdicts.count(v)} {v}' for v in (
       findings.REPRODUCED, findings.OPPOSITE, findings.NOISE))
-  return '\n'.join([
-      '# Reproducing the papers\' findings at small scale\n',
-      '<!-- Written by python -m poet_jax.experiments from the runs; edits '
-      'are lost on the next run. -->\n',
-      'The POET papers train Llama models from 60M to 13B parameters on '
-      'billions of C4 tokens. This page tests their findings (spec sections '
-      '2, 5, 6, 9 and 10) on a much smaller model, on the embedded corpus, '
-      'on CPU, with every setting run at several seeds.\n',
-      f'Written by `{command}` from {len(run.results)} runs trained at '
-      f'commit {commits}, on {datetime.date.today().isoformat()}, on '
-      f'{_machine()}. The runs\' '
-      f"training took {summary['train_minutes']:.1f} min in all (a POET run "
-      f'{_mean(poet_runs):.0f} s on average, an AdamW run '
-      f'{_mean(adamw_runs):.0f} s); this invocation trained '
-      f"{summary['trained_now']} of them and took "
-      f"{summary['wall_minutes']:.1f} min. `{link}/results.json` "
-      'holds every run\'s figures, the commit, and a fingerprint of the '
-      'initial weights and permutations of the best settings at seeds 0 '
-      'and 1: `tests/test_experiments.py` fails when today\'s code draws '
-      'other ones from those seeds, and then this page must be '
-      'regenerated.\n',
-      '## Commands\n',
-      f'    {command}    # this page',
-      '    python -m poet_jax.experiments --scale=smoke --root=/tmp/runs '
-      '--out=/tmp/out --page=/tmp/out/reproduction.md  # the pipeline, '
-      'minutes\n',
-      'Each run trains with `train_lib.train` in its own work directory '
-      'under `--root` (default `runs/reproduction/`), named after the '
-      'settings it varies and its seed. A run with a `result.json` is '
-      'finished and skipped on a rerun, so a rerun only rewrites the page; '
-      'an interrupted run (Ctrl-C, exit code 3) resumes from its checkpoint '
-      'when the same command is run again. After a change to the code, use '
-      'a new `--root`. Bad flags give one line on stderr and exit code 2 '
-      'before anything is written.\n',
-      '## When a difference is a finding\n', findings.RULE + '\n',
-      '## What was run, and why this size\n',
-      report.table(('', 'papers (60M, spec section 8)', 'here'),
-                   scale_rows),
-      run.scale['why'] + '\n',
-      'Everything else is the spec\'s: grad clip 0.1 with the reference\'s '
-      'ramp after each merge, weight decay 0.01, cosine decay to 0.01x with '
-      'no warmup, Adam betas (0.9, 0.999), `poet.scale` 0.5, '
-      'normalized-Gaussian W0, k = 3, the paper\'s polynomial, and no guard '
-      'on ‖Q‖ (`poet.max_q_norm=0`: the papers\' method has none). The '
-      'papers\' ablations of k, T_m and W0 used POET-FS b = 1/2; all runs '
-      'here are POET-BS, the variant POET-X ships.\n',
-      '## Summary\n', f'{counts}.\n',
-      report.table(('finding (papers)', 'papers', 'here (mean ± std)',
-                    'verdict'), summary_rows)] +
-      [s for s in sections] + [
-      '## What these runs cannot show\n',
-      'Anything about C4 or about the papers\' sizes and lengths; POET-FS '
-      '(the variant of the papers\' ablations); the T_m optimum of a long '
-      'run; k = 0\'s divergence over a long run; the papers\' vector-probing '
-      'curve through merges (the model keeps only the rotation since the '
-      'last merge). A difference the rule calls not separable may still be '
-      'real: more seeds would narrow the spread.\n'])
+  return ('## Summary\n\n' + counts + '.\n\n' +
+          report.table(('finding (papers)', 'papers', 'here (mean ± std)',
+                        'verdict'), [claim.row() for claim in claims]))
+
+
+RUNS = (
+    'Each run trains with `train_lib.train` in its own work directory under '
+    '`--root` (default `runs/reproduction/`), named after the settings it '
+    'varies and its seed. A run with a `result.json` is finished and '
+    'skipped on a rerun, so a rerun only rewrites the page; an interrupted '
+    'run (Ctrl-C, exit code 3) resumes from its checkpoint when the same '
+    'command is run again. After a change to the code, use a new `--root`. '
+    'Bad flags give one line on stderr and exit code 2 before anything is '
+    'written.\n')
+SPEC = (
+    "Everything else is the spec's: grad clip 0.1 with the reference's ramp "
+    'after each merge, weight decay 0.01, cosine decay to 0.01x with no '
+    'warmup, Adam betas (0.9, 0.999), `poet.scale` 0.5, normalized-Gaussian '
+    "W0, k = 3, the paper's polynomial, and no guard on ‖Q‖ "
+    "(`poet.max_q_norm=0`: the papers' method has none). The papers' "
+    'ablations of k, T_m and W0 used POET-FS b = 1/2; all runs here are '
+    'POET-BS, the variant POET-X ships.')
+LIMITS = (
+    '## What these runs cannot show\n\n'
+    "Anything about C4 or about the papers' sizes and lengths; POET-FS (the "
+    "variant of the papers' ablations); the T_m optimum of a long run; "
+    "k = 0's divergence over a long run; the papers' vector-probing curve "
+    'through merges (the model keeps only the rotation since the last '
+    'merge). A difference the rule calls not separable may still be real: '
+    'more seeds would narrow the spread.\n')
 
 
 def _machine() -> str:
-  """'2 CPU cores (model name), load average L' where Linux says."""
+  """'2 CPU cores (model name), 1-minute load average L at the end'."""
   name = platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
