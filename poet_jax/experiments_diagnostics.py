@@ -63,16 +63,16 @@ def report_diagnostics(run, res: dict, out, no_merge=None):
   probe_rows = []
   for side, key in (('R', 'vector_probe_r'), ('P', 'vector_probe_p')):
     mid = _mid_cycle(run, poet, key)
-    probe_rows.append((f'v^T {side} v', 'best setting, smallest between '
+    probe_rows.append((f'vᵀ{side}v', 'best setting, smallest between '
                        'merges', per_seed(mid, '.4f'), fmt(mid, '.4f')))
     if no_merge:
       whole = _probe_before_end(run, no_merge, key)
-      probe_rows.append((f'v^T {side} v', f'T_m = run length, before the '
+      probe_rows.append((f'vᵀ{side}v', f'T_m = run length, before the '
                          'end', per_seed(whole, '.4f'), fmt(whole, '.4f')))
   probed = (_probe_before_end(run, no_merge, 'vector_probe_r') if no_merge
             else _mid_cycle(run, poet, 'vector_probe_r'))
   claims.append(Claim(
-      'v^T R v settles around 0.6 to 0.65', '0.6 to 0.65 (figure)', probed,
+      'vᵀRv settles around 0.6 to 0.65', '0.6 to 0.65 (figure)', probed,
       PAPER_PROBE, ('T_m = run length' if no_merge else 'best setting',
                     'papers'), 'within', '.4f'))
   png = _plot(run, poet, adamw, no_merge, out)

@@ -198,13 +198,15 @@ def _at_edge(sweep, key) -> bool:
 
 
 def _orth_peaks(run, result: dict) -> list[float]:
-  """Largest orthogonality error of each merge cycle, before its merge."""
+  """Largest orthogonality error of each merge cycle, before its merge
+  (cycles with no logged step between merges are left out)."""
   period = result['overrides']['poet.merge_every']
   entries = [e for e in metrics(run, result) if 'orth_error_max' in e]
   steps = entries[-1]['step'] if entries else 0
-  return [max([e['orth_error_max'] for e in entries
-               if start < e['step'] < start + period] or [0.0])
-          for start in range(0, steps, period)]
+  cycles = [[e['orth_error_max'] for e in entries
+             if start < e['step'] < start + period]
+            for start in range(0, steps, period)]
+  return [max(cycle) for cycle in cycles if cycle]
 
 
 ABLATIONS = {  # config key: title, label, the paper's numbers, its model
@@ -221,9 +223,10 @@ def report_ablation(run, study: dict, out: Plots, key: str):
   title, label, paper, model = ABLATIONS[key]
   rows = []
   for value, results in study.items():
-    peaks = [max(_orth_peaks(run, r)) for r in results]
+    peaks = [max(_orth_peaks(run, r) or [math.nan]) for r in results]
     rows.append((value, per_seed(ppl(results)), fmt(ppl(results)),
-                 f'{np.mean(peaks):.2e}', paper.get(value, '-')))
+                 f'{np.mean(peaks):.2e}' if np.isfinite(peaks).all()
+                 else '-', paper.get(value, '-')))
   name = key.split('.')[-1]
   fig, (left, right) = figure_axes(2)
   labels = [f'{label} = {v}' for v in study]
@@ -235,7 +238,8 @@ def report_ablation(run, study: dict, out: Plots, key: str):
   seeds = len(next(iter(study.values())))
   text = (f'## {title}\n\nFinal eval perplexity over {seeds} seeds; '
           '"max orth. error" is the largest ‖GGᵀ − I‖/‖I‖ over all '
-          'blocks at the logged steps between merges (mean over seeds). The '
+          'blocks at the logged steps between merges (mean over seeds; -: '
+          'no logged step falls between merges). The '
           f'papers: {model}.\n\n' +
           table((label, 'eval ppl per seed', 'mean ± std',
                  'max orth. error', 'paper ppl'), rows) +
