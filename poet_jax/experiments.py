@@ -81,7 +81,8 @@ SCALES = {
              'the T_m sweep runs from 50 merges (T_m = 10) to none before '
              'the last step (T_m = 500).')),
     # The study's model and seeds in 100-step runs: a check of the whole
-    # pipeline on a loaded machine (about 70 min at a load average of 8).
+    # pipeline on a shared machine (84 min of training at load averages
+    # of 3 to 11; about 25 min on 2 quiet cores by the study's figures).
     'quick': dict(
         base={**_STUDY_MODEL, 'train.steps': 100, 'eval_every': 10,
               'log_every': 5, 'checkpoint_every': 100},
