@@ -1,15 +1,20 @@
 """metrics.jsonl (and TensorBoard events), POET diagnostics, the loss plot."""
+import fnmatch
 import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from poet_jax import layers
 from poet_jax import merge
 from poet_jax import orthogonal
+from poet_jax import spo
 from poet_jax.layers import BLOCK_NAMES
+from poet_jax.poetize import DEFAULT_EXCLUDE
 
 
 def perplexity(loss: float) -> float:
@@ -204,3 +209,131 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
   """The run's loss curves (poet_jax.plot.plot_run) from its work directory."""
   from poet_jax import plot  # pylint: disable=g-import-not-at-top
   plot.plot_run(os.path.dirname(metrics_path) or '.', png_path)
+
+
+# ------------------------------------------- the papers' weight diagnostics
+# Spec section 10; logged at evaluation steps (steps.weight_diagnostics).
+
+
+def svd_entropy(w: jax.Array) -> jax.Array:
+  """Normalized SVD entropy of (..., m, n) matrices: (...,) float32.
+
+  With p_i = s_i^2 / sum_j s_j^2 over the r = min(m, n) singular values,
+  -sum_i p_i log p_i / log r (Alter, Brown & Botstein 2000): 1 when every
+  singular value is equal, 0 for rank one. Invariant to scale and to
+  orthogonal factors on either side, so POET keeps W0's (spec section 1).
+  """
+  s = jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False)
+  p = s * s / jnp.sum(s * s, axis=-1, keepdims=True)
+  plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+  return -jnp.sum(plogp, axis=-1) / jnp.log(float(s.shape[-1]))
+
+
+def hyperspherical_energy(kernel: jax.Array) -> jax.Array:
+  """Hyperspherical energy of a layer's neurons: (..., in, out) -> (...,).
+
+  The neurons are the kernel's columns (each output unit's input weights),
+  normalized to unit length; the energy is the mean over pairs i != j of
+  1 / ||w_i - w_j|| (Liu et al. 2018, power s = 1), about 1/sqrt(2) for
+  random directions in many dimensions, larger when neurons crowd. An
+  orthogonal map on the input side (POET's P) leaves it unchanged; one on
+  the output side (R) mixes the neurons and changes it.
+  """
+  w = kernel.astype(jnp.float32)
+  w = w / jnp.maximum(jnp.linalg.norm(w, axis=-2, keepdims=True), 1e-30)
+  cos = jnp.swapaxes(w, -1, -2) @ w
+  n = cos.shape[-1]
+  dist = jnp.sqrt(jnp.maximum(2.0 - 2.0 * cos, 1e-12))
+  off = 1.0 - jnp.eye(n, dtype=jnp.float32)
+  return jnp.sum(off / dist, axis=(-2, -1)) / (n * (n - 1))
+
+
+def vector_probe(blocks: jax.Array, gather: jax.Array, v: jax.Array,
+                 variant: str = 'block') -> jax.Array:
+  """v^T G v of one side's orthogonal matrix G for a unit vector v: ().
+
+  blocks: that side's (k, b, b) blocks as a POETLinear holds them; v (n,)
+  in the layer's coordinates; gather: the indices that take v to the
+  blocks' frame, u = v[gather]: for variant 'block' the input side's
+  in_place and the inverse of the output side's out_place (spo's frames),
+  for 'full' the side's index set (b,). 1 while G = I; the cosine between v
+  and G v (the papers' vector probing, spec section 10). G is the rotation
+  since the last merge: earlier ones are folded into W0.
+  """
+  u = v[gather]
+  if variant == 'full':
+    return v @ v + u @ (blocks[0] - jnp.eye(u.shape[0], dtype=u.dtype)) @ u
+  u = u.reshape(blocks.shape[0], 1, -1)
+  return jnp.sum(u @ blocks.astype(v.dtype) @ jnp.swapaxes(u, -1, -2))
+
+
+def reparameterized_layers(model: nnx.Module) -> list:
+  """(path, layer) of the layers POET trains: every POETLinear, else every
+  nnx.Linear that poetize selects by default (the embedding and head
+  stay dense), in graph order."""
+  poet = merge.poet_layers(model)
+  if poet:
+    return poet
+  return [(path, node) for path, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Linear) and not any(
+              fnmatch.fnmatch('.'.join(map(str, path)), p)
+              for p in DEFAULT_EXCLUDE)]
+
+
+def _one_layer(layer, index: jax.Array, key: jax.Array) -> dict:
+  """The diagnostics of one (unstacked) layer; see weight_diagnostics."""
+  poet = isinstance(layer, layers.POETLinear)
+  w = layer.effective_weight() if poet else layer.kernel[...]
+  out = {'svd_entropy': svd_entropy(w),
+         'hyperspherical_energy': hyperspherical_energy(w)}
+  if not poet:
+    return out
+  g_in, g_out = layer.orthogonal_blocks()
+  out_gather = layer.out_place[...]
+  if layer.variant == 'block':
+    out_gather = spo.inverse_permutation(out_gather)
+  sides = (('vector_probe_p', g_in, layer.in_place[...], layer.in_features),
+           ('vector_probe_r', g_out, out_gather, layer.out_features))
+  keys = jax.random.split(jax.random.fold_in(key, index))
+  for side_key, (name, blocks, place, size) in zip(keys, sides):
+    v = jax.random.normal(side_key, (size,), jnp.float32)
+    out[name] = vector_probe(blocks, place, v / jnp.linalg.norm(v),
+                             layer.variant)
+  return out
+
+
+def _lead(layer) -> int:
+  """Number of stacking axes in front of a layer's 2-D kernel."""
+  if isinstance(layer, layers.POETLinear):
+    return layer.w0.get_value().ndim - 2
+  return layer.kernel.get_value().ndim - 2
+
+
+def weight_diagnostics(model: nnx.Module, seed: int = 0) -> dict:
+  """The papers' diagnostics of the trained weights (spec section 10), each
+  the mean over every layer of reparameterized_layers (every layer of a
+  stack counts): 'svd_entropy' and 'hyperspherical_energy' of the effective
+  kernel (dense models too) and, for POET, 'vector_probe_r' and
+  'vector_probe_p': v^T R v and v^T P v for a fixed random unit v per layer
+  and side (drawn from `seed`, the same at every call). float32 scalars;
+  jittable. A stack is taken one layer at a time (lax.map), so that one
+  layer's dense kernel exists at a time.
+  """
+  per_layer = []
+  for number, (_, layer) in enumerate(reparameterized_layers(model)):
+    graphdef, state = nnx.split(layer)
+    lead = _lead(layer)
+    key = jax.random.fold_in(jax.random.key(seed), number)
+    if not lead:
+      per_layer.append(jax.tree.map(
+          lambda x: x[None], _one_layer(layer, jnp.int32(0), key)))
+      continue
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[lead:]), state)
+    size = jax.tree.leaves(flat)[0].shape[0]
+    per_layer.append(jax.lax.map(
+        lambda args: _one_layer(nnx.merge(graphdef, args[0]), args[1], key),
+        (flat, jnp.arange(size, dtype=jnp.int32))))
+  if not per_layer:
+    return {}
+  return {name: jnp.mean(jnp.concatenate([d[name] for d in per_layer]))
+          for name in per_layer[0]}

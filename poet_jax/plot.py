@@ -2,9 +2,10 @@
 
   python -m poet_jax.plot RUN [RUN ...] --out=FILE     (or poet-jax-plot)
 
-overlays the runs: training and evaluation loss, learning rate, and the POET
-diagnostics of the runs that have them. `plot_run` draws the loss.png a
-training run leaves in its work directory.
+overlays the runs: training and evaluation loss, learning rate, the POET
+diagnostics of the runs that have them, and the papers' weight diagnostics
+(SVD entropy, hyperspherical energy, vector probing). `plot_run` draws the
+loss.png a training run leaves in its work directory.
 """
 import argparse
 import json
@@ -21,7 +22,15 @@ PANELS = (('loss', 'loss (nats/token)', 'linear'),
           ('learning_rate', 'learning rate', 'linear'),
           ('orth_error_max', 'max ‖GGᵀ−I‖/‖I‖ (POET; 0 after a merge)',
            'linear'),
-          ('q_norm_max', 'max ‖Q‖_F (POET)', 'linear'))
+          ('q_norm_max', 'max ‖Q‖_F (POET)', 'linear'),
+          # The papers' weight diagnostics, logged at evaluations.
+          ('svd_entropy', 'SVD entropy of the weights (normalized, mean '
+           'over layers)', 'linear'),
+          ('hyperspherical_energy', 'hyperspherical energy of the neurons '
+           '(mean over layers)', 'linear'),
+          ('vector_probe_r', 'vᵀRv, fixed random unit v (POET; R since the '
+           'last merge)', 'linear'),
+          ('vector_probe_p', 'vᵀPv (POET; P since the last merge)', 'linear'))
 
 
 # Past this loss (nats) the right axis would read exp(loss) > 5e21.
@@ -183,12 +192,15 @@ def plot_run(workdir: str, png_path: str) -> None:
 
 
 def plot_runs(workdirs: list[str], out: str) -> None:
-  """Several runs overlaid in four panels (see PANELS); raises PlotError."""
+  """Several runs overlaid, one panel per entry of PANELS; raises
+  PlotError."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   runs = [read_run(w) for w in workdirs]
-  fig, axes = plt.subplots(2, 2, figsize=(13, 8 + 0.3 * len(workdirs)))
+  rows = math.ceil(len(PANELS) / 2)
+  height = 4 * rows + 0.3 * len(workdirs)
+  fig, axes = plt.subplots(rows, 2, figsize=(13, height))
   yrange = loss_range([entries for entries, _ in runs])
   for i, (workdir, (entries, config)) in enumerate(zip(workdirs, runs)):
     color = f'C{i % 10}'
@@ -197,8 +209,9 @@ def plot_runs(workdirs: list[str], out: str) -> None:
                  labelled=False)
     for ax, (key, _, _) in zip(axes.flat[1:], PANELS[1:]):
       steps, values = series(entries, key)
-      if len(values):
-        ax.plot(steps, values, color=color)
+      if len(values):  # evaluation-step series are sparse: mark the points
+        ax.plot(steps, values, color=color,
+                marker='o' if len(values) < 40 else None, ms=3)
     ppl = final_perplexity(entries)
     axes[0, 0].plot([], [], color=color, lw=4, label=name + (
         f'; eval perplexity {metrics_lib.perplexity_text(ppl)}'
@@ -217,7 +230,7 @@ def plot_runs(workdirs: list[str], out: str) -> None:
     else:
       ax.text(0.5, 0.5, f'no run logged {key}', ha='center',
               transform=ax.transAxes, color='gray')
-  fig.tight_layout(rect=(0, 0.03 * len(runs) + 0.01, 1, 1))
+  fig.tight_layout(rect=(0, (0.3 * len(runs) + 0.1) / height, 1, 1))
   fig.savefig(out, dpi=100)
   plt.close(fig)
 

@@ -145,6 +145,43 @@ def layerwise(fn, u, *blocks):
   return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
 
 
+def generator_gradients(grads, generators, params, num_terms: int,
+                        orthogonal_map: str) -> tuple[Any, Any]:
+  """The gradient `reparameterize`'s inner transformation sees (step 1).
+
+  grads: the model's gradient tree; generators: the state's
+  (ReparameterizeState.generators, or `generators(opt_state)`), None at
+  non-POET leaves; params: the model's parameters (the blocks). Every POET
+  leaf's blocks' gradient (..., k, b, b) becomes its generators' gradient
+  (..., k, b(b-1)/2) float32, through the VJP of the map at the current
+  generators; other leaves are passed through. Its global norm is the one
+  the inner clip sees (spec section 7). Jittable.
+
+  Returns:
+    (that gradient tree, and per POET leaf the largest distance of its
+    blocks from map(generators) in drift.tolerance units, None elsewhere;
+    the map's value comes with its VJP, so the check costs a subtraction).
+  """
+  def one_leaf(u, g, p):
+    if u is None:
+      return g
+    make = block_map(num_terms, orthogonal_map, g.shape[-1])
+
+    def one_layer(u, g, p):
+      blocks, vjp = jax.vjp(make, u)
+      gap = jnp.max(jnp.abs(blocks - p.astype(blocks.dtype)))
+      return vjp(g.astype(u.dtype))[0], gap
+    grad, gap = layerwise(one_layer, u, g, p)
+    return grad, jnp.max(gap) / drift.tolerance(p.dtype, p.shape[-1])
+
+  selected = jax.tree.map(lambda u: u is not None, generators,
+                          is_leaf=is_none)
+  both = jax.tree.map(one_leaf, generators, grads, params, is_leaf=is_none)
+  grads = jax.tree.map(lambda s, x: x[0] if s else x, selected, both)
+  gaps = jax.tree.map(lambda s, x: x[1] if s else None, selected, both)
+  return grads, gaps
+
+
 def _cap(u, max_norm):
   """Scales each block's generator so that ||Q||_F = sqrt(2)||u|| <= max."""
   norm = jnp.sqrt(2.0) * jnp.linalg.norm(u, axis=-1, keepdims=True)
@@ -226,19 +263,6 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
                                inner.init(swap(selected, params, generators)),
                                period())
 
-  def generator_grad(s, g, u, p):
-    """(the generators' gradient, the blocks' distance from map(u) in
-    tolerances) of one POET leaf."""
-    if not s:
-      return None
-
-    def one_layer(u, g, p):
-      blocks, vjp = jax.vjp(make(g.shape[-1]), u)
-      gap = jnp.max(jnp.abs(blocks - p.astype(blocks.dtype)))
-      return vjp(g.astype(u.dtype))[0], gap
-    grad, gap = layerwise(one_layer, u, g, p)
-    return grad, jnp.max(gap) / drift.tolerance(p.dtype, p.shape[-1])
-
   def new_blocks_update(u, p):
     return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
                      u, p)
@@ -250,11 +274,8 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
     # POET leaves are where the state holds generators: chosen at init.
     selected = jax.tree.map(lambda u: u is not None, state.generators,
                             is_leaf=is_none)
-    both = jax.tree.map(generator_grad, selected, updates, state.generators,
-                        params, is_leaf=is_none)
-    pick = lambda i: jax.tree.map(lambda s, x: x[i] if s else None, selected,
-                                  both, is_leaf=is_none)
-    gen_grads = pick(0)
+    gen_grads, gaps = generator_gradients(updates, state.generators, params,
+                                          num_terms, orthogonal_map)
     inner_updates, new, inner_state = step_generators(
         inner, selected, gen_grads, updates, params, state.generators,
         state.inner_state, **extra_args)
@@ -265,7 +286,7 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
         inner_updates, new, params, is_leaf=is_none)
     if check_blocks:
       drift.warn_if_changed(state.count, jnp.max(jnp.stack(jax.tree.leaves(
-          pick(1)))), state.merge_every)
+          gaps)))), state.merge_every)
     count = optax.safe_increment(state.count)
     every = period()
     state = ReparameterizeState(count, new, inner_state, every)

@@ -78,6 +78,13 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   # A non-finite loss or gradient drops the whole update; detected here, on
   # device, and reported with the next logged metrics.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if c.optimizer.name == 'poet':
+    # Logged: the norm the clip sees (and the reference logs), of the
+    # generators' gradient, not of the blocks'. Its VJP is the update's
+    # own: XLA computes it once (the compiled step has no extra loop).
+    grad_norm = optax.tree.norm(reparam.generator_gradients(
+        grads, reparam.generators(state['opt_state']), state['params'],
+        c.poet.neumann_terms, c.poet.orthogonal_map)[0])
   params = _where(finite, params, state['params'])
   opt_state = _where(finite, opt_state, state['opt_state'])
   step = state['step'] + 1
@@ -119,6 +126,14 @@ def diagnostics(setup: train_state.Setup, state: dict) -> dict:
           'layers': metrics_lib.poet_layer_health(model, generators)}
 
 
+def weight_diagnostics(setup: train_state.Setup, state: dict) -> dict:
+  """metrics_lib.weight_diagnostics of the model (spec section 10), logged
+  at evaluation steps: SVDs of every layer cost too much for every log
+  step."""
+  model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
+  return metrics_lib.weight_diagnostics(model)
+
+
 @dataclasses.dataclass
 class CompiledSteps:
   train: Callable
@@ -126,6 +141,7 @@ class CompiledSteps:
   diagnostics: Callable
   state_sharding: Any
   batch_sharding: Any
+  weights: Callable  # weight_diagnostics
 
 
 def compiler_options(c) -> dict:
@@ -159,7 +175,9 @@ def compile_steps(setup: train_state.Setup, abstract: Any,
                      out_shardings=replicated)
   diag = jax.jit(lambda s: diagnostics(setup, s), in_shardings=(state_sh,),
                  out_shardings=replicated)
-  return CompiledSteps(train, evaluate, diag, state_sh, batch_sh)
+  weights = jax.jit(lambda s: weight_diagnostics(setup, s),
+                    in_shardings=(state_sh,), out_shardings=replicated)
+  return CompiledSteps(train, evaluate, diag, state_sh, batch_sh, weights)
 
 
 def abstract_batch(c, steps: CompiledSteps) -> jax.ShapeDtypeStruct:
@@ -186,6 +204,7 @@ def compile_ahead(c, steps: CompiledSteps, state):
   batch = abstract_batch(c, steps)
   train = steps.train.lower(state, batch).compile()
   steps.eval.lower(state, batch).compile()
+  steps.weights.lower(state).compile()
   if c.optimizer.name == 'poet':
     steps.diagnostics.lower(state).compile()
   return train

@@ -194,7 +194,8 @@ class _Loop:
       run.say(f'step 0: eval loss {first:.4f}, perplexity '
               f'{metrics_lib.perplexity_text(ppl)}')
       if run.log:
-        run.log.write({'step': 0, 'eval_loss': first, 'eval_ppl': ppl})
+        run.log.write({'step': 0, 'eval_loss': first, 'eval_ppl': ppl,
+                       **self._weight_diagnostics()})
 
   def _step(self, step: int):
     """Dispatches step + 1 on its batch; returns its metrics (on device)."""
@@ -255,9 +256,16 @@ class _Loop:
                  'stopped; it is not logged')
       return {}
     entry = {'eval_loss': loss, 'eval_ppl': metrics_lib.perplexity(loss)}
+    entry.update(self._weight_diagnostics())
     self.write(f'step {step}: eval loss {loss:.4f}, perplexity '
                f'{metrics_lib.perplexity_text(entry["eval_ppl"])}')
     return entry
+
+  def _weight_diagnostics(self) -> dict:
+    """The papers' weight diagnostics (steps.weight_diagnostics), logged
+    with every evaluation."""
+    return {k: float(v) for k, v in jax.device_get(
+        self.run.steps.weights(self.run.state)).items()}
 
   def _nonfinite_allowed(self, nonfinite: int | None) -> bool:
     """Reports the non-finite steps not reported yet (nonfinite: the count,
