@@ -285,8 +285,9 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
         lambda s, d, u, p: new_blocks_update(u, p) if s else d, selected,
         inner_updates, new, params, is_leaf=is_none)
     if check_blocks:
-      drift.warn_if_changed(state.count, jnp.max(jnp.stack(jax.tree.leaves(
-          gaps)))), state.merge_every)
+      drift.warn_if_changed(
+          state.count, jnp.max(jnp.stack(jax.tree.leaves(gaps))),
+          state.merge_every)
     count = optax.safe_increment(state.count)
     every = period()
     state = ReparameterizeState(count, new, inner_state, every)
