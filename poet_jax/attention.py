@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from poet_jax import targets
+
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array
                         ) -> jax.Array:
@@ -49,7 +51,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   if not q.shape == k.shape == v.shape:
     raise ValueError(f'causal_attention: q, k, v must have one shape (B, T, '
                      f'H, d); got {q.shape}, {k.shape}, {v.shape}')
-  if jax.default_backend() != 'cpu':
+  if targets.platform() != 'cpu':
     return reference_attention(q, k, v)
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, T, H, d) <-> (B, H, T, d)
   return heads_major(_heads_major_attention(heads_major(q), heads_major(k),

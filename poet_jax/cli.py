@@ -50,6 +50,8 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 _DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'llama_tiny.py')
 EXIT_BAD_INPUT = 2
+# poet_jax.targets.TARGETS, here without importing JAX for --help.
+TARGETS = ('cpu', 'h100', 'h200', 'a100')
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class Command:
   dry_run: bool
   progress: bool
   compilation_cache: str = ''  # '' : no persistent compilation cache
+  target: str | None = None    # the dry run's device (poet_jax.targets)
 
 
 def define_flags(flag_values: flags.FlagValues, argv):
@@ -80,6 +83,10 @@ def define_flags(flag_values: flags.FlagValues, argv):
       'dry_run', False, 'Compile the train step abstractly, report its '
       'memory and FLOPs to <workdir>/memory.json, and exit without training.',
       flag_values=flag_values)
+  flags.DEFINE_enum(
+      'target', None, TARGETS, 'With --dry_run: compile for this device '
+      'instead of this machine\'s; a GPU needs none here, only JAX\'s CUDA '
+      "plugin (pip install -e '.[plan]').", flag_values=flag_values)
   flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.',
                     flag_values=flag_values)
   flags.DEFINE_string(
@@ -263,6 +270,9 @@ def parse_command_line(argv, devices=None):
     workdir = os.path.join('runs', f'{stem}_{c.optimizer.name}')
   if not workdir.strip():
     return '--workdir is empty; give a directory for checkpoints and metrics'
+  if flag_values.target and not flag_values.dry_run:
+    return (f'--target={flag_values.target} compiles for another device: it '
+            'goes with --dry_run')
   # Last: the only check that needs the devices, so a line found without
   # them is the same with them.
   if devices is not None:
@@ -274,7 +284,8 @@ def parse_command_line(argv, devices=None):
     except sharding_lib.MeshError as e:
       return _one_line(e)
   return Command(c, workdir, flag_values.dry_run, not flag_values.no_progress,
-                 compilation_cache_dir(flag_values.compilation_cache))
+                 compilation_cache_dir(flag_values.compilation_cache),
+                 flag_values.target)
 
 
 class _DropClosedLoopNoise:
@@ -366,7 +377,9 @@ def main(argv=None) -> int:
   try:
     if command.dry_run:
       from poet_jax import planner  # pylint: disable=g-import-not-at-top
-      planner.dry_run(command.config, command.workdir)
+      from poet_jax import targets  # pylint: disable=g-import-not-at-top
+      targets.use_cpu_runtime(command.target)
+      planner.dry_run(command.config, command.workdir, command.target)
       return 0
     return train_lib.train(command.config, command.workdir,
                            progress=command.progress)

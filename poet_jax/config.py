@@ -13,6 +13,7 @@ METHODS = ('poet', 'adamw', 'galore', 'muon')
 DTYPES = ('float32', 'bfloat16')
 W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
 EVAL_AT_START = ('auto', 'always', 'never')
+REMAT_POLICIES = ('full', 'products')
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
 # heads, layers; and the papers' base learning rate and steps.
@@ -68,6 +69,12 @@ _MODEL = {
     'w0_dtype': 'float32',      # storage of POET's frozen W0; int8: POET-XQ
     'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)
     'remat': False,
+    # With remat: 'full' recomputes the whole block in the backward;
+    # 'products' keeps its seven linear layers' outputs (poet_jax/model.py).
+    'remat_policy': 'full',
+    # Storage of the parameters AdamW trains: a POET run's embeddings, norms
+    # and output head, every parameter of a baseline.
+    'param_dtype': 'float32',
     'loss_chunk_tokens': 8192,  # the loss's logits, chunk by chunk; 0: all
 }
 
@@ -87,6 +94,7 @@ _OPTIMIZER = {
     'name': 'poet',
     'b1': 0.9,
     'b2': 0.999,
+    'mu_dtype': 'float32',  # Adam's first moment, both groups (optax's)
     'galore_rank': 128,
     'galore_update_proj_gap': 200,
     'galore_scale': 0.25,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from poet_jax import control_flow
 from poet_jax import layers
 from poet_jax import reparam
 
@@ -74,16 +75,17 @@ def merge_if_due(graphdef, params, frozen, opt_state, merge_every: int, key,
   Merges (merge_params with merge_key(key, count // merge_every)) when
   `reparam.merge_due(opt_state, merge_every)` and `applied` (pass False
   for an update that was dropped, whose state was rolled back); else
-  returns (params, frozen) unchanged. A lax.cond: no host round trip, one
-  compiled step for both cases. The optimizer state needs nothing: the
-  transformation reset it in the same update.
+  returns (params, frozen) unchanged. No host round trip, one compiled
+  step for both cases, and nothing copied when no merge is due. The
+  optimizer state needs nothing: the transformation reset it in the same
+  update.
   """
   due = reparam.merge_due(opt_state, merge_every) & jnp.asarray(applied)
   merge_number = reparam.merge_count(opt_state, merge_every)
 
   def do(args):
     return merge_params(graphdef, *args, merge_key(key, merge_number))
-  return jax.lax.cond(due, do, lambda args: args, (params, frozen))
+  return control_flow.apply_if(due, do, (params, frozen))
 
 
 def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poet_jax import control_flow
 from poet_jax import optim
 from poet_jax import orthogonal
 
@@ -215,8 +216,8 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     count = optax.safe_increment(state.count)
     state = ReparameterizeState(count, new, inner_state)
     if merge_every is not None:
-      state = jax.lax.cond(count % merge_every == 0, reset_after_merge,
-                           lambda s: s, state)
+      state = control_flow.apply_if(count % merge_every == 0,
+                                    reset_after_merge, state)
     return out, state
 
   return optax.GradientTransformation(init_fn, update_fn)

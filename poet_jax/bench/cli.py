@@ -5,6 +5,7 @@ import json
 import os
 
 from poet_jax import config as config_lib
+from poet_jax import targets
 from poet_jax.bench import reference
 from poet_jax.bench.blocks import bench_blocks
 from poet_jax.bench.breakdown import bench_breakdown
@@ -49,7 +50,8 @@ def _step_sections(sections, sizes: Sizes, methods, step_reps, rate,
 
 def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
         methods=METHODS, step_reps: int = 0, profile_dir: str = '',
-        reference_args: reference.Args | None = None) -> dict:
+        reference_args: reference.Args | None = None,
+        target: str | None = None) -> dict:
   """Runs `sections`; returns {'machine': ..., 'reps': ..., 'rows': [...]}."""
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
@@ -72,7 +74,7 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
     memory = [m for m in methods if m in ('adamw', 'galore',
                                           'poet-materialize', 'poet-fast',
                                           'poet-mem', 'poetxq-mem')]
-    rows += bench_memory(sizes, memory_dtype, _pairs(memory))
+    rows += bench_memory(sizes, memory_dtype, _pairs(memory), target)
   if 'reference' in sections:
     rows += reference.bench_reference(
         sizes, reference_args or reference.Args(), step_reps)
@@ -105,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--memory_seqs', default='',
                       help='comma-separated sequence lengths of the memory '
                       f"section (default {','.join(map(str, FULL.memory_seqs))})")
+  parser.add_argument('--target', default=None, choices=targets.TARGETS,
+                      help='the memory section compiles for this device '
+                      "instead of this machine's (a GPU needs none here, "
+                      "only JAX's CUDA plugin: pip install -e '.[plan]')")
   parser.add_argument('--methods', default=','.join(METHODS),
                       help=f'comma-separated methods of the train-step and '
                       f'memory sections, of {METHODS}')
@@ -143,8 +149,14 @@ def main(argv=None) -> int:
   if set(methods) - set(METHODS):
     parser.error(f'unknown methods {sorted(set(methods) - set(METHODS))}; '
                  f'choose from {METHODS}')
+  targets.use_cpu_runtime(args.target)
+  try:  # before any section runs: a target that cannot be compiled for
+    targets.compile_devices(args.target)
+  except targets.TargetError as e:
+    parser.exit(2, f'error: {e}\n')
   report = run(sections, _sizes(args), args.reps, args.memory_dtype, methods,
-               args.step_reps, args.profile, reference.Args.from_flags(args))
+               args.step_reps, args.profile, reference.Args.from_flags(args),
+               args.target)
   print_tables(report)
   with open(args.json, 'w') as f:
     json.dump(report, f, indent=1)
