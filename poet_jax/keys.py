@@ -70,9 +70,10 @@ MEANINGS = {
     'optimizer.b1': 'Adam beta1 (both groups)',
     'optimizer.b2': 'Adam beta2 (both groups)',
     'optimizer.mu_dtype': ("storage of Adam's first moment (both groups, "
-                           "every method; optax's `mu_dtype`); the second "
-                           "stays float32 (a baseline's: its parameters' "
-                           'dtype)'),
+                           "every method; optax's `mu_dtype`): `auto` (the "
+                           'compute dtype, `model.dtype`), `float32` or '
+                           '`bfloat16`; the second stays float32 (a '
+                           "baseline's: its parameters' dtype)"),
     'optimizer.galore_rank': 'GaLore projection rank',
     'optimizer.galore_update_proj_gap': 'steps between GaLore projections',
     'optimizer.galore_scale': 'GaLore update scale',

@@ -41,7 +41,7 @@ def optimizer(c) -> optax.GradientTransformation:
   """
   lr = schedule(c, c.train.lr)
   o, wd = c.optimizer, c.train.weight_decay
-  mu_dtype = jnp.dtype(o.mu_dtype)
+  mu_dtype = jnp.dtype(config_lib.mu_dtype(c))
   if o.name == 'poet':
     p = c.poet
     tx = optim.poet(lr, schedule(c, p.lr), poet_scale=p.scale, b1=o.b1,

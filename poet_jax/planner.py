@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+from poet_jax import config as config_lib
 from poet_jax import flops as flops_lib
 from poet_jax import hlo_cost
 from poet_jax import sharding as sharding_lib
@@ -207,8 +208,12 @@ def _micro_batches(c, report, limit_gib: float, data_parallel: int) -> int:
 
 
 def memory_options(c) -> dict:
-  """The settings that trade speed or precision for memory, as configured."""
-  return {key: _get(c, key) for key in MEMORY_OPTIONS}
+  """The settings that trade speed or precision for memory, as configured
+  (optimizer.mu_dtype resolved)."""
+  options = {key: _get(c, key) for key in MEMORY_OPTIONS}
+  options['optimizer.mu_dtype'] = config_lib.mu_dtype(c)
+  options['model.remat_policy'] = c.model.remat_policy
+  return options
 
 
 def _get(c, key: str):
@@ -233,10 +238,11 @@ def suggestions(c, report, limit_gib: float, target: str | None = None
   micro-batch (batch_size / k), plus the float32 gradient buffer that
   accumulation keeps.
   """
+  now = memory_options(c)
   options = {f'{key}={value}': {key: value}
              for key, value in MEMORY_OPTIONS.items()
-             if _get(c, key) != value and (c.optimizer.name == 'poet' or
-                                           not key.startswith('poet.'))}
+             if now[key] != value and (c.optimizer.name == 'poet' or
+                                       not key.startswith('poet.'))}
   mesh = report['mesh']
   k = _micro_batches(c, report, limit_gib, mesh['data'] * mesh['fsdp'])
   if k:

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from poet_jax import control_flow
 from poet_jax import optim
 from poet_jax import orthogonal
+from poet_jax import targets
 
 
 class ReparameterizeState(NamedTuple):
@@ -216,11 +216,25 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms: int = 3,
     count = optax.safe_increment(state.count)
     state = ReparameterizeState(count, new, inner_state)
     if merge_every is not None:
-      state = control_flow.apply_if(count % merge_every == 0,
-                                    reset_after_merge, state)
+      state = _reset_if(count % merge_every == 0, state)
     return out, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _reset_if(due, state):
+  """reset_after_merge(state) where `due`, else state.
+
+  A select on accelerators: it fuses into the update that writes the state
+  anyway, so a step that does not merge moves nothing more, where the
+  operands a lax.cond's untaken branch returns are copied (the generators
+  and POET moments, every step). XLA:CPU keeps the lax.cond: the select
+  fuses differently there and would change a run's last bits.
+  """
+  if targets.platform() == 'cpu':
+    return jax.lax.cond(due, reset_after_merge, lambda s: s, state)
+  return jax.tree.map(functools.partial(jnp.where, due),
+                      reset_after_merge(state), state)
 
 
 def _is_state(x) -> bool:

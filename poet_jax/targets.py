@@ -103,7 +103,8 @@ def target_config(name: str) -> str:
                     f'device_description_str: "{s.device_kind}"', ''])
 
 
-def _plugin_installed() -> bool:
+def plugin_installed() -> bool:
+  """Whether JAX's CUDA plugin (the `plan` extra) is installed."""
   return any(importlib.util.find_spec(f'jax_plugins.xla_cuda{v}') is not None
              for v in (13, 12))
 
@@ -122,7 +123,7 @@ def compile_devices(target: str | None, count: int = 1) -> list:
     return jax.devices('cpu')[:count]
   if target not in GPU_SPECS:
     raise TargetError(f'unknown target {target!r}; use one of {TARGETS}')
-  if not _plugin_installed():
+  if not plugin_installed():
     raise TargetError(
         f'--target={target} needs JAX\'s CUDA plugin at jaxlib\'s version, '
         f'which is not installed; {PLAN_EXTRA} installs it')

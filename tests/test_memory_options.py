@@ -124,3 +124,12 @@ def test_the_products_policy_keeps_the_linear_outputs(capsys):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-7),
                grads_full, grads_products)
+
+
+def test_mu_dtype_auto_is_the_compute_dtype():
+  for dtype in ('float32', 'bfloat16'):
+    c = tiny()
+    c.model.dtype = dtype
+    setup, state = train_state.init_state(c, VOCAB)
+    for group in _moments(state['opt_state']):
+      assert {x.dtype for x in jax.tree.leaves(group.mu)} == {jnp.dtype(dtype)}
