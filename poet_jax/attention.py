@@ -9,8 +9,9 @@ runs head-major, (B, H, T, d), with a hand-written backward that keeps each
 row's log-sum-exp: XLA:CPU's products over token-major (B, T, H, d) operands
 go through strided copies and odd layouts, and recomputing the softmax from
 its log-sum-exp saves the forward's max, sum and division in the backward.
-Other backends use jax.nn.dot_product_attention, which can pick cuDNN's
-fused flash attention on a GPU.
+Other platforms use jax.nn.dot_product_attention (its XLA form: JAX 0.12
+uses cuDNN's fused attention only when asked to). The platform is the one
+compiled for (targets.platform()), not necessarily this machine's.
 """
 import functools
 

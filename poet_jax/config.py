@@ -72,7 +72,7 @@ _MODEL = {
     'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)
     'remat': False,
     # With remat: 'full' recomputes the whole block in the backward;
-    # 'products' keeps its seven linear layers' outputs (poet_jax/model.py).
+    # 'products' keeps its linear layers' outputs (poet_jax/model.py).
     'remat_policy': 'full',
     # Storage of the parameters AdamW trains: a POET run's embeddings, norms
     # and output head, every parameter of a baseline.

@@ -41,9 +41,9 @@ MEANINGS = {
                             'FFN width'),
     'model.remat': 'recompute each block in the backward',
     'model.remat_policy': ('with `remat`: `full` recomputes the whole block; '
-                           "`products` keeps its linear layers' outputs and "
-                           'recomputes the rest (norms, attention core, '
-                           'activations)'),
+                           "`products` keeps its linear layers' outputs (and "
+                           "a POET layer's W0 product) and recomputes the "
+                           'rest (norms, attention core, activations)'),
     'model.param_dtype': ('storage of the parameters AdamW trains (a POET '
                           "run's embeddings, norms and head; all of a "
                           "baseline's): `bfloat16` halves them and their "

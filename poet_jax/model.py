@@ -20,6 +20,7 @@ from jax import ad_checkpoint
 
 from poet_jax import attention as attention_lib
 from poet_jax import loss as loss_lib
+from poet_jax import spo
 from poet_jax import targets
 
 
@@ -76,12 +77,15 @@ def _tokens_major(x: jax.Array) -> jax.Array:
 
 # What a rematerialized block keeps for its backward (model.remat_policy):
 # nothing but its input ('full'), or also the outputs of its seven linear
-# layers ('products', tagged PRODUCT), so that the backward recomputes only
-# the norms, the attention core and the activations, not the products.
+# layers ('products', tagged PRODUCT) and, in a POET layer, the W0 product
+# that its 'fast' path keeps (spo.SAVED_ACTIVATION), so that the backward
+# recomputes the norms, the attention core, the activations and the
+# orthogonal blocks' products, not the large products.
 PRODUCT = 'product'
 REMAT_POLICIES = {
     'full': None,
-    'products': jax.checkpoint_policies.save_only_these_names(PRODUCT),
+    'products': jax.checkpoint_policies.save_only_these_names(
+        PRODUCT, spo.SAVED_ACTIVATION),
 }
 
 
