@@ -2,8 +2,9 @@
 non-finite guard, the merge), the evaluation step, the POET diagnostics, and
 their compilation with explicit shardings.
 
-The train step is one jax.jit with a donated state; the merge runs inside
-it when due, keyed on the optimizer's update counter (merge.merge_if_due).
+A train step is two jax.jit programs, each donating the state: the update,
+and the merge, which runs when the optimizer's update counter says so
+(merge.merge_if_due) and moves nothing otherwise.
 """
 import dataclasses
 from typing import Any, Callable

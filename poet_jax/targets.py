@@ -114,8 +114,8 @@ def compile_devices(target: str | None, count: int = 1) -> list:
   devices ('cpu'), or compile-only devices of a GPU target on one host.
 
   Raises:
-    TargetError: for an unknown target, fewer local devices than `count`,
-      or a GPU target without the CUDA plugin (the `plan` extra) loaded.
+    TargetError: for an unknown target, or a GPU target without the CUDA
+      plugin (the `plan` extra) loaded.
   """
   if target is None:
     return jax.devices()[:count]
@@ -163,16 +163,15 @@ def compiling_for(target: str | None):
     _TARGET.reset(token)
 
 
-def current() -> str | None:
-  """The target of compiling_for (None: this machine's devices)."""
-  return _TARGET.get()
-
-
 def platform() -> str:
   """'cpu', 'gpu' or 'tpu': the platform the code traced now is compiled
   for. Every choice the code makes by backend asks this, never
   jax.default_backend(), so that a dry run for an H100 on a CPU machine
-  traces what an H100 runs."""
+  traces what an H100 runs.
+
+  It is read while tracing: JAX reuses the trace of a function it has
+  traced before, so each target gets jax.jit objects of its own
+  (steps.compile_steps makes new ones on every call)."""
   target = _TARGET.get()
   if target is None:
     return jax.default_backend()

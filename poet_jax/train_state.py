@@ -86,7 +86,8 @@ def dense_params_as(params, dtype):
   """params with every leaf AdamW trains (all but POET's orthogonal blocks,
   optim.is_poet_path) stored as `dtype` (model.param_dtype)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: x if optim.is_poet_path(path) else x.astype(dtype),
+      lambda path, x: x.astype(dtype) if jnp.issubdtype(
+          x.dtype, jnp.floating) and not optim.is_poet_path(path) else x,
       params)
 
 
