@@ -52,6 +52,8 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 _DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'llama_tiny.py')
 EXIT_BAD_INPUT = 2
+# poet_jax.targets.TARGETS, here without importing JAX for --help.
+TARGETS = ('cpu', 'h100', 'h200', 'a100')
 
 
 @dataclasses.dataclass
@@ -63,6 +65,7 @@ class Command:
   progress: bool
   compilation_cache: str = ''  # '' : no persistent compilation cache
   allow_data_change: bool = False
+  target: str | None = None    # the dry run's device (poet_jax.targets)
 
 
 def define_flags(flag_values: flags.FlagValues, argv):
@@ -83,6 +86,10 @@ def define_flags(flag_values: flags.FlagValues, argv):
       'dry_run', False, 'Compile the train step abstractly, report its '
       'memory and FLOPs to <workdir>/memory.json, and exit without training.',
       flag_values=flag_values)
+  flags.DEFINE_enum(
+      'target', None, TARGETS, 'With --dry_run: compile for this device '
+      'instead of this machine\'s; a GPU needs none here, only JAX\'s CUDA '
+      "plugin (pip install -e '.[plan]').", flag_values=flag_values)
   flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.',
                     flag_values=flag_values)
   flags.DEFINE_bool(
@@ -276,6 +283,9 @@ def parse_command_line(argv, devices=None):
   if not workdir.strip():
     return '--workdir is empty; give a directory for checkpoints and metrics'
   workdir = os.path.expanduser(workdir)  # a shell leaves --workdir=~/x as is
+  if flag_values.target and not flag_values.dry_run:
+    return (f'--target={flag_values.target} compiles for another device: it '
+            'goes with --dry_run')
   # Last: the only check that needs the devices, so a line found without
   # them is the same with them.
   if devices is not None:
@@ -294,7 +304,7 @@ def parse_command_line(argv, devices=None):
   except workdir_lib.WorkdirError as e:
     return _one_line(e)
   return Command(c, workdir, flag_values.dry_run, not flag_values.no_progress,
-                 cache, flag_values.allow_data_change)
+                 cache, flag_values.allow_data_change, flag_values.target)
 
 
 class _DropClosedLoopNoise:
@@ -403,7 +413,9 @@ def main(argv=None) -> int:
   try:
     if command.dry_run:
       from poet_jax import planner  # pylint: disable=g-import-not-at-top
-      planner.dry_run(command.config, command.workdir)
+      from poet_jax import targets  # pylint: disable=g-import-not-at-top
+      targets.use_cpu_runtime(command.target)
+      planner.dry_run(command.config, command.workdir, command.target)
       return 0
     return train_lib.train(command.config, command.workdir,
                            progress=command.progress,

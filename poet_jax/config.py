@@ -16,9 +16,12 @@ EVAL_AT_START = ('auto', 'always', 'never')
 # data.decode_errors: what a directory corpus's bytes that are not UTF-8 text
 # do (corpora.decode_text).
 DECODE_ERRORS = ('strict', 'replace')
+REMAT_POLICIES = ('full', 'products')
 
 # Spec, section 8: hidden, FFN for POET-BS (divides 256), FFN for AdamW/FS,
-# heads, layers; and the papers' base learning rate and steps.
+# heads, layers; and the papers' base learning rate and steps. From 3B on
+# the blocks are recomputed in the backward (model.remat): the POET-X
+# paper's memory needs it (docs/scaling.md, the H100 table).
 MODEL_SIZES = {
     '60m': dict(dim=512, ffn_block=1280, ffn=1376, heads=8, layers=8,
                 lr=1e-2, steps=300_000),
@@ -29,11 +32,11 @@ MODEL_SIZES = {
     '1b': dict(dim=2048, ffn_block=5376, ffn=5461, heads=32, layers=24,
                lr=1e-3, steps=500_000),
     '3b': dict(dim=2560, ffn_block=7168, ffn=7168, heads=32, layers=32,
-               lr=1e-3, steps=600_000),
+               lr=1e-3, steps=600_000, remat=True),
     '8b': dict(dim=4096, ffn_block=14336, ffn=14336, heads=32, layers=32,
-               lr=1e-3, steps=600_000),
+               lr=1e-3, steps=600_000, remat=True),
     '13b': dict(dim=5120, ffn_block=13824, ffn=13824, heads=40, layers=40,
-                lr=1e-3, steps=600_000),
+                lr=1e-3, steps=600_000, remat=True),
 }
 
 
@@ -75,6 +78,12 @@ _MODEL = {
     'w0_dtype': 'float32',      # storage of POET's frozen W0; int8: POET-XQ
     'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)
     'remat': False,
+    # With remat: 'full' recomputes the whole block in the backward;
+    # 'products' keeps its linear layers' outputs (poet_jax/model.py).
+    'remat_policy': 'full',
+    # Storage of the parameters AdamW trains: a POET run's embeddings, norms
+    # and output head, every parameter of a baseline.
+    'param_dtype': 'float32',
     'loss_chunk_tokens': 8192,  # the loss's logits, chunk by chunk; 0: all
 }
 
@@ -94,6 +103,9 @@ _OPTIMIZER = {
     'name': 'poet',
     'b1': 0.9,
     'b2': 0.999,
+    # Adam's first moment, both groups (optax's mu_dtype); 'auto': the
+    # compute dtype, model.dtype.
+    'mu_dtype': 'auto',
     'galore_rank': 128,
     'galore_update_proj_gap': 200,
     'galore_scale': 0.25,
@@ -174,6 +186,7 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
   c.train.batch_size = 512
   c.train.seq_len = 256
   c.train.lr = s['lr']
+  c.model.remat = s.get('remat', False)
   c.poet.block_size = 256.0
   c.poet.merge_every = 400
   c.poet.lr = 1e-3
@@ -191,6 +204,12 @@ def ffn_dim(c) -> int:
     return c.model.ffn_dim
   block = c.optimizer.name == 'poet' and c.poet.variant == 'block'
   return c.model.ffn_dim_block if block else c.model.ffn_dim_dense
+
+
+def mu_dtype(c) -> str:
+  """optimizer.mu_dtype as stored: 'auto' is the compute dtype."""
+  return c.model.dtype if c.optimizer.mu_dtype == 'auto' else (
+      c.optimizer.mu_dtype)
 
 
 def block_size(c):

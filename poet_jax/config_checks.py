@@ -155,6 +155,14 @@ def _check_choices(c) -> None:
   _choice('eval_at_start', c.eval_at_start, config_lib.EVAL_AT_START)
   _choice('model.dtype', c.model.dtype, config_lib.DTYPES)
   _choice('model.w0_dtype', c.model.w0_dtype, config_lib.W0_DTYPES)
+  _choice('model.param_dtype', c.model.param_dtype, config_lib.DTYPES)
+  _choice('optimizer.mu_dtype', c.optimizer.mu_dtype,
+          ('auto',) + config_lib.DTYPES)
+  _choice('model.remat_policy', c.model.remat_policy,
+          config_lib.REMAT_POLICIES)
+  _check(c.model.remat or c.model.remat_policy == 'full',
+         f'model.remat_policy={c.model.remat_policy} takes effect with '
+         'model.remat=True; set --config.model.remat=True too')
   _choice('poet.variant', c.poet.variant, ('block', 'full'))
   _choice('poet.compute', c.poet.compute,
           ('fast', 'mem', 'materialize', 'auto'))

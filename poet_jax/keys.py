@@ -47,6 +47,14 @@ MEANINGS = {
                             '`w0_dtype=int8`; must divide `model.dim` and the '
                             'FFN width'),
     'model.remat': 'recompute each block in the backward',
+    'model.remat_policy': ('with `remat`: `full` recomputes the whole block; '
+                           "`products` keeps its linear layers' outputs (and "
+                           "a POET layer's W0 product) and recomputes the "
+                           'rest (norms, attention core, activations)'),
+    'model.param_dtype': ('storage of the parameters AdamW trains (a POET '
+                          "run's embeddings, norms and head; all of a "
+                          "baseline's): `bfloat16` halves them and their "
+                          'gradients, as the paper\'s all-bfloat16 AdamW'),
     'model.loss_chunk_tokens': ('the output head and cross-entropy run over '
                                 'chunks of this many tokens, so the whole '
                                 "batch's logits never exist at once; 0: all "
@@ -68,6 +76,11 @@ MEANINGS = {
     'optimizer.name': '`poet`, `adamw`, `galore`, `muon`',
     'optimizer.b1': 'Adam beta1 (both groups)',
     'optimizer.b2': 'Adam beta2 (both groups)',
+    'optimizer.mu_dtype': ("storage of Adam's first moment (both groups, "
+                           "every method; optax's `mu_dtype`): `auto` (the "
+                           'compute dtype, `model.dtype`), `float32` or '
+                           '`bfloat16`; the second stays float32 (a '
+                           "baseline's: its parameters' dtype)"),
     'optimizer.galore_rank': 'GaLore projection rank',
     'optimizer.galore_update_proj_gap': 'steps between GaLore projections',
     'optimizer.galore_scale': 'GaLore update scale',

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from poet_jax import control_flow
 from poet_jax import layers
 from poet_jax import reparam
 
@@ -107,9 +108,9 @@ def merge_if_due(graphdef, params, frozen, opt_state, *args, key=None,
   that was dropped, whose state was rolled back); else returns (params,
   frozen) unchanged. merge_every is the transformation's own, read from
   its state (a merge_every before the key is the former signature: warned
-  about and ignored). A lax.cond: no host round trip, one compiled step
-  for both cases. The optimizer state needs nothing: the transformation
-  reset it in the same update.
+  about and ignored). No host round trip, one compiled step for both
+  cases, and nothing copied when no merge is due. The optimizer state
+  needs nothing: the transformation reset it in the same update.
   """
   key, applied = _arguments('merge_if_due', args, key, applied)
   due = reparam.merge_due(opt_state) & jnp.asarray(applied)
@@ -117,7 +118,7 @@ def merge_if_due(graphdef, params, frozen, opt_state, *args, key=None,
 
   def do(args):
     return merge_params(graphdef, *args, merge_key(key, merge_number))
-  return jax.lax.cond(due, do, lambda args: args, (params, frozen))
+  return control_flow.apply_if(due, do, (params, frozen))
 
 
 def merge_model_if_due(model: nnx.Module, optimizer: nnx.Optimizer, *args,

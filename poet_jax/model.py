@@ -18,9 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import ad_checkpoint
 
 from poet_jax import attention as attention_lib
 from poet_jax import loss as loss_lib
+from poet_jax import spo
+from poet_jax import targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class LlamaConfig:
   tie_embeddings: bool = False      # output head = embedding transposed
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
   remat: bool = False               # recompute each block in the backward
+  remat_policy: str = 'full'        # 'full', or 'products' (REMAT_POLICIES)
   loss_chunk_tokens: int = 8192     # tokens per chunk of the loss; 0: one
 
   @property
@@ -75,9 +79,28 @@ def _tokens_major(x: jax.Array) -> jax.Array:
   backward (SwiGLU's most of all): a flat 2-D input keeps that gradient a
   plain product. Same arithmetic either way (issue 15, docs/benchmarks.md).
   """
-  if jax.default_backend() != 'cpu':
+  if targets.platform() != 'cpu':
     return x
   return x.reshape(-1, x.shape[-1])
+
+
+# What a rematerialized block keeps for its backward (model.remat_policy):
+# nothing but its input ('full'), or also the outputs of its seven linear
+# layers ('products', tagged PRODUCT) and, in a POET layer, the W0 product
+# that its 'fast' path keeps (spo.SAVED_ACTIVATION), so that the backward
+# recomputes the norms, the attention core, the activations and the
+# orthogonal blocks' products, not the large products.
+PRODUCT = 'product'
+REMAT_POLICIES = {
+    'full': None,
+    'products': jax.checkpoint_policies.save_only_these_names(
+        PRODUCT, spo.SAVED_ACTIVATION),
+}
+
+
+def _product(y: jax.Array) -> jax.Array:
+  """y, tagged as a linear layer's output for the 'products' policy."""
+  return ad_checkpoint.checkpoint_name(y, PRODUCT)
 
 
 # Causal attention whose backward recomputes the (T x T) probabilities
@@ -109,14 +132,15 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     cfg = self.cfg
     flat = _tokens_major(x)
-    q = rotary(self._heads(self.q(flat), b, t, cfg.num_heads), positions,
-               cfg.rope_theta)
-    k = rotary(self._heads(self.k(flat), b, t, cfg.kv_heads), positions,
-               cfg.rope_theta)
-    v = self._heads(self.v(flat), b, t, cfg.kv_heads)
+    q = rotary(self._heads(_product(self.q(flat)), b, t, cfg.num_heads),
+               positions, cfg.rope_theta)
+    k = rotary(self._heads(_product(self.k(flat)), b, t, cfg.kv_heads),
+               positions, cfg.rope_theta)
+    v = self._heads(_product(self.v(flat)), b, t, cfg.kv_heads)
     out = _attention(q, _shared_kv(k, cfg.num_heads),
                      _shared_kv(v, cfg.num_heads))
-    return self.o(_tokens_major(out.reshape(b, t, d))).reshape(b, t, d)
+    return _product(self.o(_tokens_major(out.reshape(b, t, d)))).reshape(
+        b, t, d)
 
   def decode(self, x, positions, k_cache, v_cache):
     """Attention of new tokens over themselves and the cached ones.
@@ -156,8 +180,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     flat = _tokens_major(x)
-    out = self.down(jax.nn.silu(self.gate(flat)) * self.up(flat))
-    return out.reshape(x.shape)
+    hidden = (jax.nn.silu(_product(self.gate(flat))) *
+              _product(self.up(flat)))
+    return _product(self.down(hidden)).reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -233,7 +258,8 @@ class Llama(nnx.Module):
       return nnx.merge(graphdef, block_state)(x, positions), None
 
     if self.cfg.remat:
-      run_block = jax.checkpoint(run_block)
+      run_block = jax.checkpoint(run_block,
+                                 policy=REMAT_POLICIES[self.cfg.remat_policy])
     x, _ = jax.lax.scan(run_block, x, stacked)
     return self.norm(x)
 

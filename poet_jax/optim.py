@@ -84,53 +84,61 @@ def adam_direction(mu, nu, count, b1: float, b2: float, eps: float,
                    f'{CONVENTIONS}')
 
 
-def _adam(b1, b2, eps, convention, scale, state_type):
-  """Adam with moments in a state of `state_type` (count, mu, nu)."""
+def _adam(b1, b2, eps, convention, scale, state_type, mu_dtype=None):
+  """Adam with moments in a state of `state_type` (count, mu, nu); the
+  first moment stored as mu_dtype (None: float32), updated in float32."""
   if convention not in CONVENTIONS:
     raise ValueError(f'unknown Adam convention {convention!r}; use one of '
                      f'{CONVENTIONS}')
+  mu_dtype = jnp.dtype(mu_dtype or jnp.float32)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-    return state_type(jnp.zeros([], jnp.int32), zeros, zeros)
+    zeros = lambda dtype: jax.tree.map(lambda p: jnp.zeros_like(p, dtype),
+                                       params)
+    return state_type(jnp.zeros([], jnp.int32), zeros(mu_dtype),
+                      zeros(jnp.float32))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    mu = optax.tree.update_moment(
+        updates, optax.tree.cast(state.mu, jnp.float32), b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     out = adam_direction(mu, nu, count, b1, b2, eps, convention)
     out = jax.tree.map(lambda u, g: (scale * u).astype(g.dtype), out, updates)
-    return out, state_type(count, mu, nu)
+    return out, state_type(count, optax.tree.cast(mu, mu_dtype), nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_poet(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  scale: float = 1.0, convention: str = 'reference'
-                  ) -> optax.GradientTransformation:
+                  scale: float = 1.0, convention: str = 'reference',
+                  mu_dtype=None) -> optax.GradientTransformation:
   """Adam (with bias correction) on generator leaves, times `scale`.
 
   The state is a ScaleByPoetState, which `reset_poet_state` zeroes at every
   merge (spec section 5, step 4). The reference implementation multiplies
   the POET learning rate by 0.5 (its `poet_scale`); `scale` makes that
   factor explicit. `convention` is 'reference' (default) or 'optax'; see
-  the module docstring.
+  the module docstring. mu_dtype stores the first moment (optax's
+  `mu_dtype`; None: float32); the second stays float32.
 
   Raises:
     ValueError: for an unknown convention.
   """
-  return _adam(b1, b2, eps, convention, scale, ScaleByPoetState)
+  return _adam(b1, b2, eps, convention, scale, ScaleByPoetState, mu_dtype)
 
 
 def scale_by_reference_adam(b1: float = 0.9, b2: float = 0.999,
-                            eps: float = 1e-6) -> optax.GradientTransformation:
+                            eps: float = 1e-6, mu_dtype=None
+                            ) -> optax.GradientTransformation:
   """Adam in the reference's convention, for leaves a merge does not reset.
 
   The state is an optax.ScaleByAdamState (count, mu, nu), so it is left
-  alone by `reset_poet_state`.
+  alone by `reset_poet_state`; mu_dtype as scale_by_poet's.
   """
-  return _adam(b1, b2, eps, 'reference', 1.0, optax.ScaleByAdamState)
+  return _adam(b1, b2, eps, 'reference', 1.0, optax.ScaleByAdamState,
+               mu_dtype)
 
 
 def decay_after_step(weight_decay: float, learning_rate: optax.ScalarOrSchedule
@@ -286,12 +294,13 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def _base_adamw(learning_rate, b1, b2, eps, weight_decay, convention):
+def _base_adamw(learning_rate, b1, b2, eps, weight_decay, convention,
+                mu_dtype=None):
   if convention == 'optax':
-    return optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay,
-                       mask=decay_mask)
+    return optax.adamw(learning_rate, b1, b2, eps, mu_dtype=mu_dtype,
+                       weight_decay=weight_decay, mask=decay_mask)
   return optax.chain(
-      scale_by_reference_adam(b1, b2, eps),
+      scale_by_reference_adam(b1, b2, eps, mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
       optax.masked(decay_after_step(weight_decay, learning_rate), decay_mask))
 
@@ -334,7 +343,7 @@ def poet(learning_rate: optax.ScalarOrSchedule,
          *, poet_scale: float = 0.5, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-6, weight_decay: float = 0.01,
          poet_b1: float = 0.9, poet_b2: float = 0.999, poet_eps: float = 1e-6,
-         adam_convention: str = 'reference',
+         adam_convention: str = 'reference', mu_dtype=None,
          param_labels=None) -> optax.GradientTransformationExtraArgs:
   """POET's optimizer: Adam on the generators, AdamW on the other leaves.
 
@@ -353,6 +362,8 @@ def poet(learning_rate: optax.ScalarOrSchedule,
     poet_b1, poet_b2, poet_eps: Adam hyperparameters of the generators.
     adam_convention: 'reference' (default) or 'optax' (optax.scale_by_adam
       and optax.adamw).
+    mu_dtype: storage of both groups' first moments (optax's `mu_dtype`;
+      None: float32).
     param_labels: pytree or callable giving 'poet' or 'base' per leaf
       (None: poet_param_labels, by the leaves' names).
 
@@ -376,10 +387,10 @@ def poet(learning_rate: optax.ScalarOrSchedule,
       {
           'poet': optax.chain(
               scale_by_poet(poet_b1, poet_b2, poet_eps, poet_scale,
-                            adam_convention),
+                            adam_convention, mu_dtype),
               optax.scale_by_learning_rate(poet_learning_rate)),
           'base': _base_adamw(learning_rate, b1, b2, eps, weight_decay,
-                              adam_convention),
+                              adam_convention, mu_dtype),
       },
       param_labels)
   return _require_poet_leaves(tx, param_labels)

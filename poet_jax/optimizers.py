@@ -41,12 +41,13 @@ def optimizer(c) -> optax.GradientTransformation:
   """
   lr = schedule(c, c.train.lr)
   o, wd = c.optimizer, c.train.weight_decay
+  mu_dtype = jnp.dtype(config_lib.mu_dtype(c))
   if o.name == 'poet':
     p = c.poet
     tx = optim.poet(lr, schedule(c, p.lr), poet_scale=p.scale, b1=o.b1,
                     b2=o.b2, eps=p.eps, weight_decay=wd, poet_b1=o.b1,
                     poet_b2=o.b2, poet_eps=p.eps,
-                    adam_convention=p.adam_convention)
+                    adam_convention=p.adam_convention, mu_dtype=mu_dtype)
     if c.train.grad_clip:
       limit = optim.post_merge_clip_ramp(
           c.train.grad_clip, p.merge_every, ramp_steps=p.clip_ramp_steps,
@@ -56,7 +57,8 @@ def optimizer(c) -> optax.GradientTransformation:
         tx, num_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
         merge_every=p.merge_every, max_q_norm=p.max_q_norm or None)
   if o.name == 'adamw':
-    tx = optax.adamw(lr, o.b1, o.b2, weight_decay=wd, mask=optim.decay_mask)
+    tx = optax.adamw(lr, o.b1, o.b2, mu_dtype=mu_dtype, weight_decay=wd,
+                     mask=optim.decay_mask)
   elif o.name == 'muon':
     # Muon on the stacked block kernels (L, in, out); Adam on the rest.
     dims = lambda params: jax.tree_util.tree_map_with_path(
@@ -65,6 +67,7 @@ def optimizer(c) -> optax.GradientTransformation:
     # Decay on both parts, unmasked, as the reference trainer's Muon groups.
     tx = optax.contrib.muon(lr, beta=o.muon_beta, weight_decay=wd,
                             adam_weight_decay=wd, adam_b1=o.b1, adam_b2=o.b2,
+                            mu_dtype=mu_dtype,
                             muon_weight_dimension_numbers=dims)
   elif o.name == 'galore':
     # GaLore on each layer's block kernels, AdamW on embeddings, norms and
@@ -75,10 +78,11 @@ def optimizer(c) -> optax.GradientTransformation:
         'galore': optim.per_layer(optax.contrib.galore(
             lr, rank=o.galore_rank, update_proj_gap=o.galore_update_proj_gap,
             scale=o.galore_scale, weight_decay=wd,
-            base_optimizer=optax.scale_by_adam(o.b1, o.b2)),
+            base_optimizer=optax.scale_by_adam(o.b1, o.b2,
+                                               mu_dtype=mu_dtype)),
             stacked=_is_block_kernel),
-        'adamw': optax.adamw(lr, o.b1, o.b2, weight_decay=wd,
-                             mask=optim.decay_mask),
+        'adamw': optax.adamw(lr, o.b1, o.b2, mu_dtype=mu_dtype,
+                             weight_decay=wd, mask=optim.decay_mask),
     }, labels)
   else:
     raise config_lib.ConfigError(f'unknown optimizer.name {o.name!r}')

@@ -42,6 +42,7 @@ from flax import nnx
 from poet_jax import drift
 from poet_jax import optim
 from poet_jax import orthogonal
+from poet_jax import targets
 
 
 class ReparameterizeState(NamedTuple):
@@ -292,8 +293,7 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
     every = period()
     state = ReparameterizeState(count, new, inner_state, every)
     if merge_every is not None:
-      state = jax.lax.cond(_due(count, every), reset_after_merge,
-                           lambda s: s, state)
+      state = _reset_if(_due(count, every), state)
     return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -303,6 +303,21 @@ def _due(count, merge_every):
   """count is a positive multiple of merge_every (never when it is 0)."""
   return (merge_every > 0) & (count > 0) & (
       count % jnp.maximum(merge_every, 1) == 0)
+
+
+def _reset_if(due, state):
+  """reset_after_merge(state) where `due`, else state.
+
+  A select on accelerators: it fuses into the update that writes the state
+  anyway, so a step that does not merge moves nothing more, where the
+  operands a lax.cond's untaken branch returns are copied (the generators
+  and POET moments, every step). XLA:CPU keeps the lax.cond: the select
+  fuses differently there and would change a run's last bits.
+  """
+  if targets.platform() == 'cpu':
+    return jax.lax.cond(due, reset_after_merge, lambda s: s, state)
+  return jax.tree.map(functools.partial(jnp.where, due),
+                      reset_after_merge(state), state)
 
 
 def _is_state(x) -> bool:

@@ -2,8 +2,9 @@
 non-finite guard, the merge), the evaluation step, the POET diagnostics, and
 their compilation with explicit shardings.
 
-The train step is one jax.jit with a donated state; the merge is a lax.cond
-inside it, keyed on the optimizer's update counter (reparam.merge_due).
+A train step is two jax.jit programs, each donating the state: the update,
+and the merge, which runs when the optimizer's update counter says so
+(merge.merge_if_due) and moves nothing otherwise.
 """
 import dataclasses
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from poet_jax import model as model_lib
 from poet_jax import optimizers
 from poet_jax import reparam
 from poet_jax import sharding as sharding_lib
+from poet_jax import targets
 from poet_jax import train_state
 
 
@@ -53,11 +55,11 @@ def _accumulate(fn, params, batch: jax.Array, k: int):
   return jax.lax.scan(body, zeros, micro)[0]
 
 
-def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
-  """One optimizer step over train.grad_accum_steps micro-batches and a
-  merge when due: after the update that makes reparameterize's counter a
-  multiple of poet.merge_every (the optimizer zeroes its generators and
-  POET state in that update; the model merges here)."""
+def update_step(setup: train_state.Setup, state: dict, batch: jax.Array):
+  """One optimizer step over train.grad_accum_steps micro-batches, without
+  the merge (merge_step): after the update that makes reparameterize's
+  counter a multiple of poet.merge_every, the optimizer has zeroed its
+  generators and POET state, and the model is still to merge."""
   c = setup.config
 
   def loss_fn(params, tokens):
@@ -88,13 +90,8 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
   params = _where(finite, params, state['params'])
   opt_state = _where(finite, opt_state, state['opt_state'])
   step = state['step'] + 1
-  frozen = state['frozen']
-  if c.optimizer.name == 'poet':
-    params, frozen = merge_lib.merge_if_due(
-        setup.graphdef, params, frozen, opt_state, jax.random.key(c.seed),
-        applied=finite)
-  new_state = {'params': params, 'frozen': frozen, 'opt_state': opt_state,
-               'step': step,
+  new_state = {'params': params, 'frozen': state['frozen'],
+               'opt_state': opt_state, 'step': step,
                'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
                'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
                                            step)}
@@ -102,6 +99,27 @@ def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
              **optimizers.applied_rates(
                  c, state['step'] - state['nonfinite'])}
   return new_state, metrics
+
+
+def merge_step(setup: train_state.Setup, state: dict) -> dict:
+  """The model's merge after update_step, when that update was a merging
+  one (merge.merge_if_due; a dropped update, state['nonfinite_step'] ==
+  state['step'], is not). Reads and writes no W0 otherwise. The state of
+  a method without merges comes back as it is."""
+  c = setup.config
+  if c.optimizer.name != 'poet':
+    return state
+  params, frozen = merge_lib.merge_if_due(
+      setup.graphdef, state['params'], state['frozen'], state['opt_state'],
+      jax.random.key(c.seed), applied=state['nonfinite_step'] != state['step'])
+  return {**state, 'params': params, 'frozen': frozen}
+
+
+def train_step(setup: train_state.Setup, state: dict, batch: jax.Array):
+  """update_step then merge_step, in one function (the trainer runs them
+  as two compiled steps, CompiledSteps.train)."""
+  state, metrics = update_step(setup, state, batch)
+  return merge_step(setup, state), metrics
 
 
 def eval_step(setup: train_state.Setup, state: dict, batch: jax.Array):
@@ -136,12 +154,26 @@ def weight_diagnostics(setup: train_state.Setup, state: dict) -> dict:
 
 @dataclasses.dataclass
 class CompiledSteps:
-  train: Callable
+  """The jitted steps of a run. `update` and `merge` (both donate the
+  state; no merge but for POET) make one train step; `train(state, batch)`
+  runs the two."""
+  update: Callable
+  merge: Callable | None
   eval: Callable
   diagnostics: Callable
   state_sharding: Any
   batch_sharding: Any
   weights: Callable  # weight_diagnostics
+
+  def train(self, state, batch):
+    """One train step: (new state, metrics), the merge done when due.
+
+    Two compiled programs rather than one: the update's carries no merge
+    (whose presence changed how XLA:GPU schedules, and copies, the
+    optimizer state), and the merge's moves nothing when none is due.
+    """
+    state, metrics = self.update(state, batch)
+    return (self.merge(state) if self.merge else state), metrics
 
 
 def compiler_options(c) -> dict:
@@ -154,7 +186,7 @@ def compiler_options(c) -> dict:
   we turn that pass off for bf16 runs so each layer converts its own slice.
   """
   bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
-  if bf16 and jax.default_backend() == 'cpu':
+  if bf16 and targets.platform() == 'cpu':
     return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
   return {}
 
@@ -166,10 +198,14 @@ def compile_steps(setup: train_state.Setup, abstract: Any,
   state_sh = sharding_lib.state_shardings(mesh, abstract)
   batch_sh = sharding_lib.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  train = jax.jit(lambda s, b: train_step(setup, s, b),
-                  in_shardings=(state_sh, batch_sh),
-                  out_shardings=(state_sh, replicated), donate_argnums=0,
-                  compiler_options=options)
+  update = jax.jit(lambda s, b: update_step(setup, s, b),
+                   in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=0,
+                   compiler_options=options)
+  merge = jax.jit(lambda s: merge_step(setup, s), in_shardings=(state_sh,),
+                  out_shardings=state_sh, donate_argnums=0,
+                  compiler_options=options) if (
+                      setup.config.optimizer.name == 'poet') else None
   evaluate = jax.jit(lambda s, b: eval_step(setup, s, b),
                      in_shardings=(state_sh, batch_sh),
                      out_shardings=replicated)
@@ -177,7 +213,8 @@ def compile_steps(setup: train_state.Setup, abstract: Any,
                  out_shardings=replicated)
   weights = jax.jit(lambda s: weight_diagnostics(setup, s),
                     in_shardings=(state_sh,), out_shardings=replicated)
-  return CompiledSteps(train, evaluate, diag, state_sh, batch_sh, weights)
+  return CompiledSteps(update, merge, evaluate, diag, state_sh, batch_sh,
+                       weights)
 
 
 def abstract_batch(c, steps: CompiledSteps) -> jax.ShapeDtypeStruct:
@@ -187,24 +224,35 @@ def abstract_batch(c, steps: CompiledSteps) -> jax.ShapeDtypeStruct:
                               jnp.int32, sharding=steps.batch_sharding)
 
 
-def trace_train(c, steps: CompiledSteps, abstract: Any) -> jax.stages.Traced:
-  """The train step traced on the abstract state (train_state.abstract_state)
-  and batch, for a dry run: `.jaxpr` for FLOPs, `.lower().compile()` for
-  memory, without allocating the state."""
-  state = jax.tree.map(
+def _abstract(abstract: Any, steps: CompiledSteps):
+  return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, steps.state_sharding)
-  return steps.train.trace(state, abstract_batch(c, steps))
+
+
+def trace_train(c, steps: CompiledSteps, abstract: Any) -> jax.stages.Traced:
+  """The update step (the train step less its merge) traced on the abstract
+  state (train_state.abstract_state) and batch, for a dry run: `.jaxpr` for
+  FLOPs, `.lower().compile()` for memory, without allocating the state."""
+  return steps.update.trace(_abstract(abstract, steps),
+                            abstract_batch(c, steps))
+
+
+def trace_merge(steps: CompiledSteps, abstract: Any) -> jax.stages.Traced:
+  """The merge step traced on the abstract state, as trace_train."""
+  return steps.merge.trace(_abstract(abstract, steps))
 
 
 def compile_ahead(c, steps: CompiledSteps, state):
-  """Compiles the train, eval and diagnostics steps now (jax.jit keeps the
-  executables), so that the clocks of tokens/s and of the time left, started
-  after this, leave compilation out. Returns the compiled train step."""
+  """Compiles the update, merge, eval and diagnostics steps now (jax.jit
+  keeps the executables), so that the clocks of tokens/s and of the time
+  left, started after this, leave compilation out. Returns the compiled
+  update step."""
   batch = abstract_batch(c, steps)
-  train = steps.train.lower(state, batch).compile()
+  update = steps.update.lower(state, batch).compile()
   steps.eval.lower(state, batch).compile()
   steps.weights.lower(state).compile()
   if c.optimizer.name == 'poet':
+    steps.merge.lower(state).compile()
     steps.diagnostics.lower(state).compile()
-  return train
+  return update

@@ -36,6 +36,7 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
       num_kv_heads=c.model.num_kv_heads, norm_eps=c.model.norm_eps,
       rope_theta=c.model.rope_theta, tie_embeddings=c.model.tie_embeddings,
       dtype=DTYPES[c.model.dtype], remat=c.model.remat,
+      remat_policy=c.model.remat_policy,
       loss_chunk_tokens=c.model.loss_chunk_tokens)
 
 
@@ -83,9 +84,19 @@ def _split(model):
   return graphdef, nnx.as_pure(params), nnx.as_pure(frozen)
 
 
+def dense_params_as(params, dtype):
+  """params with every leaf AdamW trains (all but POET's orthogonal blocks,
+  optim.is_poet_path) stored as `dtype` (model.param_dtype)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dtype) if jnp.issubdtype(
+          x.dtype, jnp.floating) and not optim.is_poet_path(path) else x,
+      params)
+
+
 def init_state(c, vocab_size: int) -> tuple[Setup, dict]:
   """A fresh state (on the default device) and what the step needs."""
   graphdef, params, frozen = _split(build_model(c, vocab_size))
+  params = dense_params_as(params, DTYPES[c.model.param_dtype])
   tx = optimizers.optimizer(c)
   state = {'params': params, 'frozen': frozen, 'opt_state': tx.init(params),
            'step': jnp.zeros([], jnp.int32),

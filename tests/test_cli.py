@@ -273,25 +273,32 @@ def test_dry_run_names_settings_with_their_compiled_peaks(tmp_path,
   c.train.batch_size, c.train.seq_len = 8, 16
   # A device smaller than anything: every suggestion is compiled, and
   # micro-batches go down to one sequence.
-  monkeypatch.setattr(planner, 'device_memory_gib', lambda devices=None: 1e-6)
+  monkeypatch.setattr(planner, 'device_memory_gib', lambda **_: 1e-6)
   monkeypatch.setattr(planner, 'LARGEST_DEVICE_GIB', 1e-6)
   plans, plan = [], planner.plan
-  monkeypatch.setattr(planner, 'plan', lambda c, devices=None: plans.append(
-      (c, plan(c, devices))) or plans[-1][1])
+  monkeypatch.setattr(planner, 'plan', lambda c, **kw: plans.append(
+      (c, plan(c, **kw))) or plans[-1][1])
   report = planner.dry_run(c, str(tmp_path))
   out = capsys.readouterr().out
   assert 'far above any single accelerator' in out
   figures = report['suggestions_peak_gib']
   assert list(figures) == ['model.remat=True', 'poet.compute=mem',
+                           'optimizer.mu_dtype=bfloat16',
+                           'model.param_dtype=bfloat16',
                            'train.grad_accum_steps=8', 'all of the above']
   for name, gib in figures.items():
     assert name in out and f'peak {gib:.3g} GiB' in out
   # Each figure is the peak of the step compiled with that setting; for
   # micro-batches, of one micro-batch plus a float32 gradient buffer.
   (_, base), *variants = plans
-  assert [(v.model.remat, v.poet.compute, v.train.batch_size)
-          for v, _ in variants] == [(True, 'fast', 8), (False, 'mem', 8),
-                                    (False, 'fast', 1), (True, 'mem', 1)]
+  assert [(v.model.remat, v.poet.compute, v.optimizer.mu_dtype,
+           v.model.param_dtype, v.train.batch_size) for v, _ in variants] == [
+               (True, 'fast', 'auto', 'float32', 8),
+               (False, 'mem', 'auto', 'float32', 8),
+               (False, 'fast', 'bfloat16', 'float32', 8),
+               (False, 'fast', 'auto', 'bfloat16', 8),
+               (False, 'fast', 'auto', 'float32', 1),
+               (True, 'mem', 'bfloat16', 'bfloat16', 1)]
   buffer = base['trainable_params'] * 4 / planner.GIB
   assert list(figures.values()) == [
       r['peak_gib'] + (buffer if v.train.batch_size == 1 else 0)

@@ -35,7 +35,7 @@ def test_dry_run_of_a_tiny_config_matches_its_real_step(tmp_path):
   state = jax.jit(lambda: train_state.init_state(c, 257)[1],
                   out_shardings=steps.state_sharding)()
   batch = jnp.zeros((c.train.batch_size, c.train.seq_len + 1), jnp.int32)
-  compiled = steps.train.lower(state, batch).compile()
+  compiled = steps.update.lower(state, batch).compile()
   mem = compiled.memory_analysis()
   assert report['argument_gib'] * planner.GIB == mem.argument_size_in_bytes
   assert report['temp_gib'] * planner.GIB == mem.temp_size_in_bytes

@@ -5,6 +5,7 @@ import json
 import os
 
 from poet_jax import config as config_lib
+from poet_jax import targets
 from poet_jax import workdir as workdir_lib
 from poet_jax.bench import device
 from poet_jax.bench import reference
@@ -53,10 +54,11 @@ def _step_sections(sections, sizes: Sizes, methods, step_reps, rate,
 def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
         methods=METHODS, step_reps: int = 0, profile_dir: str = '',
         reference_args: reference.Args | None = None,
-        tiny: bool = False) -> dict:
+        tiny: bool = False, target: str | None = None) -> dict:
   """Runs `sections`; returns {'machine': ..., 'reps': ..., 'rows': [...]}.
 
-  tiny: the device check at its CPU smoke-test size (device.TINY).
+  tiny: the device check at its CPU smoke-test size (device.TINY); target:
+  the device the memory section compiles for (poet_jax.targets).
   """
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']
@@ -79,7 +81,7 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
     memory = [m for m in methods if m in ('adamw', 'galore',
                                           'poet-materialize', 'poet-fast',
                                           'poet-mem', 'poetxq-mem')]
-    rows += bench_memory(sizes, memory_dtype, _pairs(memory))
+    rows += bench_memory(sizes, memory_dtype, _pairs(memory), target)
   if 'reference' in sections:
     rows += reference.bench_reference(
         sizes, reference_args or reference.Args(), step_reps)
@@ -114,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--memory_seqs', default='',
                       help='comma-separated sequence lengths of the memory '
                       f"section (default {','.join(map(str, FULL.memory_seqs))})")
+  parser.add_argument('--target', default=None, choices=targets.TARGETS,
+                      help='the memory section compiles for this device '
+                      "instead of this machine's (a GPU needs none here, "
+                      "only JAX's CUDA plugin: pip install -e '.[plan]')")
   parser.add_argument('--methods', default=','.join(METHODS),
                       help=f'comma-separated methods of the train-step and '
                       f'memory sections, of {METHODS}')
@@ -158,9 +164,14 @@ def main(argv=None) -> int:
     workdir_lib.check_outside_runs(args.json, '--json')
   except workdir_lib.WorkdirError as e:
     parser.error(str(e))
+  targets.use_cpu_runtime(args.target)
+  try:  # before any section runs: a target that cannot be compiled for
+    targets.compile_devices(args.target)
+  except targets.TargetError as e:
+    parser.exit(2, f'error: {e}\n')
   report = run(sections, _sizes(args), args.reps, args.memory_dtype, methods,
                args.step_reps, args.profile, reference.Args.from_flags(args),
-               args.tiny)
+               args.tiny, args.target)
   print_tables(report)
   device.print_report(report['rows'])
   with open(args.json, 'w') as f:

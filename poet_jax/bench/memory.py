@@ -25,8 +25,10 @@ PAPER_MEMORY_GB = {
 }
 
 
-def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
-  """planner.plan of every (method, compute) pair at batch 1."""
+def bench_memory(sizes: Sizes, dtype: str, methods, target=None
+                 ) -> list[dict]:
+  """planner.plan of every (method, compute) pair at batch 1, compiled for
+  one device of `target` (poet_jax.targets; None: this machine's)."""
   rows = []
   for size in sizes.memory_sizes:
     for seq in sizes.memory_seqs:
@@ -40,7 +42,8 @@ def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
                                                                 method)
         log(f'memory: {size} seq {seq} {name}')
         try:
-          report = planner.plan(c, jax.devices()[:1])
+          report = planner.plan(
+              c, None if target else jax.devices()[:1], target)
         except Exception as e:  # pylint: disable=broad-except
           log(f'  failed: {type(e).__name__}: {e}')
           rows.append({'section': 'memory', 'model': size, 'seq_len': seq,
@@ -53,11 +56,14 @@ def bench_memory(sizes: Sizes, dtype: str, methods) -> list[dict]:
         paper = PAPER_MEMORY_GB.get((size, seq, name), 'n/a')
         rows.append({'section': 'memory', 'model': size, 'seq_len': seq,
                      'batch': 1, 'dtype': dtype, 'method': name,
+                     'target': report['target'],
+                     'device_kind': report['device_kind'],
                      'w0_dtype': report['w0_dtype'],
                      'peak_gib': peak, 'peak_gb': peak * GIB / 1e9,
                      'ratio_to_adamw': peak / adamw,
                      'minus_mem_gib': None if mem is None else peak - mem,
                      'temp_gib': report['temp_gib'],
                      'argument_gib': report['argument_gib'],
+                     'roofline_ms': report['roofline_ms'],
                      'paper_gb': 'does not fit' if paper is None else paper})
   return rows

@@ -102,19 +102,21 @@ def _print_blocks(rows, out) -> None:
 
 
 def _print_memory(rows, out) -> None:
-  _table(out, f"dry-run peak memory per device, batch 1, {rows[0]['dtype']}"
-         ' (ours GiB; paper GB, H100)',
-         'model, seq, method, W0, peak GiB, x AdamW, - POET-X mem GiB, '
-         'paper GB')
+  device = next((r['device_kind'] for r in rows if 'device_kind' in r), '')
+  _table(out, f"dry-run peak memory per device, batch 1, {rows[0]['dtype']},"
+         f' compiled for {device} (paper: H100)',
+         'model, seq, method, W0, peak GiB, peak GB, x AdamW, '
+         '- POET-X mem GiB, roofline ms, paper GB')
   for r in rows:
     if 'error' in r:
       print(f"| {r['model']} | {r['seq_len']} | {r['method']} | | failed: "
-            f"{r['error'][:100]} | | | |", file=out)
+            f"{r['error'][:100]} | | | | | |", file=out)
       continue
     print(f"| {r['model']} | {r['seq_len']} | {r['method']} | "
           f"{r['w0_dtype'] or ''} | {_fmt(r['peak_gib'])} | "
-          f"{_fmt(r['ratio_to_adamw'])} | {_fmt(r['minus_mem_gib'])} | "
-          f"{r['paper_gb']} |", file=out)
+          f"{_fmt(r['peak_gb'])} | {_fmt(r['ratio_to_adamw'])} | "
+          f"{_fmt(r['minus_mem_gib'])} | {_fmt(r.get('roofline_ms'), '.0f')} "
+          f"| {r['paper_gb']} |", file=out)
 
 
 def _print_reference(rows, out) -> None:

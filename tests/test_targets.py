@@ -1,0 +1,149 @@
+"""Compiling for a device this machine does not have (poet_jax.targets), and
+what the compile of a target reports (planner, hlo_cost)."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from poet_jax import attention
+from poet_jax import cli
+from poet_jax import config as config_lib
+from poet_jax import hlo_cost
+from poet_jax import planner
+from poet_jax import sharding as sharding_lib
+from poet_jax import steps as steps_lib
+from poet_jax import targets
+from poet_jax import train_state
+
+
+# The GPU compiles need JAX's CUDA plugin, the `plan` extra (CI installs
+# it): without it they are skipped, and said so.
+needs_plugin = pytest.mark.skipif(
+    not targets.plugin_installed(),
+    reason=f"JAX's CUDA plugin is not installed: {targets.PLAN_EXTRA}")
+
+
+def tiny(**model):
+  c = config_lib.base_config()
+  c.model.update(dim=32, num_layers=2, num_heads=2, ffn_dim=64,
+                 vocab_size=64, **model)
+  c.poet.block_size, c.poet.merge_every = 8.0, 2
+  c.train.batch_size, c.train.seq_len = 2, 16
+  c.mesh.data = 1
+  return c
+
+
+def compile_train(c, target):
+  """The compiled train step of config c for `target`."""
+  with targets.compiling_for(target):
+    mesh = sharding_lib.make_mesh(c.mesh, planner.target_devices(c, target))
+    setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
+    steps = steps_lib.compile_steps(setup, abstract, mesh)
+    return steps_lib.trace_train(c, steps, abstract).lower().compile()
+
+
+@needs_plugin
+def test_a_tiny_model_compiles_for_an_h100_into_gpu_code():
+  compiled = compile_train(tiny(dtype='bfloat16', w0_dtype='bfloat16'),
+                           'h100')
+  text = compiled.as_text()
+  # XLA:GPU's matrix products: Triton gemm fusions or cuBLAS calls, which
+  # XLA:CPU never emits; and the devices are the H100 described.
+  assert 'gemm_fusion' in text or '__cublas$gemm' in text
+  device = jax.tree.leaves(compiled.input_shardings)[0].mesh.devices.flat[0]
+  assert device.platform == 'gpu'
+  assert device.device_kind == targets.GPU_SPECS['h100'].device_kind
+  host = compile_train(tiny(dtype='bfloat16', w0_dtype='bfloat16'), 'cpu')
+  assert 'gemm_fusion' not in host.as_text()
+
+
+def test_the_compile_platform_follows_the_target():
+  c = tiny(dtype='bfloat16')
+  q = jnp.ones((1, 8, 2, 4))
+  # A fresh function each time: the platform is read while tracing, and
+  # JAX would reuse a trace of the same function.
+  jaxpr = lambda: str(jax.make_jaxpr(
+      lambda *a: attention.causal_attention(*a))(q, q, q))
+  with targets.compiling_for('h100'):
+    assert targets.platform() == 'gpu'
+    assert steps_lib.compiler_options(c) == {}
+    gpu_attention = jaxpr()
+  with targets.compiling_for('cpu'):
+    assert targets.platform() == 'cpu'
+    assert steps_lib.compiler_options(c) == {
+        'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+    cpu_attention = jaxpr()
+  # The CPU core is the hand-written head-major one (a custom VJP); a GPU
+  # gets jax.nn.dot_product_attention.
+  assert 'custom_vjp_call' in cpu_attention
+  assert 'custom_vjp_call' not in gpu_attention
+  assert targets.platform() == jax.default_backend()
+
+
+@needs_plugin
+def test_a_step_that_does_not_merge_moves_no_w0():
+  """On the H100 compile, the merge step of a step that does not merge (its
+  loop runs zero times) reads and writes a few bytes of flags, where a
+  lax.cond's untaken branch copied W0 or the blocks; and the update step
+  holds no merge."""
+  c = tiny(dtype='bfloat16', w0_dtype='bfloat16')
+  with targets.compiling_for('h100'):
+    mesh = sharding_lib.make_mesh(c.mesh, targets.compile_devices('h100'))
+    setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
+    steps = steps_lib.compile_steps(setup, abstract, mesh)
+    merge = steps_lib.trace_merge(steps, abstract).lower().compile()
+  blocks_bytes = 2 * 2 * 8 * (4 * 64 + 3 * 96)  # layers x bf16 x b(m + n)
+  assert hlo_cost.step_cost(merge).bytes_accessed < 0.1 * blocks_bytes
+  assert ' while(' in merge.as_text()  # the merge is there, in a loop
+
+
+def test_hlo_cost_counts_every_layer_of_the_scan():
+  """XLA's analysis counts a loop body once; step_cost counts it by its
+  trip count, so the FLOPs grow by one layer's with each layer."""
+  flops = []
+  for layers in (2, 3, 4):  # one layer: XLA removes the loop
+    c = tiny()
+    c.model.num_layers = layers
+    flops.append(hlo_cost.step_cost(compile_train(c, 'cpu')).flops)
+  assert flops[1] - flops[0] == pytest.approx(flops[2] - flops[1], rel=1e-3)
+  assert flops[1] - flops[0] > 0.1 * flops[0]
+
+
+@needs_plugin
+def test_an_h100_plan_reports_split_cost_and_roofline():
+  c = tiny(dtype='bfloat16', w0_dtype='bfloat16')
+  report = planner.plan(c, target='h100')
+  assert report['target'] == 'h100'
+  assert report['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  split = report['peak_split_gib']
+  assert sum(split.values()) == pytest.approx(report['peak_gib'])
+  assert split['frozen'] > 0 and split['optimizer_state'] > 0
+  spec = targets.GPU_SPECS['h100']
+  assert report['roofline_ms'] == pytest.approx(1e3 * max(
+      report['hlo_flops_per_device'] / spec.bf16_flops,
+      report['hlo_bytes_per_device'] / spec.memory_bandwidth))
+  assert planner.plan(c, target='cpu')['roofline_ms'] is None
+
+
+def test_target_descriptions_hold_the_published_figures():
+  text = targets.target_config('a100')
+  assert 'core_count: 108' in text
+  assert 'cuda_compute_capability { major: 8 minor: 0 }' in text
+  assert 'device_description_str: "NVIDIA A100-SXM4-80GB"' in text
+  assert 'memory_bandwidth: 2039000000000' in text
+
+
+def test_a_gpu_target_without_the_plugin_is_one_line(monkeypatch, tmp_path,
+                                                     capsys):
+  monkeypatch.setattr(targets, 'plugin_installed', lambda: False)
+  code = cli.main(['train.py', '--dry_run', '--target=h100',
+                   f'--workdir={tmp_path / "run"}'])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert err.count('\n') == 1 and "pip install -e '.[plan]'" in err
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_target_without_dry_run_is_refused(tmp_path, capsys):
+  code = cli.main(['train.py', '--target=h100', f'--workdir={tmp_path}'])
+  assert code == 2
+  assert '--dry_run' in capsys.readouterr().err
