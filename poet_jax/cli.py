@@ -410,10 +410,11 @@ def main(argv=None) -> int:
   sys.stderr = _DropClosedLoopNoise(stderr)
   logging.getLogger('absl').addFilter(quiet)
   use_compilation_cache(command.compilation_cache)
+  from poet_jax import targets  # pylint: disable=g-import-not-at-top
+  targets.quiet_plugin_without_gpu()
   try:
     if command.dry_run:
       from poet_jax import planner  # pylint: disable=g-import-not-at-top
-      from poet_jax import targets  # pylint: disable=g-import-not-at-top
       targets.use_cpu_runtime(command.target)
       planner.dry_run(command.config, command.workdir, command.target)
       return 0

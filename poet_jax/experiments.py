@@ -38,6 +38,7 @@ from poet_jax import config_checks
 from poet_jax import experiments_page as page
 from poet_jax import metrics as metrics_lib
 from poet_jax import stopping
+from poet_jax import targets
 from poet_jax import train_lib
 from poet_jax import workdir as workdir_lib
 
@@ -387,6 +388,7 @@ def main(argv) -> int:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
   _set_up_xla(args)
+  targets.quiet_plugin_without_gpu()
   try:
     run_studies(args, argv)
   except train_lib.USER_ERRORS as e:

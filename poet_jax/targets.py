@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.util
+import logging
+import os
 
 import jax
 
@@ -147,6 +149,22 @@ def use_cpu_runtime(target: str | None) -> None:
   targets change nothing."""
   if target in GPU_SPECS:
     jax.config.update('jax_platforms', 'cpu')
+
+
+class _NoPluginFailureWithoutGPU(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith('Jax plugin configuration error')
+
+
+def quiet_plugin_without_gpu() -> None:
+  """On a machine with no NVIDIA device, drops the traceback JAX logs when
+  the CUDA plugin (the `plan` extra, installed as a compiler only) fails its
+  start-up check: it is expected there, and JAX runs on the CPU anyway.
+  Where an NVIDIA device exists the message stays, since it then means a
+  broken CUDA install. Call before JAX starts its backends."""
+  if not os.path.exists('/dev/nvidiactl'):
+    logging.getLogger('jax._src.xla_bridge').addFilter(
+        _NoPluginFailureWithoutGPU())
 
 
 _TARGET = contextvars.ContextVar('poet_jax_target', default=None)

@@ -55,6 +55,8 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
   for name in PATH_FLAGS:  # a shell leaves the ~ of --workdir=~/x as it is
     if name in flag_values and isinstance(flag_values[name].value, str):
       flag_values[name].value = os.path.expanduser(flag_values[name].value)
+  from poet_jax import targets  # pylint: disable=g-import-not-at-top
+  targets.quiet_plugin_without_gpu()
   try:
     return body(flag_values) or 0
   except USER_ERRORS + tuple(user_errors) as e:

@@ -44,17 +44,23 @@ def test_readme_gives_two_setup_commands_that_install_the_package():
   assert steps.index('pip install -e .') > steps.index(
       'pip install -r requirements.txt')
   assert steps[-1] == 'poet-jax-train'
-  assert tests == '. .venv/bin/activate && python -m pytest -q -n 2 --dist loadfile tests'
+  assert tests == ('. .venv/bin/activate && pip install -e '
+                   "'.[plan]' && python -m pytest -q -n 2 --dist loadfile "
+                   'tests')
 
 
 def test_ci_installs_and_tests_as_the_readme_says():
   with open(os.path.join(ROOT, '.ci', 'run')) as f:
     ci = f.read()
   install, tests = setup_commands()
-  assert tests.split(' && ')[1] in ci
-  for step in install.split(' && ')[:-1]:
+  steps = install.split(' && ')[:-1] + tests.split(' && ')[1:]
+  for step in steps:
     quiet = step.replace('pip install', 'pip install --quiet')
     assert step in ci or quiet in ci, step
+  # In the README's order.
+  where = [max(ci.find(s), ci.find(s.replace('pip install', 'pip install '
+                                              '--quiet'))) for s in steps]
+  assert where == sorted(where), steps
 
 
 def pyproject():

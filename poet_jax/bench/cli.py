@@ -149,6 +149,7 @@ def main(argv=None) -> int:
   """The command line; returns the exit code (argparse exits 2 on bad flags)."""
   parser = _parser()
   args = parser.parse_args(argv)
+  targets.quiet_plugin_without_gpu()
   sections = [s for s in args.only.split(',') if s]
   unknown = set(sections) - set(ALL_SECTIONS)
   if unknown:
