@@ -16,6 +16,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from poet_jax import targets
+
 
 def tolerance(dtype, block_size: int) -> float:
   """How far trained weights may be from what the transformation made
@@ -63,7 +65,12 @@ def warn_if_changed(count, excess, merge_every,
     merge_every: () int32 (0: no merges); after a merging update the
       warning says the model did not merge.
     who: the transformation, for the message.
+
+  Nothing is emitted when compiling for a device this machine lacks
+  (targets.runs_here): that executable never runs.
   """
+  if not targets.runs_here():
+    return
   jax.lax.cond(excess > 1.0,
                lambda: jax.debug.callback(
                    functools.partial(_warn, who=who), count, excess,

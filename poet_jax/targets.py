@@ -196,6 +196,19 @@ def platform() -> str:
   return 'cpu' if target == 'cpu' else 'gpu'
 
 
+def runs_here() -> bool:
+  """Whether what is traced now will run on this machine. False while
+  compiling for a platform this machine lacks (an H100 dry run on a CPU
+  machine): such executables are never run, and host callbacks
+  (jax.debug.callback) cannot even be compiled for them."""
+  if _TARGET.get() is None:
+    return True
+  try:
+    return bool(jax.devices(platform()))
+  except RuntimeError:
+    return False
+
+
 def device_spec(target: str | None) -> GpuSpec | None:
   """The GpuSpec of a GPU target; None for the CPU or this machine."""
   return GPU_SPECS.get(target)
