@@ -1,5 +1,5 @@
-"""The README's set-up commands, Python example and config-key table are
-what the project does."""
+"""The README's set-up commands and Python examples, and the config-key
+table and examples of docs/, are what the project does."""
 import importlib
 import os
 import re
@@ -14,13 +14,22 @@ from poet_jax import keys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def readme():
-  with open(os.path.join(ROOT, 'README.md')) as f:
+def read(path):
+  with open(os.path.join(ROOT, path)) as f:
     return f.read()
 
 
+def readme():
+  return read('README.md')
+
+
+def python_blocks(path):
+  return re.findall(r'```python\n(.*?)```', read(path), re.S)
+
+
 def test_library_example_runs_and_learns(capsys):
-  block = re.search(r'```python\n(.*?)```', readme(), re.S).group(1)
+  """docs/library.md's POET Llama in a hand-written step."""
+  block = python_blocks('docs/library.md')[0]
   assert len(block.strip().splitlines()) < 30
   namespace = {}
   exec(compile(block, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
@@ -68,21 +77,36 @@ def pyproject():
     return tomllib.load(f)
 
 
-def test_readme_states_the_supported_python():
-  # The package installs from requires-python on; the tested pins need the
-  # Python the set-up command names, which README must state too.
-  required = pyproject()['project']['requires-python']  # '>=3.11'
-  version = required.removeprefix('>=')
-  assert f'Python {version} or newer' in readme()
-  assert sys.version_info[:2] >= tuple(map(int, version.split('.')))
+def test_readme_states_the_tested_versions():
+  # The set-up command's Python and requirements.txt's pins are the ones
+  # README says the project is tested with; the package accepts that Python.
   tested = re.match(r'python(3\.\d+) ', setup_commands()[0]).group(1)
-  assert f'Python {tested} or newer' in readme()
+  pins = dict(l.split('==') for l in read('requirements.txt').splitlines()
+              if '==' in l and not l.startswith('#'))
+  assert pins['jax'] == pins['jaxlib']
+  line = (f"Tested with Python {tested}, jax/jaxlib {pins['jax']}, "
+          f"flax {pins['flax']} (the pins in\nrequirements.txt)")
+  assert line in readme()
+  required = pyproject()['project']['requires-python'].removeprefix('>=')
   assert tuple(map(int, tested.split('.'))) >= tuple(
-      map(int, version.split('.')))
+      map(int, required.split('.')))
+  assert sys.version_info[:2] >= tuple(map(int, required.split('.')))
 
 
 def test_config_key_table_is_generated_from_the_config():
-  assert keys.markdown_table() in readme()
+  assert keys.markdown_table() in read('docs/training.md')
+
+
+# docs/method.md is cleaned with the method helper's work.
+DOCS = ['README.md'] + [os.path.join('docs', f) for f in sorted(
+    os.listdir(os.path.join(ROOT, 'docs')))
+                        if f.endswith('.md') and f != 'method.md']
+
+
+@pytest.mark.parametrize('path', DOCS)
+def test_docs_describe_the_project_without_issue_numbers(path):
+  found = re.findall(r'\b[Ii]ssues? \d+|\B#\d+\b', read(path))
+  assert not found, found
 
 
 def test_entry_points_name_functions_that_exist():
@@ -111,24 +135,34 @@ def test_installed_package_imports_from_another_directory(tmp_path):
   assert os.path.isfile(os.path.join(config_dir, 'llama_60m.py'))
 
 
-@pytest.mark.parametrize('index, says', [(1, 'poetized attention'),
-                                         (2, 'linen MLP through optax')])
-def test_each_route_example_runs_as_written(index, says, capsys):
-  """The README's other ```python blocks: poetize, and optax only."""
-  blocks = re.findall(r'```python\n(.*?)```', readme(), re.S)
-  exec(compile(blocks[index], f'README block {index}', 'exec'), {})
+@pytest.mark.parametrize('path, index, says', [
+    ('README.md', 0, 'poetized attention'),
+    ('docs/library.md', 1, 'linen MLP through optax')])
+def test_each_route_example_runs_as_written(path, index, says, capsys):
+  """README's poetize example, and docs/library.md's optax-only one; README
+  shows what its example prints (the loss to within a few percent: the
+  last digits are one CPU's rounding)."""
+  block = python_blocks(path)[index]
+  exec(compile(block, f'{path} block {index}', 'exec'), {})  # pylint: disable=exec-used
   out = capsys.readouterr().out
   assert says in out
-  assert float(out.split('loss ')[1].split(',')[0].split()[0]) < 0.3
+  loss = float(out.split('loss ')[1].split(',')[0].split()[0])
+  assert loss < 0.3
+  if path == 'README.md':
+    shown = re.search(r'prints `(.*?)`', readme()).group(1)
+    number = r'loss [\d.]+'
+    assert re.sub(number, 'loss', shown) == re.sub(number, 'loss', out.strip())
+    assert float(shown.split('loss ')[1].split(',')[0]) == pytest.approx(
+        loss, rel=0.25)
 
 
 def test_train_lib_example_plots_only_runs_it_trains(tmp_path, monkeypatch):
-  """The example that trains from Python, run in an empty directory with
-  train_lib.train standing in (each run's metrics written at once): every
-  run it plots is one it made, so it works from anywhere."""
+  """docs/library.md's example that trains from Python, run in an empty
+  directory with train_lib.train standing in (each run's metrics written at
+  once): every run it plots is one it made, so it works from anywhere."""
   from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
   block = re.search(r'```\n(from poet_jax import config, plot, train_lib\n'
-                    r'.*?)```', readme(), re.S).group(1)
+                    r'.*?)```', read('docs/library.md'), re.S).group(1)
   trained = []
 
   def train(c, workdir):
