@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+from poet_jax import attention
 from poet_jax import config as config_lib
 from poet_jax import flops as flops_lib
 from poet_jax import hlo_cost
@@ -107,7 +108,10 @@ def plan(c, devices=None, target: str | None = None) -> dict:
   update, all devices (`flops.matmul_flops`); hlo_flops and hlo_bytes are
   XLA's cost analysis of one device's compiled update and merge at a step
   that does not merge (hlo_cost.step_cost: every op, each loop body times
-  its trip count).
+  its trip count). attention is the attention core compiled, and
+  attention_in_a_run the one a run on the target's device compiles: cuDNN's
+  fused attention needs the GPU present, so a dry run for a GPU this machine
+  lacks compiles XLA's form in its place.
 
   Raises:
     targets.TargetError: when `target` cannot be compiled for here.
@@ -122,6 +126,11 @@ def plan(c, devices=None, target: str | None = None) -> dict:
     steps = steps_lib.compile_steps(setup, abstract, mesh)
     traced = steps_lib.trace_train(c, steps, abstract)
     compiled = [traced.lower().compile()]
+    # The attention core compiled here, and the one a run on the target's
+    # own device compiles (they differ for cuDNN's, attention.describe).
+    cores = [attention.implementation(*train_state.attention_args(c),
+                                      on_device=on_device)
+             for on_device in (None, True)]
     if steps.merge:
       compiled.append(steps_lib.trace_merge(steps, abstract).lower().compile())
   mem = compiled[0].memory_analysis()
@@ -134,6 +143,8 @@ def plan(c, devices=None, target: str | None = None) -> dict:
   return {
       'config_method': c.optimizer.name,
       'compute': c.poet.compute if c.optimizer.name == 'poet' else 'dense',
+      'attention': cores[0],
+      'attention_in_a_run': cores[1],
       'w0_dtype': c.model.w0_dtype if c.optimizer.name == 'poet' else None,
       'target': target or jax.default_backend(),
       'device_kind': mesh.devices.flat[0].device_kind,
@@ -288,9 +299,13 @@ def _summary(report) -> list[str]:
   """The report as the lines a dry run prints."""
   r, split = report, report['peak_split_gib']
   w0 = f", W0 {r['w0_dtype']}" if r['w0_dtype'] else ''
+  attention = r['attention'] + (
+      '' if r['attention_in_a_run'] == r['attention'] else
+      f" (a run on the device uses {r['attention_in_a_run']}: cuDNN builds "
+      'its kernels with the GPU present)')
   lines = [f"{r['config_method']} ({r['compute']}{w0}), {r['num_devices']} "
            f"x {r['device_kind']} (target {r['target']}), batch "
-           f"{r['batch_size']} x {r['seq_len']}"]
+           f"{r['batch_size']} x {r['seq_len']}; attention {attention}"]
   if r['grad_accum_steps'] > 1:
     lines.append(f"  in {r['grad_accum_steps']} micro-batches of "
                  f"{r['micro_batch_size']}: the memory below is one "

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from poet_jax import attention
 from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import config as config_lib
 from poet_jax import data as data_lib
@@ -136,7 +137,8 @@ def _describe_model(c, setup, abstract, mesh, say) -> list:
   layer_names = metrics_lib.poet_layer_names(
       nnx.merge(setup.graphdef, abstract['params'], abstract['frozen']))
   say(f'model: {trainable:,} trainable and {frozen - 0:,} frozen '
-      f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
+      f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}; '
+      f'attention {attention.describe(*train_state.attention_args(c))}')
   if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
     model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
     say(paths.describe_choices(

@@ -7,6 +7,7 @@ and the merge, which runs when the optimizer's update counter says so
 (merge.merge_if_due) and moves nothing otherwise.
 """
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poet_jax import config as config_lib
 from poet_jax import merge as merge_lib
 from poet_jax import metrics as metrics_lib
 from poet_jax import model as model_lib
@@ -176,19 +178,68 @@ class CompiledSteps:
     return (self.merge(state) if self.merge else state), metrics
 
 
-def compiler_options(c) -> dict:
-  """XLA options of the steps.
+def _layer_bytes(c) -> int:
+  """Bytes of one transformer block's linear weights in float32: the most
+  one layer's weight all-gather or gradient reduction moves."""
+  d, heads = c.model.dim, c.model.num_heads
+  kv = (c.model.num_kv_heads or heads) * (d // heads)
+  return 4 * (2 * d * d + 2 * d * kv + 3 * d * config_lib.ffn_dim(c))
 
-  XLA:CPU multiplies bf16 matrices by converting them to f32, and its
-  loop-invariant code motion then hoists those converts out of the layer
-  scan: an f32 copy of every layer's W0 at once (about 2x the model's bf16
-  weights, measured at llama_8b). Accelerators multiply bf16 natively; on CPU
-  we turn that pass off for bf16 runs so each layer converts its own slice.
+
+def gpu_compiler_options(c) -> dict:
+  """XLA:GPU options of the steps (docs/scaling.md, "The attention core
+  and XLA's options on GPUs").
+
+  The latency-hiding scheduler overlaps the asynchronous collectives with
+  compute; pipelining the all-gather, reduce-scatter and all-reduce of the
+  layer scan starts the next layer's weight gathers (FSDP) and the previous
+  layer's gradient reductions while this layer computes; and collectives are
+  combined up to one layer's weights, as JAX's GPU performance guide
+  advises, so that a layer's parameters move in one collective rather than
+  one per matrix. With one device there are no collectives and only the
+  scheduler acts.
   """
-  bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
-  if bf16 and targets.platform() == 'cpu':
-    return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
-  return {}
+  pipelined = 'COLLECTIVE_PIPELINING_MODE_ON'
+  layer = _layer_bytes(c)
+  return {
+      'xla_gpu_enable_latency_hiding_scheduler': True,
+      'xla_gpu_pipeline_all_gather': pipelined,
+      'xla_gpu_pipeline_reduce_scatter': pipelined,
+      'xla_gpu_pipeline_all_reduce': pipelined,
+      'xla_gpu_all_gather_combine_threshold_bytes': layer,
+      'xla_gpu_reduce_scatter_combine_threshold_bytes': layer,
+      'xla_gpu_all_reduce_combine_threshold_bytes': layer,
+  }
+
+
+def user_xla_flags(env: str | None = None) -> set[str]:
+  """Names of the options set in XLA_FLAGS (`env`, or the environment's):
+  '--name=value' or '--name' gives 'name'."""
+  env = os.environ.get('XLA_FLAGS', '') if env is None else env
+  return {token[2:].split('=', 1)[0] for token in env.split()
+          if token.startswith('--')}
+
+
+def compiler_options(c) -> dict:
+  """XLA options of the steps, for the platform compiled for, less any that
+  the user's XLA_FLAGS sets: an option passed to jax.jit would override
+  the environment's, and the user's choice wins.
+
+  On CPU, for bf16 runs: XLA:CPU multiplies bf16 matrices by converting them
+  to f32, and its loop-invariant code motion then hoists those converts out
+  of the layer scan: an f32 copy of every layer's W0 at once (about 2x the
+  model's bf16 weights, measured at llama_8b). That pass is turned off so
+  each layer converts its own slice (accelerators multiply bf16 natively).
+  On GPU: gpu_compiler_options.
+  """
+  platform = targets.platform()
+  options = {}
+  if platform == 'gpu':
+    options = gpu_compiler_options(c)
+  elif platform == 'cpu' and 'bfloat16' in (c.model.dtype, c.model.w0_dtype):
+    options = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+  user = user_xla_flags()
+  return {name: value for name, value in options.items() if name not in user}
 
 
 def compile_steps(setup: train_state.Setup, abstract: Any,

@@ -40,6 +40,12 @@ def model_config(c, vocab_size: int) -> model_lib.LlamaConfig:
       loss_chunk_tokens=c.model.loss_chunk_tokens)
 
 
+def attention_args(c) -> tuple:
+  """(compute dtype, head dimension) of config c's model: the arguments of
+  attention.implementation and attention.describe."""
+  return DTYPES[c.model.dtype], c.model.dim // c.model.num_heads
+
+
 def poet_options(c) -> dict:
   """poetize's arguments for a POET run of config c (its poet.* keys).
 
