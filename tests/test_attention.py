@@ -1,4 +1,4 @@
-"""poet_jax.attention: the causal attention core against jax's own form."""
+"""poet_jax.models.attention: the causal attention core against jax's own form."""
 import functools
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poet_jax import attention
+from poet_jax.models import attention
 import tolerance
 
 

@@ -1,18 +1,18 @@
-"""Compiling for a device this machine does not have (poet_jax.targets), and
+"""Compiling for a device this machine does not have (poet_jax.train.plan.targets), and
 what the compile of a target reports (planner, hlo_cost)."""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from poet_jax import attention
-from poet_jax import cli
-from poet_jax import config as config_lib
-from poet_jax import hlo_cost
-from poet_jax import planner
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import targets
-from poet_jax import train_state
+from poet_jax.models import attention
+from poet_jax.train import cli
+from poet_jax.train import config as config_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train.plan import hlo_cost
+from poet_jax.train.plan import planner
+from poet_jax.train.plan import targets
 
 
 # The GPU compiles need JAX's CUDA plugin, the `plan` extra (CI installs

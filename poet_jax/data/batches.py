@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from poet_jax.corpora import DataError
-from poet_jax.corpora import split_sources
+from poet_jax.data.corpora import DataError
+from poet_jax.data.corpora import split_sources
 
 
 # Examples are shuffled within windows of this many tokens (in examples:

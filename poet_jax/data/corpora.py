@@ -16,23 +16,18 @@ import collections.abc
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import io
 import logging
 import os
 import sys
-import sysconfig
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from poet_jax.data import local_files
+
 STDLIB = 'python_stdlib'
 SPLITS = ('train', 'validation')
-
-# A document is held out when the hash of its relative path falls in the
-# first 5% of buckets: stable across machines, runs and file additions.
-_HASH_BUCKETS = 10_000
-_VALIDATION_BUCKETS = 500
 
 # Documents per batched read.
 _READ_CHUNK = 512
@@ -52,150 +47,19 @@ def default_data_dir() -> str:
                       'tensorflow_datasets')
 
 
-# ---------------------------------------------------------------------------
-# Source files and the held-out split.
-
-
-def _files_under(root: str, suffix: str,
-                 skip_dirs: frozenset[str] = frozenset()
-                 ) -> list[tuple[str, str]]:
-  """Sorted (posix relative path, path) of files under root ending in suffix.
-
-  Hidden files and directories are skipped (editor and notebook droppings).
-  """
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames
-                   if d not in skip_dirs and not d.startswith('.')]
-    for name in filenames:
-      if name.endswith(suffix) and not name.startswith('.'):
-        path = os.path.join(dirpath, name)
-        found.append((os.path.relpath(path, root).replace(os.sep, '/'), path))
-  return sorted(found)
-
-
-def stdlib_files() -> list[tuple[str, str]]:
-  """The standard library's .py files, tests included, without site-packages.
-
-  Tests stay in: they are ordinary Python and nearly double the corpus.
-  """
-  root = sysconfig.get_paths()['stdlib']
-  return _files_under(root, '.py', frozenset(
-      {'site-packages', 'dist-packages', '__pycache__'}))
-
-
-def text_files(directory: str) -> list[tuple[str, str]]:
-  return _files_under(directory, '.txt')
-
-
-def printable(path: str) -> str:
-  """A path for a message: a file name that is not UTF-8 (os.walk gives its
-  bytes as surrogates, which print cannot encode) with those bytes as \\xNN."""
-  return os.fsencode(path).decode('utf-8', 'backslashreplace')
-
-
-def _bucket(relpath: str) -> int:
-  # The name's bytes: a name that is not UTF-8 hashes too (UTF-8 names
-  # hash as their UTF-8 encoding, as they always did).
-  digest = hashlib.sha256(os.fsencode(relpath)).digest()
-  return int.from_bytes(digest[:8], 'big') % _HASH_BUCKETS
-
-
-def _held_out(buckets: dict[str, int], candidates) -> set[str]:
-  held_out = {rel for rel in candidates if buckets[rel] < _VALIDATION_BUCKETS}
-  if not held_out and candidates:
-    # A handful of files may all miss the 5%: hold out the one nearest the
-    # cut so that both splits exist, still independent of the other files.
-    held_out = {min(candidates, key=buckets.get)}
-  return held_out
-
-
-def split_files(files: Sequence[tuple[str, str]]
-                ) -> dict[str, list[tuple[str, str]]]:
-  """{'train': [...], 'validation': [...]}, each in the given order.
-
-  A file is held out when the hash of its relative path falls in the first
-  5% of buckets. Empty files are never held out: a held-out split of empty
-  files could not be evaluated on.
-  """
-  buckets = {rel: _bucket(rel) for rel, _ in files}
-  held_out = _held_out(buckets, [rel for rel, path in files
-                                 if os.path.getsize(path)])
-  return {'train': [f for f in files if f[0] not in held_out],
-          'validation': [f for f in files if f[0] in held_out]}
-
-
 def split_sources(name: str, split: str) -> list[tuple[str, int]] | None:
   """(relative path, bytes) of the files of one split of a local corpus
   ('python_stdlib' or a directory), paths printable; None for a tfds
   dataset."""
   path = os.path.expanduser(name)
   if name == STDLIB:
-    files = stdlib_files()
+    files = local_files.stdlib_files()
   elif os.path.isdir(path):
-    files = text_files(path)
+    files = local_files.text_files(path)
   else:
     return None
-  return [(printable(rel), os.path.getsize(p))
-          for rel, p in split_files(files)[split]]
-
-
-def decode_text(raw: bytes) -> tuple[str, int, int | None]:
-  """A corpus file's bytes as text: (text, sequences replaced, offset of the
-  first).
-
-  UTF-8; each byte sequence that is not text (invalid UTF-8, and NUL, which
-  a text file never holds: a UTF-16 or binary file does) becomes one U+FFFD
-  and is counted. (text, 0, None) for a clean file.
-  """
-  try:
-    text, first = raw.decode('utf-8'), None
-  except UnicodeDecodeError as e:
-    text, first = raw.decode('utf-8', errors='replace'), e.start
-  # U+FFFD the file itself holds (as its 3 UTF-8 bytes) is not a replacement.
-  replaced = text.count('\ufffd') - raw.count('\ufffd'.encode('utf-8'))
-  if '\0' in text:
-    nul = raw.index(b'\0')
-    first = nul if first is None else min(first, nul)
-    replaced += text.count('\0')
-    text = text.replace('\0', '\ufffd')
-  return text, replaced, first
-
-
-def _read(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scan:
-  """What reading every file of a directory corpus found."""
-  digest: str           # of the relative paths and the bytes of the files
-  not_text: list        # (relative path, sequences replaced, first offset)
-
-
-# Scans of this process, by the files' (path, size, mtime, inode): the
-# validation and train splits of one start read the files once.
-_SCANS: dict[tuple, _Scan] = {}
-
-
-def _scan(files: Sequence[tuple[str, str]]) -> tuple[_Scan, bool]:
-  """(what the files are, whether they were read now): a digest of their
-  relative paths and bytes, so a touched file or another path to the same
-  files is the same corpus, and the files that are not UTF-8 text."""
-  key = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino)
-              for rel, st in ((rel, os.stat(path)) for rel, path in files))
-  if key in _SCANS:
-    return _SCANS[key], False
-  h, not_text = hashlib.sha256(), []
-  for rel, path in files:
-    raw = _read(path)
-    h.update(os.fsencode(rel) + b'\0' + hashlib.sha256(raw).digest())
-    _, replaced, first = decode_text(raw)
-    if replaced:
-      not_text.append((rel, replaced, first))
-  _SCANS[key] = _Scan(h.hexdigest()[:16], not_text)
-  return _SCANS[key], True
+  return [(local_files.printable(rel), os.path.getsize(p))
+          for rel, p in local_files.split_files(files)[split]]
 
 
 # ---------------------------------------------------------------------------
@@ -238,16 +102,17 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     directory = self.builder_config.directory
-    files = text_files(directory) if directory else stdlib_files()
+    files = (local_files.text_files(directory) if directory
+             else local_files.stdlib_files())
     return {split: self._generate_examples(split_list)
-            for split, split_list in split_files(files).items()}
+            for split, split_list in local_files.split_files(files).items()}
 
   def _generate_examples(self, files):
     directory = self.builder_config.directory
     for index, (_, path) in enumerate(files):
       if directory:
         # Checked by _text_dir_config: clean, or replacing was asked for.
-        text = decode_text(_read(path))[0]
+        text = local_files.decode_text(local_files.read_bytes(path))[0]
       else:
         with open(path, 'rb') as f:
           # Some test files are deliberately not UTF-8; kept, mangled (the
@@ -266,15 +131,15 @@ def _text_dir_config(directory: str,
   line says how many byte sequences were read as U+FFFD, and where.
   """
   directory = os.path.abspath(directory)
-  shown = printable(directory)
-  files = text_files(directory)
+  shown = local_files.printable(directory)
+  files = local_files.text_files(directory)
   try:
     nonempty = sum(1 for _, path in files if os.path.getsize(path))
-    scan, fresh = _scan(files)
+    scan, fresh = local_files.scan(files)
   except OSError as e:  # a broken link, a file without read permission
     raise DataError(
-        f'corpus file {printable(str(e.filename))} cannot be read '
-        f'({e.strerror}); fix or remove it') from None
+        f'corpus file {local_files.printable(str(e.filename))} cannot be '
+        f'read ({e.strerror}); fix or remove it') from None
   if nonempty < 2:
     raise DataError(
         f'directory {shown} has {nonempty} non-empty .txt file(s); it '
@@ -283,7 +148,7 @@ def _text_dir_config(directory: str,
     rel, _, first = scan.not_text[0]
     count = sum(n for _, n, _ in scan.not_text)
     where = (f'{len(scan.not_text)} file(s) under {shown} are not UTF-8 '
-             f'text, such as {printable(rel)} at byte {first}')
+             f'text, such as {local_files.printable(rel)} at byte {first}')
     if decode_errors == 'strict':
       raise DataError(
           f'{where} (Latin-1, UTF-16 or binary?); convert them to UTF-8 (iconv '

@@ -1,31 +1,34 @@
 """Text corpora as packed token streams for language-model training.
 
-The entry points; the work is in
+The entry points of poet_jax.data; the work is in
 
   corpora.py          which documents a corpus name means (the embedded
                       standard library, a directory of .txt files, or a tfds
                       dataset such as c4/en), stored as ArrayRecord;
+  local_files.py      a local corpus's files, its held-out split, their text;
   tokenize_shards.py  tokenizing a split with every core into cached shards;
   token_cache.py      the shard and manifest files, written atomically and
                       checked when read;
   batches.py          the stream cut into examples; batches as pure functions
-                      of (step, seed).
+                      of (step, seed);
+  tokenizer.py        the tokenizers (raw bytes, SentencePiece).
 
 See docs/data.md.
 """
 import os
 import sys
 
-from poet_jax import tokenizer as tokenizer_lib
+from poet_jax.data import tokenizer as tokenizer_lib
 # Re-exported: the names the trainer, the tools and the tests use.
-from poet_jax.batches import TokenStream, check_one_batch  # pylint: disable=unused-import
-from poet_jax.corpora import (  # pylint: disable=unused-import
-    DataError, SPLITS, STDLIB, TextCorpus, default_data_dir, open_documents,
+from poet_jax.data.batches import TokenStream, check_one_batch  # pylint: disable=unused-import
+from poet_jax.data.corpora import (  # pylint: disable=unused-import
+    DataError, SPLITS, STDLIB, TextCorpus, default_data_dir, open_documents)
+from poet_jax.data.local_files import (  # pylint: disable=unused-import
     split_files, stdlib_files, text_files)
-from poet_jax.token_cache import (  # pylint: disable=unused-import
+from poet_jax.data.token_cache import (  # pylint: disable=unused-import
     SHARD_DOCS, ShardedTokens, load_manifest, load_stream, shard_docs_for,
     stream_path, token_dtype)
-from poet_jax.tokenize_shards import (  # pylint: disable=unused-import
+from poet_jax.data.tokenize_shards import (  # pylint: disable=unused-import
     BackgroundBuild, GrowingTokens, build_stream)
 
 

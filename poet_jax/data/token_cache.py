@@ -24,9 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from poet_jax import corpora
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax.corpora import DataError
+from poet_jax.data import corpora
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.data.corpora import DataError
 
 # Part of every cache key: bump it when the layout changes so old caches are
 # never read as new ones.

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import tqdm
 
-from poet_jax import corpora
-from poet_jax import token_cache
-from poet_jax import tokenizer as tokenizer_lib
+from poet_jax.data import corpora
+from poet_jax.data import token_cache
+from poet_jax.data import tokenizer as tokenizer_lib
 
 # In-flight shards per worker: enough that no worker waits for work, few
 # enough that little past max_tokens is tokenized.

@@ -2,8 +2,8 @@
 
 Both share one small interface (`Tokenizer`): `vocab_size`, `eos_id`,
 `encode`, `encode_batch`, `decode`, and `identity`, a string that changes
-whenever the token ids a text maps to could change; data.py keys its token
-caches on it.
+whenever the token ids a text maps to could change; token_cache.py keys its
+token caches on it.
 """
 import hashlib
 import os

@@ -2,10 +2,10 @@
 10): SVD entropy and hyperspherical energy of POET against AdamW, and
 vector probing of POET's rotations, from the values the runs logged at
 their evaluations (metrics.weight_diagnostics)."""
-from poet_jax.experiments_report import (PAPER_PROBE, draw_mean, evals,
+from poet_jax.experiments.findings import Claim, fmt
+from poet_jax.experiments.report import (PAPER_PROBE, draw_mean, evals,
                                          figure_axes, mean_curve, per_seed,
                                          table)
-from poet_jax.findings import Claim, fmt
 
 
 def _first_last(run, results, key):

@@ -17,11 +17,11 @@ import subprocess
 import jax
 import numpy as np
 
-from poet_jax import experiments_diagnostics as diagnostics
-from poet_jax import experiments_report as report
-from poet_jax import findings
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.experiments import diagnostics
+from poet_jax.experiments import findings
+from poet_jax.experiments import report
+from poet_jax.train import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS32 = float(np.finfo(np.float32).eps)
@@ -237,9 +237,9 @@ def _summary(claims) -> str:
 
 
 RUNS = (
-    'Each run trains with `train_lib.train` in its own work directory under '
-    '`--root` (default `runs/reproduction/`), named after the settings it '
-    'varies and its seed. A run with a `result.json` is finished and '
+    'Each run trains with `poet_jax.train.loop.train` in its own work '
+    'directory under `--root` (default `runs/reproduction/`), named after '
+    'the settings it varies and its seed. A run with a `result.json` is finished and '
     'skipped on a rerun, so a rerun only rewrites the page; an interrupted '
     'run (Ctrl-C, exit code 3) resumes from its checkpoint when the same '
     'command is run again. After a change to the code, use a new `--root`. '

@@ -16,12 +16,12 @@ import numpy as np
 from flax import nnx
 from matplotlib import figure
 
-from poet_jax import checkpoint as checkpoint_lib
 from poet_jax import layers
-from poet_jax import metrics as metrics_lib
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
-from poet_jax.findings import Claim, fmt
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.experiments.findings import Claim, fmt
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import state as train_state
 
 # The POET papers' numbers (spec sections 2, 5, 6, 9): validation perplexity
 # on C4. Table 2 at 60M / 130M, POET-BS b = 256.

@@ -4,21 +4,21 @@ Neither form here keeps the (T x T) probabilities for the backward pass: the
 backward recomputes them from q and k, as flash attention does (at sequence
 1024 the kept probabilities would outweigh a POET model's weights).
 
-On CPU (issue 15, docs/benchmarks.md "The attention core on CPU") the core
+On CPU (docs/benchmarks.md, "The attention core on CPU") the core
 runs head-major, (B, H, T, d), with a hand-written backward that keeps each
 row's log-sum-exp: XLA:CPU's products over token-major (B, T, H, d) operands
 go through strided copies and odd layouts, and recomputing the softmax from
 its log-sum-exp saves the forward's max, sum and division in the backward.
 Other platforms use jax.nn.dot_product_attention (its XLA form: JAX 0.12
 uses cuDNN's fused attention only when asked to). The platform is the one
-compiled for (targets.platform()), not necessarily this machine's.
+compiled for (platform.platform()), not necessarily this machine's.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from poet_jax import targets
+from poet_jax import platform
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array
@@ -52,7 +52,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   if not q.shape == k.shape == v.shape:
     raise ValueError(f'causal_attention: q, k, v must have one shape (B, T, '
                      f'H, d); got {q.shape}, {k.shape}, {v.shape}')
-  if targets.platform() != 'cpu':
+  if platform.platform() != 'cpu':
     return reference_attention(q, k, v)
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, T, H, d) <-> (B, H, T, d)
   return heads_major(_heads_major_attention(heads_major(q), heads_major(k),

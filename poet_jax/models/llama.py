@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import ad_checkpoint
 
-from poet_jax import attention as attention_lib
-from poet_jax import loss as loss_lib
+from poet_jax import platform
 from poet_jax import spo
-from poet_jax import targets
+from poet_jax.models import attention as attention_lib
+from poet_jax.models import loss as loss_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,9 @@ def _tokens_major(x: jax.Array) -> jax.Array:
   XLA:CPU transposes the weight gradient of a product over a 3-D input
   through a strided copy that also recomputes the producer's elementwise
   backward (SwiGLU's most of all): a flat 2-D input keeps that gradient a
-  plain product. Same arithmetic either way (issue 15, docs/benchmarks.md).
+  plain product. Same arithmetic either way (docs/benchmarks.md).
   """
-  if targets.platform() != 'cpu':
+  if platform.platform() != 'cpu':
     return x
   return x.reshape(-1, x.shape[-1])
 
@@ -104,7 +104,7 @@ def _product(y: jax.Array) -> jax.Array:
 
 
 # Causal attention whose backward recomputes the (T x T) probabilities
-# instead of keeping them per layer (poet_jax.attention).
+# instead of keeping them per layer (attention.py).
 _attention = attention_lib.causal_attention
 
 
@@ -309,7 +309,7 @@ def next_token_loss(model: Llama, tokens: jax.Array,
   """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
 
   The head and the cross-entropy run in chunks of cfg.loss_chunk_tokens
-  tokens (poet_jax.loss): the whole batch's logits never exist at once.
+  tokens (loss.py): the whole batch's logits never exist at once.
   """
   hidden = model.features(tokens[:, :-1])
   weights = None if mask is None else mask[:, 1:].astype(jnp.float32)

@@ -10,11 +10,11 @@ from typing import Callable
 
 from absl import flags
 
-from poet_jax import config as config_lib
-from poet_jax import data as data_lib
-from poet_jax import flag_errors
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import workdir as workdir_lib
+from poet_jax.data import pipeline as data_lib
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import flag_errors
+from poet_jax.train import workdir as workdir_lib
 
 EXIT_BAD_INPUT = 2
 PATH_FLAGS = ('workdir', 'out')  # ~ expanded
@@ -55,7 +55,7 @@ def run(doc: str, define: Callable[[flags.FlagValues], None],
   for name in PATH_FLAGS:  # a shell leaves the ~ of --workdir=~/x as it is
     if name in flag_values and isinstance(flag_values[name].value, str):
       flag_values[name].value = os.path.expanduser(flag_values[name].value)
-  from poet_jax import targets  # pylint: disable=g-import-not-at-top
+  from poet_jax.train.plan import targets  # pylint: disable=g-import-not-at-top
   targets.quiet_plugin_without_gpu()
   try:
     return body(flag_values) or 0

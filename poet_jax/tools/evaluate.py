@@ -14,14 +14,14 @@ import sys
 import jax
 from absl import flags
 
-from poet_jax import tool_cli as cli
-from poet_jax import config as config_lib
-from poet_jax import data as data_lib
-from poet_jax import metrics as metrics_lib
-from poet_jax import restore
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.data import pipeline as data_lib
+from poet_jax.tools import cli
+from poet_jax.tools import restore
+from poet_jax.train import config as config_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 
 
 def evaluate(run: restore.Run, steps: steps_lib.CompiledSteps, data_name: str,

@@ -26,10 +26,10 @@ from absl import flags
 from flax import nnx
 from jax.experimental import io_callback
 
-from poet_jax import tool_cli as cli
-from poet_jax import model as model_lib
-from poet_jax import planner
-from poet_jax import restore
+from poet_jax.models import llama as model_lib
+from poet_jax.tools import cli
+from poet_jax.tools import restore
+from poet_jax.train.plan import planner
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature, top_k,

@@ -18,17 +18,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from poet_jax import config as config_lib
-from poet_jax import checkpoint as checkpoint_lib
-from poet_jax import config_checks
 from poet_jax import layers
-from poet_jax import model as model_lib
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
-
-ATTENTION = ('q', 'k', 'v', 'o')
-MLP = ('gate', 'up', 'down')
-
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.models import hf
+from poet_jax.models import llama as model_lib
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
+from poet_jax.train import state as train_state
 
 class RunError(ValueError):
   """A work directory or checkpoint that cannot be used; one line."""
@@ -43,7 +40,7 @@ class Run:
   meta: dict
   tokenizer: Any
   setup: train_state.Setup
-  state: dict            # the train state (train_state.py), on device
+  state: dict            # the train state (train/state.py), on device
 
   @property
   def model(self) -> model_lib.Llama:
@@ -179,7 +176,8 @@ def dense_weights(model: model_lib.Llama) -> dict[str, jax.Array]:
   Keys: 'embed' (V, D); per layer, stacked on a leading axis L:
   'attention_norm', 'mlp_norm' (L, D) and the kernels 'q', 'k', 'v', 'o',
   'gate', 'up', 'down' (L, in, out), with layer(x) == x @ kernel; 'norm'
-  (D,), 'lm_head' (D, V) (the embedding transposed when tied).
+  (D,), 'lm_head' (D, V) (the embedding transposed when tied): the dense
+  weights that poet_jax.models.hf maps to the Hugging Face format.
   """
   blocks = model.blocks
   out = {'embed': model.embed.embedding[...],
@@ -187,8 +185,8 @@ def dense_weights(model: model_lib.Llama) -> dict[str, jax.Array]:
          'mlp_norm': blocks.mlp_norm.scale[...],
          'norm': model.norm.scale[...],
          'lm_head': model.head_kernel()}
-  out.update({n: _kernel(getattr(blocks.attention, n)) for n in ATTENTION})
-  out.update({n: _kernel(getattr(blocks.mlp, n)) for n in MLP})
+  out.update({n: _kernel(getattr(blocks.attention, n)) for n in hf.ATTENTION})
+  out.update({n: _kernel(getattr(blocks.mlp, n)) for n in hf.MLP})
   return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
 
@@ -201,9 +199,9 @@ def set_weights(model: model_lib.Llama, weights: dict) -> None:
   model.norm.scale.set_value(weights['norm'])
   if not model.cfg.tie_embeddings:
     model.lm_head.kernel.set_value(weights['lm_head'])
-  for name in ATTENTION:
+  for name in hf.ATTENTION:
     getattr(blocks.attention, name).kernel.set_value(weights[name])
-  for name in MLP:
+  for name in hf.MLP:
     getattr(blocks.mlp, name).kernel.set_value(weights[name])
 
 

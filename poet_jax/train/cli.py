@@ -24,36 +24,20 @@ Exit codes (docs/reliability.md):
      checkpoints are intact. Fix it and run the same command.
 """
 import dataclasses
-import difflib
 import logging
 import os
-import re
 import sys
 import threading
 
 from absl import flags
 from ml_collections import config_flags
 
-from poet_jax import flag_errors
-from poet_jax import keys as keys_lib
+from poet_jax.train import arguments
+from poet_jax.train import flag_errors
+from poet_jax.train import keys as keys_lib
 
-
-def _config_dir() -> str:
-  """configs/: installed as the package poet_jax.configs (pyproject.toml),
-  or beside the package in a checkout that is not installed."""
-  try:
-    from poet_jax import configs  # pylint: disable=g-import-not-at-top
-    return os.path.dirname(os.path.abspath(configs.__file__))
-  except ImportError:
-    return os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), 'configs')
-
-
-CONFIG_DIR = _config_dir()
-_DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'llama_tiny.py')
 EXIT_BAD_INPUT = 2
-# poet_jax.targets.TARGETS, here without importing JAX for --help.
-TARGETS = ('cpu', 'h100', 'h200', 'a100')
+_one_line = flag_errors.one_line
 
 
 @dataclasses.dataclass
@@ -65,55 +49,7 @@ class Command:
   progress: bool
   compilation_cache: str = ''  # '' : no persistent compilation cache
   allow_data_change: bool = False
-  target: str | None = None    # the dry run's device (poet_jax.targets)
-
-
-def define_flags(flag_values: flags.FlagValues, argv):
-  """The flags, on their own FlagValues so that parsing can be repeated.
-
-  config_flags reads the --config.* overrides when the flag is defined, so
-  this raises for a bad override or config file.
-  """
-  config = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Python config file (configs/*.py), or '
-      'the name of an installed one (llama_60m).',
-      flag_values=flag_values, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string(
-      'workdir', None, 'Where checkpoints and metrics go; default '
-      'runs/<config name>_<optimizer>. A workdir that holds a checkpoint is '
-      'resumed.', flag_values=flag_values)
-  flags.DEFINE_bool(
-      'dry_run', False, 'Compile the train step abstractly, report its '
-      'memory and FLOPs to <workdir>/memory.json, and exit without training.',
-      flag_values=flag_values)
-  flags.DEFINE_enum(
-      'target', None, TARGETS, 'With --dry_run: compile for this device '
-      'instead of this machine\'s; a GPU needs none here, only JAX\'s CUDA '
-      "plugin (pip install -e '.[plan]').", flag_values=flag_values)
-  flags.DEFINE_bool('no_progress', False, 'Hide the progress bar.',
-                    flag_values=flag_values)
-  flags.DEFINE_bool(
-      'allow_data_change', False, "Resume although the data's identity "
-      "differs from the checkpoint's (a harmless change: a fixed typo, "
-      'files added); the run continues on the new data.',
-      flag_values=flag_values)
-  flags.DEFINE_string(
-      'compilation_cache', None, "JAX's persistent compilation cache: a "
-      'restarted or repeated run loads its compiled steps instead of '
-      'compiling them again. Default: $JAX_COMPILATION_CACHE_DIR, else '
-      f'{DEFAULT_COMPILATION_CACHE}; empty: off.', flag_values=flag_values)
-  return config
-
-
-DEFAULT_COMPILATION_CACHE = '~/.cache/poet_jax/xla'
-
-
-def compilation_cache_dir(flag_value: str | None) -> str:
-  """The persistent compilation cache directory ('' : none)."""
-  if flag_value is None:
-    flag_value = os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                                DEFAULT_COMPILATION_CACHE)
-  return os.path.expanduser(flag_value) if flag_value.strip() else ''
+  target: str | None = None    # the dry run's device (plan.targets)
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -124,153 +60,31 @@ def use_compilation_cache(directory: str) -> None:
   jax.config.update('jax_enable_compilation_cache', bool(directory))
 
 
-def _one_line(text, limit: int = 400) -> str:
-  text = ' '.join(str(text).split())
-  return text if len(text) <= limit else text[:limit - 3] + '...'
-
-
-def _message(e: BaseException) -> str:
-  """The error's text on one line, a traceback inside it cut to its end."""
-  text = str(e)
-  if 'Traceback (most recent call last)' in text:
-    head = text.split('Traceback (most recent call last)')[0]
-    text = f'{head} {[l for l in text.splitlines() if l.strip()][-1]}'
-  return _one_line(text) or type(e).__name__
-
-
-def _is_override(arg: str) -> bool:
-  return re.match(r'-{1,2}(no)?config\.', arg) is not None
-
-
-def _config_without_overrides(argv):
-  """The config file's config, the overrides left out; None if it fails."""
-  argv = [a for a in argv if not _is_override(a)]
-  sys.modules.pop('config_config', None)
-  try:
-    flag_values = flags.FlagValues()
-    config = define_flags(flag_values, argv)
-    flag_values(argv)
-    config.value.to_dict()
-    return config.value
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _override_keys(argv) -> list[str]:
-  """The dotted keys the --config.KEY[=VALUE] arguments name."""
-  keys = []
-  for a in argv:
-    if _is_override(a):
-      key = a.split('=')[0].lstrip('-')
-      keys.append(key.split('config.', 1)[1])
-  return keys
-
-
-def unknown_key_message(argv, config) -> str | None:
-  """One line for the first override that names no key of config, with the
-  nearest key as a suggestion; None if every override names a key."""
-  leaves = keys_lib.defaults(config)
-  nodes = {k.rsplit('.', i)[0] for k in leaves for i in range(k.count('.') + 1)}
-  for key in _override_keys(argv):
-    if key in nodes:
-      continue
-    # The same name in another section first ('optimizer.lr' is 'train.lr'
-    # or 'poet.lr'), then the nearest spelling.
-    name = key.rsplit('.', 1)[-1]
-    close = ([k for k in leaves if k.rsplit('.', 1)[-1] == name][:3] or
-             difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6))
-    if close:
-      return (f'unknown config key {key!r}; did you mean '
-              f'{" or ".join(repr(k) for k in close)}?')
-    return f'unknown config key {key!r}; --help lists the keys'
-  return None
-
-
-def describe_flag_error(e: BaseException, argv, flag_values=None) -> str:
-  """One line for an error raised while reading the command line (with the
-  FlagValues being parsed, a value of the wrong type is named as such)."""
-  refused = (flag_errors.bad_value_message(e, flag_values)
-             if flag_values is not None else None)
-  if refused:
-    return refused
-  text = _message(e)
-  overrides = _override_keys(argv)
-  base = _config_without_overrides(argv) if overrides else None
-  if base is not None:
-    unknown = unknown_key_message(argv, base)
-    if unknown:
-      return unknown
-  files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  config_file = files[-1] if files else _DEFAULT_CONFIG
-  if not config_file.split(':')[0].strip():
-    return '--config is empty; give a config file such as configs/llama_60m.py'
-  if isinstance(e, OSError) and 'No such file' in text:
-    return (f'config file {config_file} does not exist; use one of '
-            'configs/*.py')
-  if config_file.split(':')[0].endswith('.json'):
-    return (f'--config={config_file} is a JSON file; --config takes a Python '
-            "config file such as configs/llama_60m.py (a run's config.json "
-            'is what --workdir=<its directory> resumes with)')
-  if isinstance(e, flags.Error):
-    # absl quotes Python reprs; drop their memory addresses so the same
-    # input always gives the same line.
-    return re.sub(r' at 0x[0-9a-fA-F]+', '', text)
-  if base is not None:
-    return f'bad config override: {type(e).__name__}: {text}'
-  return f'config file {config_file} failed: {type(e).__name__}: {text}'
-
-
-def installed_config(path: str) -> str:
-  """path, or the packaged config it names when path is not there.
-
-  A bare name (llama_60m) or a path under configs/ that does not exist
-  here (the command run outside a checkout) is the installed config of
-  that name.
-  """
-  if os.path.exists(path) or os.path.dirname(path) not in ('', 'configs'):
-    return path
-  name = os.path.basename(path)
-  name = name if name.endswith('.py') else name + '.py'
-  candidate = os.path.join(CONFIG_DIR, name)
-  return candidate if os.path.isfile(candidate) else path
-
-
-def _with_installed_configs(argv) -> list[str]:
-  out = []
-  for a in argv:
-    if a.startswith('--config='):
-      path, sep, rest = a[len('--config='):].partition(':')
-      if path.strip():
-        a = f'--config={installed_config(path)}{sep}{rest}'
-    out.append(a)
-  return out
-
-
 def parse_command_line(argv, devices=None):
   """argv -> Command, or the one line saying why it cannot run.
 
-  Every config key is checked (poet_jax.config_checks.validate); with
-  `devices` (a list of jax devices) the mesh is checked against them too
-  (train.py itself does that in train_lib.train, after jax.distributed is
-  up). Never raises for bad input.
+  Every config key is checked (config_checks.validate); with `devices` (a
+  list of jax devices) the mesh is checked against them too (train.py
+  itself does that in loop.train, after jax.distributed is up). Never
+  raises for bad input.
   """
-  argv = _with_installed_configs(argv)
+  argv = arguments.with_installed_configs(argv)
   flag_values = flags.FlagValues()
   # config_flags loads every config file as module 'config_config' and reuses
   # a loaded one's namespace: start afresh, parsing may be repeated.
   sys.modules.pop('config_config', None)
   try:
-    config = define_flags(flag_values, argv)
+    config = arguments.define_flags(flag_values, argv)
     rest = flag_values(list(argv))
     c = config.value
     c.to_dict()  # a config file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
-    return _one_line(describe_flag_error(e, argv, flag_values))
+    return _one_line(arguments.describe_flag_error(e, argv, flag_values))
   if rest[1:]:
     return (f'unexpected argument {_one_line(rest[1], 60)!r}; flags look like '
             '--config.KEY=VALUE (see --help)')
-  from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import config_checks  # pylint: disable=g-import-not-at-top
   try:
     config_checks.validate(c)
   except config_lib.ConfigError as e:
@@ -289,15 +103,15 @@ def parse_command_line(argv, devices=None):
   # Last: the only check that needs the devices, so a line found without
   # them is the same with them.
   if devices is not None:
-    from poet_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    from poet_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     try:
       mesh = sharding_lib.make_mesh(c.mesh, devices)
       sharding_lib.check_batch(mesh, c.train.batch_size,
                                c.train.grad_accum_steps)
     except sharding_lib.MeshError as e:
       return _one_line(e)
-  cache = compilation_cache_dir(flag_values.compilation_cache)
-  from poet_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  cache = arguments.compilation_cache_dir(flag_values.compilation_cache)
+  from poet_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     if cache:
       workdir_lib.check_outside_runs(cache, '--compilation_cache')
@@ -382,11 +196,11 @@ def write_failure(e: OSError, workdir: str) -> str:
 def help_text(argv) -> str:
   """The module doc, the flags, and every config key of the chosen config
   file with its value and meaning."""
-  argv = [a for a in _with_installed_configs(argv)
+  argv = [a for a in arguments.with_installed_configs(argv)
           if a not in ('-h', '--help', '--helpfull')]
-  config = _config_without_overrides(argv)
+  config = arguments.config_without_overrides(argv)
   flag_values = flags.FlagValues()
-  define_flags(flag_values, argv[:1])
+  arguments.define_flags(flag_values, argv[:1])
   return '\n'.join([__doc__, flag_values.get_help(), '',
                     keys_lib.help_text(config)])
 
@@ -402,19 +216,19 @@ def main(argv=None) -> int:
     _error(command)
     return EXIT_BAD_INPUT
   # pylint: disable=g-import-not-at-top
-  from poet_jax import checkpoint as checkpoint_lib
-  from poet_jax import stopping
-  from poet_jax import train_lib
+  from poet_jax.train import checkpoint as checkpoint_lib
+  from poet_jax.train import stopping
+  from poet_jax.train import loop as train_lib
   # pylint: enable=g-import-not-at-top
   stderr, quiet = sys.stderr, _NoOrbaxErrors()
   sys.stderr = _DropClosedLoopNoise(stderr)
   logging.getLogger('absl').addFilter(quiet)
   use_compilation_cache(command.compilation_cache)
-  from poet_jax import targets  # pylint: disable=g-import-not-at-top
+  from poet_jax.train.plan import targets  # pylint: disable=g-import-not-at-top
   targets.quiet_plugin_without_gpu()
   try:
     if command.dry_run:
-      from poet_jax import planner  # pylint: disable=g-import-not-at-top
+      from poet_jax.train.plan import planner  # pylint: disable=g-import-not-at-top
       targets.use_cpu_runtime(command.target)
       planner.dry_run(command.config, command.workdir, command.target)
       return 0

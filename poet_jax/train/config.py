@@ -14,7 +14,7 @@ DTYPES = ('float32', 'bfloat16')
 W0_DTYPES = DTYPES + ('int8',)  # int8: POET-XQ, see poet_jax/quant.py
 EVAL_AT_START = ('auto', 'always', 'never')
 # data.decode_errors: what a directory corpus's bytes that are not UTF-8 text
-# do (corpora.decode_text).
+# do (local_files.decode_text).
 DECODE_ERRORS = ('strict', 'replace')
 REMAT_POLICIES = ('full', 'products')
 
@@ -54,9 +54,9 @@ _RUN = {
     'keep_checkpoints': 3,
     'eval_tokens': 32 * 1024,  # held-out tokens per evaluation
     'nan_policy': 'skip',      # 'skip' the update or 'stop' the run
-    # A Hugging Face Llama checkpoint directory to start from (poet_jax/
-    # hf_import.py): a dense run takes its weights, a POET run its linear
-    # weights as W0. '': a random init.
+    # A Hugging Face Llama checkpoint directory to start from
+    # (poet_jax/train/init_from.py): a dense run takes its weights, a POET
+    # run its linear weights as W0. '': a random init.
     'init_from': '',
     'eval_at_start': 'auto',   # 'auto', 'always', 'never' (eval_at_start)
     'tensorboard': False,      # also write <workdir>/tensorboard events
@@ -79,7 +79,7 @@ _MODEL = {
     'w0_group_size': 256,       # W0 rows per 8-bit group (w0_dtype=int8)
     'remat': False,
     # With remat: 'full' recomputes the whole block in the backward;
-    # 'products' keeps its linear layers' outputs (poet_jax/model.py).
+    # 'products' keeps its linear layers' outputs (poet_jax/models/llama.py).
     'remat_policy': 'full',
     # Storage of the parameters AdamW trains: a POET run's embeddings, norms
     # and output head, every parameter of a baseline.

@@ -6,7 +6,7 @@ import os
 
 import ml_collections
 
-from poet_jax import config as config_lib
+from poet_jax.train import config as config_lib
 
 
 def _check(ok: bool, message: str):
@@ -53,11 +53,11 @@ def _check_keys_and_types(c) -> None:
   for key in sorted(given.keys() - expected.keys()):
     raise config_lib.ConfigError(
         f'unknown config key {key!r} in the config file; the keys are '
-        'listed in README.md and poet_jax/config.py')
+        'listed in README.md and poet_jax/train/config.py')
   for key in sorted(expected.keys() - given.keys()):
     raise config_lib.ConfigError(
         f'config key {key!r} is missing; build config files on '
-        'poet_jax.config.base_config()')
+        'poet_jax.train.config.base_config()')
   for key, default in expected.items():
     value = given[key]
     if isinstance(default, bool):
@@ -97,8 +97,8 @@ def _check_paths(c) -> None:
     _check(not os.path.exists(path) or os.path.isdir(path),
            f'data.data_dir={_show(c.data.data_dir)} is not a directory')
   if c.init_from:  # sizes included: before train.py writes anything
-    from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
-    hf_import.check_init_from(c)
+    from poet_jax.train import init_from  # pylint: disable=g-import-not-at-top
+    init_from.check_init_from(c)
 
 
 

@@ -9,8 +9,9 @@ _REFUSED_VALUE = re.compile(r'flag --([\w.]+)=(.*?): ', re.DOTALL)
 _KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false'}
 
 
-def _one_line(text: str, limit: int) -> str:
-  text = ' '.join(text.split())
+def one_line(text, limit: int = 400) -> str:
+  """str(text) on one line, cut to `limit` characters."""
+  text = ' '.join(str(text).split())
   return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
@@ -37,5 +38,5 @@ def bad_value_message(e: BaseException,
   if isinstance(default, bool):
     default = str(default).lower()  # as absl spells them
   example = f', such as {default}' if default is not None else ''
-  return _one_line(f'--{name}={_one_line(value, 40)} is not {kind}; give '
+  return one_line(f'--{name}={one_line(value, 40)} is not {kind}; give '
                    f'--{name} {kind}{example}', 400)

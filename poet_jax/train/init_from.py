@@ -1,7 +1,8 @@
 """Start a run from a Hugging Face Llama checkpoint: --config.init_from=DIR.
 
 DIR holds config.json and model.safetensors (or a sharded
-model.safetensors.index.json), as export.py writes and transformers saves.
+model.safetensors.index.json), as the export tool writes and transformers
+saves (the format: poet_jax.models.hf).
 A dense run (adamw, galore, muon) starts from all its weights. A POET run
 takes each linear layer's weight as its W0, kept as is, with R = P = I:
 training then learns only orthogonal factors of the pretrained weights (the
@@ -11,25 +12,19 @@ initial values, trained as usual. Sizes and settings must match the run's
 untied run); everything is checked from the files' headers before any work
 (`check_init_from`), and a mismatch names the config key to set.
 """
-import json
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 
-from poet_jax import config as config_lib
-from poet_jax import export
 from poet_jax import inject
 from poet_jax import layers
-from poet_jax import model as model_lib
-from poet_jax import restore
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.models import hf as hf_lib
+from poet_jax.models import llama as model_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import state as train_state
 
-INDEX_FILE = 'model.safetensors.index.json'
 
 
 def _fail(path: str, what: str) -> config_lib.ConfigError:
@@ -38,22 +33,15 @@ def _fail(path: str, what: str) -> config_lib.ConfigError:
 
 def read_hf_config(path: str) -> dict:
   """config.json of a Llama checkpoint directory, or ConfigError."""
-  file = os.path.join(path, 'config.json')
-  if not os.path.isdir(path):
-    raise _fail(path, 'no such directory; give a Hugging Face Llama '
-                'checkpoint directory (python -m poet_jax.export writes one)')
+  return _reading(path, hf_lib.read_config, path)
+
+
+def _reading(path: str, read, *args):
+  """read(*args), its HFError said as a ConfigError naming init_from."""
   try:
-    with open(file) as f:
-      hf = json.load(f)
-  except (OSError, ValueError) as e:
-    raise _fail(path, f'config.json cannot be read ({e}); is it a Hugging '
-                'Face checkpoint directory?') from None
-  if (not isinstance(hf, dict) or hf.get('model_type') != 'llama' or
-      'LlamaForCausalLM' not in hf.get('architectures', ['LlamaForCausalLM'])):
-    kind = hf.get('model_type') if isinstance(hf, dict) else None
-    raise _fail(path, f'not a Llama checkpoint (model_type={kind!r}); only '
-                'LlamaForCausalLM checkpoints can be imported')
-  return hf
+    return read(*args)
+  except hf_lib.HFError as e:
+    raise _fail(path, str(e)) from None
 
 
 def _rope_theta(hf: dict) -> float:
@@ -110,40 +98,11 @@ def check_compatible(hf: dict, cfg: model_lib.LlamaConfig, path: str) -> None:
     raise _fail(path, f'unsupported Llama variant: {"; ".join(bad)}')
 
 
-def _tensor_files(path: str) -> dict[str, str]:
-  """Tensor name -> the safetensors file holding it."""
-  single = os.path.join(path, export.WEIGHTS_FILE)
-  index = os.path.join(path, INDEX_FILE)
-  try:
-    if os.path.isfile(single):
-      with safe_open(single, framework='numpy') as f:
-        return {name: single for name in f.keys()}
-    if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f)['weight_map']
-      return {k: os.path.join(path, v) for k, v in weight_map.items()}
-  except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-    raise _fail(path, f'the safetensors files cannot be read ({e})') from None
-  raise _fail(path, f'no {export.WEIGHTS_FILE} or {INDEX_FILE}; only '
-              'safetensors checkpoints can be imported')
-
-
-def _shapes(files: dict[str, str], path: str) -> dict[str, tuple]:
-  shapes = {}
-  try:
-    for file in sorted(set(files.values())):
-      with safe_open(file, framework='numpy') as f:
-        for name in f.keys():
-          shapes[name] = tuple(f.get_slice(name).get_shape())
-  except (OSError, ValueError, SafetensorError) as e:
-    raise _fail(path, f'the safetensors files cannot be read ({e})') from None
-  return shapes
-
-
 def check_tensors(path: str, hf: dict, cfg: model_lib.LlamaConfig) -> None:
   """Every tensor a Llama of cfg's sizes needs is there, with its shape."""
-  shapes = _shapes(_tensor_files(path), path)
-  expected = export.expected_shapes(cfg)
+  shapes = _reading(path, hf_lib.tensor_shapes,
+                    _reading(path, hf_lib.tensor_files, path))
+  expected = hf_lib.expected_shapes(cfg)
   if hf.get('tie_word_embeddings'):
     expected.pop('lm_head.weight', None)
   missing = sorted(expected.keys() - shapes.keys())
@@ -175,20 +134,14 @@ def check_init_from(c) -> None:
 
 
 def load_weights(path: str, cfg: model_lib.LlamaConfig) -> dict:
-  """The checkpoint's weights as float32 arrays keyed as dense_weights."""
+  """The checkpoint's weights as dense weights (poet_jax.models.hf)."""
   path = os.path.expanduser(path)
   hf = read_hf_config(path)
   check_compatible(hf, cfg, path)
   check_tensors(path, hf, cfg)
-  files = _tensor_files(path)
-  tensors = {}
-  for name in export.expected_shapes(cfg):
-    if name not in files:   # the tied head
-      continue
-    # framework='flax' reads bfloat16 too; float32 is copied exactly.
-    with safe_open(files[name], framework='flax') as f:
-      tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
-  return export.weights_from_hf(tensors, cfg)
+  files = _reading(path, hf_lib.tensor_files, path)
+  tensors = hf_lib.read_tensors(files, hf_lib.expected_shapes(cfg))
+  return hf_lib.weights_from_hf(tensors, cfg)
 
 
 def _set_kernel(layer, kernel: jax.Array) -> None:
@@ -220,9 +173,9 @@ def init_state_from(path: str, setup: train_state.Setup, state: dict,
     model.norm.scale[...] = weights['norm']
     if not model.cfg.tie_embeddings:
       model.lm_head.kernel[...] = weights['lm_head']
-    for name in restore.ATTENTION:
+    for name in hf_lib.ATTENTION:
       _set_kernel(getattr(blocks.attention, name), weights[name])
-    for name in restore.MLP:
+    for name in hf_lib.MLP:
       _set_kernel(getattr(blocks.mlp, name), weights[name])
     _, params, frozen = nnx.split(model, nnx.Param, ...)
     params, frozen = nnx.as_pure(params), nnx.as_pure(frozen)

@@ -1,10 +1,10 @@
 """What every config key means: the source of `--help` and of README.md's
 config-key table (tests/test_readme.py checks that the two agree), so
-neither can drift from poet_jax.config.base_config().
+neither can drift from config.base_config().
 """
 import ml_collections
 
-from poet_jax import config as config_lib
+from poet_jax.train import config as config_lib
 
 # One line per key of base_config(), in the order the table shows them.
 MEANINGS = {

@@ -14,18 +14,19 @@ import jax
 import numpy as np
 import tqdm
 
-from poet_jax import checkpoint as checkpoint_lib
-from poet_jax import config as config_lib
-from poet_jax import data as data_lib
-from poet_jax import hooks
-from poet_jax import metrics as metrics_lib
 from poet_jax import reparam
-from poet_jax import sharding as sharding_lib
-from poet_jax import startup
-from poet_jax import steps as steps_lib
-from poet_jax import stopping
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import workdir as workdir_lib
+from poet_jax.data import pipeline as data_lib
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import hooks
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import plot
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import startup
+from poet_jax.train import steps as steps_lib
+from poet_jax.train import stopping
+from poet_jax.train import workdir as workdir_lib
 
 EXIT_INTERRUPTED = 3   # SIGTERM/SIGINT: checkpoint written, run resumable
 EXIT_NONFINITE = 4     # nan_policy='stop' met a non-finite loss or gradient
@@ -94,8 +95,7 @@ def _run(run: startup.Run, progress: bool, stop: stopping.StopSignal) -> int:
       run.ckpt.abandon()  # the error on its way out is the one to report
   run.ckpt.close()
   if is_main and exit_code == 0:
-    metrics_lib.plot_losses(os.path.join(workdir, 'metrics.jsonl'),
-                            os.path.join(workdir, 'loss.png'))
+    plot.plot_run(workdir, os.path.join(workdir, 'loss.png'))
     say(f'done: metrics in {os.path.join(workdir, "metrics.jsonl")}, '
         f'curves in {os.path.join(workdir, "loss.png")}')
   return exit_code

@@ -1,4 +1,4 @@
-"""metrics.jsonl (and TensorBoard events), POET diagnostics, the loss plot."""
+"""metrics.jsonl (and TensorBoard events) and the POET diagnostics logged."""
 import fnmatch
 import json
 import math
@@ -203,12 +203,6 @@ def numerical_warnings(step: int, names: list[str], health: dict,
         'Lower poet.lr, or keep poet.max_q_norm below 1 (default 0.9); see '
         'docs/reliability.md (warned once)')
   return out
-
-
-def plot_losses(metrics_path: str, png_path: str) -> None:
-  """The run's loss curves (poet_jax.plot.plot_run) from its work directory."""
-  from poet_jax import plot  # pylint: disable=g-import-not-at-top
-  plot.plot_run(os.path.dirname(metrics_path) or '.', png_path)
 
 
 # ------------------------------------------- the papers' weight diagnostics

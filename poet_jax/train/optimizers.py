@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from poet_jax import config as config_lib
+from poet_jax import clipping
 from poet_jax import optim
 from poet_jax import reparam
+from poet_jax.train import config as config_lib
 
 
 def schedule(c, peak: float) -> optax.Schedule:
@@ -49,10 +50,10 @@ def optimizer(c) -> optax.GradientTransformation:
                     poet_b2=o.b2, poet_eps=p.eps,
                     adam_convention=p.adam_convention, mu_dtype=mu_dtype)
     if c.train.grad_clip:
-      limit = optim.post_merge_clip_ramp(
+      limit = clipping.post_merge_clip_ramp(
           c.train.grad_clip, p.merge_every, ramp_steps=p.clip_ramp_steps,
           until_step=p.clip_ramp_until)
-      tx = optax.chain(optim.clip_by_global_norm(limit), tx)
+      tx = optax.chain(clipping.clip_by_global_norm(limit), tx)
     return reparam.reparameterize(
         tx, num_terms=p.neumann_terms, orthogonal_map=p.orthogonal_map,
         merge_every=p.merge_every, max_q_norm=p.max_q_norm or None)

@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from poet_jax import metrics as metrics_lib
-from poet_jax import workdir as workdir_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import workdir as workdir_lib
 
 PANELS = (('loss', 'loss (nats/token)', 'linear'),
           ('learning_rate', 'learning rate', 'linear'),

@@ -8,18 +8,18 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from poet_jax import checkpoint as checkpoint_lib
-from poet_jax import config as config_lib
-from poet_jax import data as data_lib
-from poet_jax import hooks
-from poet_jax import metrics as metrics_lib
-from poet_jax import paths
-from poet_jax import planner
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
-from poet_jax import workdir as workdir_lib
+from poet_jax import layers
+from poet_jax.data import pipeline as data_lib
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import hooks
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train import workdir as workdir_lib
+from poet_jax.train.plan import planner
 
 
 @dataclasses.dataclass
@@ -139,7 +139,7 @@ def _describe_model(c, setup, abstract, mesh, say) -> list:
       f'parameters ({c.optimizer.name}); mesh {dict(mesh.shape)}')
   if c.optimizer.name == 'poet' and c.poet.compute == 'auto':
     model = nnx.merge(setup.graphdef, abstract['params'], abstract['frozen'])
-    say(paths.describe_choices(
+    say(layers.describe_choices(
         model, c.train.batch_size // c.train.grad_accum_steps
         * c.train.seq_len))
   return layer_names
@@ -151,9 +151,9 @@ def _initial_state(c, vocab, setup, abstract, steps, ckpt, latest, say):
   if latest is None:
     state = jax.jit(lambda: train_state.init_state(c, vocab)[1],
                     out_shardings=steps.state_sharding)()
-    if c.init_from:  # a pretrained Hugging Face Llama (hf_import.py)
-      from poet_jax import hf_import  # pylint: disable=g-import-not-at-top
-      state = hf_import.init_state_from(c.init_from, setup, state,
+    if c.init_from:  # a pretrained Hugging Face Llama (init_from.py)
+      from poet_jax.train import init_from  # pylint: disable=g-import-not-at-top
+      state = init_from.init_state_from(c.init_from, setup, state,
                                         steps.state_sharding)
       say(f'initialized from {c.init_from}')
   else:
@@ -216,13 +216,26 @@ def _check_write_paths(c, workdir: str) -> None:
   workdir_lib.check_outside_runs(data_dir, 'data.data_dir', runs=[workdir])
 
 
+@dataclasses.dataclass
+class _Held:
+  """What start-up has opened so far, let go of if it fails."""
+  lock: int | None = None    # the descriptor holding workdir_lib.lock
+  ckpt: checkpoint_lib.Checkpointer | None = None
+
+  def release(self) -> None:
+    if self.ckpt:
+      self.ckpt.abandon()
+    if self.lock is not None:
+      os.close(self.lock)
+
+
 def open_run(c, workdir: str, progress: bool, say: Callable,
              allow_data_change: bool = False) -> Run:
   """Checks, then builds, everything the loop needs.
 
-  Raises train_lib.USER_ERRORS for bad input, before anything is written
-  to the work directory and before any compile; stopping.Interrupted for a
-  signal during start-up. allow_data_change: resume on data other than the
+  Raises loop.USER_ERRORS for bad input, before anything is written to the
+  work directory and before any compile; stopping.Interrupted for a signal
+  during start-up. allow_data_change: resume on data other than the
   checkpoint's (its identity changed) instead of refusing.
   """
   is_main = jax.process_index() == 0
@@ -230,67 +243,85 @@ def open_run(c, workdir: str, progress: bool, say: Callable,
   _check_write_paths(c, workdir)
   # One live trainer per work directory (the main process holds the lock);
   # a new directory is locked once it is made.
-  lock = (workdir_lib.lock(workdir) if is_main and os.path.isdir(workdir)
-          else None)
-  locked = lock is not None
-  ckpt = None
+  held = _Held(lock=workdir_lib.lock(workdir)
+               if is_main and os.path.isdir(workdir) else None)
   try:
-    mesh = sharding_lib.make_mesh(c.mesh)
-    sharding_lib.check_batch(mesh, c.train.batch_size,
-                             c.train.grad_accum_steps)
-    tokenizer, vocab = _tokenizer_and_vocab(c)
-    # Only an existing directory is opened now, and only to look: the
-    # temporary directories of killed saves are removed once nothing refused
-    # the run.
-    ckpt = (_open_checkpoints(c, workdir, tidy=False)
-            if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None)
-    latest = ckpt.latest_step() if ckpt else None
-    trained_on = ckpt.read_meta(latest) if latest is not None else {}
-    # What a checkpoint records of its data and tokenizer is checked on
-    # their contents (_check_input), not on the paths they were named by:
-    # a moved corpus directory or tokenizer file may resume.
-    moved = (('data.name',) if 'data' in trained_on else ()) + (
-        ('data.tokenizer',) if 'tokenizer' in trained_on else ())
-    workdir_lib.check_config_matches(
-        workdir, c, has_checkpoint=latest is not None, also_resumable=moved)
-    # What the checkpoint was trained on must be what is at hand: checked
-    # for the tokenizer before the data is tokenized with it.
-    _check_input(ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
-    train_data, eval_data, inputs = _open_data(
-        c, tokenizer, ckpt, latest, trained_on, progress and is_main,
-        allow_data_change, say)
-    setup, abstract = train_state.abstract_state(c, vocab)
-    steps = steps_lib.compile_steps(setup, abstract, mesh)
-    layer_names = _describe_model(c, setup, abstract, mesh, say)
-    # Restored while the checkpoints are open only to look: a damaged one
-    # (its fingerprint) is refused before anything is written.
-    state = _initial_state(c, vocab, setup, abstract, steps, ckpt, latest,
-                           say)
-    start = int(state['step'])
-    # Nothing refused the run: from here on it writes.
-    os.makedirs(workdir, exist_ok=True)
-    if is_main and not locked:
-      lock, locked = workdir_lib.lock(workdir), True
-    if is_main:
-      workdir_lib.write_config(workdir, c)
-    if ckpt:
-      ckpt.abandon()
-    ckpt = _open_checkpoints(c, workdir)
-    hooks.current.started()
-    log = metrics_lib.MetricsLog(
-        os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
-        tensorboard_dir=(os.path.join(workdir, 'tensorboard')
-                         if c.tensorboard else None)) if is_main else None
+    return _start(c, workdir, progress and is_main, say, allow_data_change,
+                  is_main, held)
   except BaseException:
-    if ckpt:
-      ckpt.abandon()
-    if lock is not None:
-      os.close(lock)
+    held.release()
     raise
 
+
+def _look_at_checkpoints(c, workdir: str, held: _Held) -> tuple:
+  """(the latest step or None, what it was trained on): the checkpoints
+  opened only to look, and the config checked against the directory's."""
+  # Only an existing directory is opened now, and only to look: the
+  # temporary directories of killed saves are removed once nothing refused
+  # the run.
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    held.ckpt = _open_checkpoints(c, workdir, tidy=False)
+  latest = held.ckpt.latest_step() if held.ckpt else None
+  trained_on = held.ckpt.read_meta(latest) if latest is not None else {}
+  # What a checkpoint records of its data and tokenizer is checked on
+  # their contents (_check_input), not on the paths they were named by:
+  # a moved corpus directory or tokenizer file may resume.
+  moved = (('data.name',) if 'data' in trained_on else ()) + (
+      ('data.tokenizer',) if 'tokenizer' in trained_on else ())
+  workdir_lib.check_config_matches(
+      workdir, c, has_checkpoint=latest is not None, also_resumable=moved)
+  return latest, trained_on
+
+
+def _begin_writing(c, workdir: str, is_main: bool, start: int,
+                   held: _Held) -> metrics_lib.MetricsLog | None:
+  """Nothing refused the run: the directory, its lock and config, the
+  checkpoints opened to write; returns the metrics log (main process)."""
+  os.makedirs(workdir, exist_ok=True)
+  if is_main and held.lock is None:
+    held.lock = workdir_lib.lock(workdir)
+  if is_main:
+    workdir_lib.write_config(workdir, c)
+  if held.ckpt:
+    held.ckpt.abandon()
+    held.ckpt = None
+  held.ckpt = _open_checkpoints(c, workdir)
+  hooks.current.started()
+  if not is_main:
+    return None
+  return metrics_lib.MetricsLog(
+      os.path.join(workdir, 'metrics.jsonl'), resume_step=start,
+      tensorboard_dir=(os.path.join(workdir, 'tensorboard')
+                       if c.tensorboard else None))
+
+
+def _start(c, workdir: str, progress: bool, say: Callable,
+           allow_data_change: bool, is_main: bool, held: _Held) -> Run:
+  """open_run's checks and builds; what it opens is in `held`."""
+  mesh = sharding_lib.make_mesh(c.mesh)
+  sharding_lib.check_batch(mesh, c.train.batch_size,
+                           c.train.grad_accum_steps)
+  tokenizer, vocab = _tokenizer_and_vocab(c)
+  latest, trained_on = _look_at_checkpoints(c, workdir, held)
+  # What the checkpoint was trained on must be what is at hand: checked
+  # for the tokenizer before the data is tokenized with it.
+  _check_input(held.ckpt, latest, trained_on, 'tokenizer', tokenizer.identity)
+  train_data, eval_data, inputs = _open_data(
+      c, tokenizer, held.ckpt, latest, trained_on, progress,
+      allow_data_change, say)
+  setup, abstract = train_state.abstract_state(c, vocab)
+  steps = steps_lib.compile_steps(setup, abstract, mesh)
+  layer_names = _describe_model(c, setup, abstract, mesh, say)
+  # Restored while the checkpoints are open only to look: a damaged one
+  # (its fingerprint) is refused before anything is written.
+  state = _initial_state(c, vocab, setup, abstract, steps, held.ckpt, latest,
+                         say)
+  start = int(state['step'])
+  log = _begin_writing(c, workdir, is_main, start, held)
   num_eval = max(1, c.eval_tokens // c.train.seq_len)
   eval_batches = eval_data.eval_batches(c.train.batch_size, num_eval,
                                        jax.process_index(),
                                        jax.process_count())
-  return Run(c, workdir, ckpt, setup, steps, state, start, vocab, train_data,
-             eval_batches, inputs, layer_names, log, say, lock)
+  return Run(c, workdir, held.ckpt, setup, steps, state, start, vocab,
+             train_data, eval_batches, inputs, layer_names, log, say,
+             held.lock)

@@ -18,11 +18,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from poet_jax import config as config_lib
-from poet_jax import model as model_lib
 from poet_jax import optim
-from poet_jax import optimizers
+from poet_jax.models import llama as model_lib
 from poet_jax.poetize import poetize
+from poet_jax.train import config as config_lib
+from poet_jax.train import optimizers
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poet_jax import generator_map
 from poet_jax import merge as merge_lib
-from poet_jax import metrics as metrics_lib
-from poet_jax import model as model_lib
-from poet_jax import optimizers
+from poet_jax import platform
 from poet_jax import reparam
-from poet_jax import sharding as sharding_lib
-from poet_jax import targets
-from poet_jax import train_state
+from poet_jax.models import llama as model_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import optimizers
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
 
 
 def _where(pred, new, old):
@@ -84,7 +85,7 @@ def update_step(setup: train_state.Setup, state: dict, batch: jax.Array):
     # Logged: the norm the clip sees (and the reference logs), of the
     # generators' gradient, not of the blocks'. Its VJP is the update's
     # own: XLA computes it once (the compiled step has no extra loop).
-    grad_norm = optax.tree.norm(reparam.generator_gradients(
+    grad_norm = optax.tree.norm(generator_map.generator_gradients(
         grads, reparam.generators(state['opt_state']), state['params'],
         c.poet.neumann_terms, c.poet.orthogonal_map)[0])
   params = _where(finite, params, state['params'])
@@ -186,7 +187,7 @@ def compiler_options(c) -> dict:
   we turn that pass off for bf16 runs so each layer converts its own slice.
   """
   bf16 = 'bfloat16' in (c.model.dtype, c.model.w0_dtype)
-  if bf16 and targets.platform() == 'cpu':
+  if bf16 and platform.platform() == 'cpu':
     return {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
   return {}
 

@@ -6,7 +6,7 @@ import fcntl
 import json
 import os
 
-from poet_jax import config as config_lib
+from poet_jax.train import config as config_lib
 
 
 class WorkdirError(ValueError):

@@ -1,4 +1,4 @@
-"""FLOPs of the matrix products a traced program runs (issue 15).
+"""FLOPs of the matrix products a traced program runs.
 
 XLA's cost analysis counts a loop's body once, so it undercounts a model
 whose layers run in a scan; this count walks the jaxpr instead.
@@ -23,9 +23,9 @@ def matmul_flops(jaxpr) -> float:
   """FLOPs of the matrix products a jaxpr runs: 2 x output size x contraction.
 
   A scan's body counts `length` times (XLA's cost analysis counts a loop
-  body once, so it undercounts a model whose layers run in a scan; issue
-  15); a cond counts its costliest branch; a while loop's body once (its
-  trip count is not static). Elementwise work is not counted: in the train
+  body once, so it undercounts a model whose layers run in a scan); a cond
+  counts its costliest branch; a while loop's body once (its trip count is
+  not static). Elementwise work is not counted: in the train
   steps benchmarked here it is a few percent of the products.
 
   Args:

@@ -3,7 +3,7 @@
 Nothing is allocated: the state and batch are ShapeDtypeStructs, the step is
 lowered and compiled for the configured mesh, and XLA's memory and cost
 analyses are read off the compiled executable. The devices compiled for are
-this machine's, or a target's (poet_jax.targets: an H100, H200 or A100
+this machine's, or a target's (targets.py: an H100, H200 or A100
 compiled for without one), and every choice the code makes by platform
 follows the target.
 """
@@ -14,14 +14,15 @@ import os
 import jax
 import numpy as np
 
-from poet_jax import config as config_lib
-from poet_jax import flops as flops_lib
-from poet_jax import hlo_cost
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import targets
-from poet_jax import train_state
-from poet_jax import workdir as workdir_lib
+from poet_jax import platform
+from poet_jax.train import config as config_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train import workdir as workdir_lib
+from poet_jax.train.plan import flops as flops_lib
+from poet_jax.train.plan import hlo_cost
+from poet_jax.train.plan import targets
 
 GIB = 1024 ** 3
 # About the most memory one accelerator holds today (MI300X, B200): a peak
@@ -32,7 +33,7 @@ LARGEST_DEVICE_GIB = 192.0
 def vocab_size(c) -> int:
   if c.model.vocab_size:
     return c.model.vocab_size
-  from poet_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   return tokenizer_lib.load_tokenizer(c.data.tokenizer).vocab_size
 
 
@@ -95,6 +96,24 @@ def roofline_ms(target: str | None, flops: float, bytes_accessed: float):
                    bytes_accessed / spec.memory_bandwidth)
 
 
+def _compile(c, devices, target: str | None):
+  """(mesh, steps, abstract state, the traced update, [the compiled update,
+  and for POET the compiled merge]) of config c for `devices` or `target`."""
+  with platform.compiling_for(target):
+    if devices is None:
+      devices = target_devices(c, target)
+    mesh = sharding_lib.make_mesh(c.mesh, devices)
+    sharding_lib.check_batch(mesh, c.train.batch_size,
+                             c.train.grad_accum_steps)
+    setup, abstract = train_state.abstract_state(c, vocab_size(c))
+    steps = steps_lib.compile_steps(setup, abstract, mesh)
+    traced = steps_lib.trace_train(c, steps, abstract)
+    compiled = [traced.lower().compile()]
+    if steps.merge:
+      compiled.append(steps_lib.trace_merge(steps, abstract).lower().compile())
+  return mesh, steps, abstract, traced, compiled
+
+
 def plan(c, devices=None, target: str | None = None) -> dict:
   """Per-device memory (GiB), parameter counts, FLOPs and bytes of one train
   step, compiled for `devices` or, without them, for `target`
@@ -112,18 +131,7 @@ def plan(c, devices=None, target: str | None = None) -> dict:
   Raises:
     targets.TargetError: when `target` cannot be compiled for here.
   """
-  with targets.compiling_for(target):
-    if devices is None:
-      devices = target_devices(c, target)
-    mesh = sharding_lib.make_mesh(c.mesh, devices)
-    sharding_lib.check_batch(mesh, c.train.batch_size,
-                             c.train.grad_accum_steps)
-    setup, abstract = train_state.abstract_state(c, vocab_size(c))
-    steps = steps_lib.compile_steps(setup, abstract, mesh)
-    traced = steps_lib.trace_train(c, steps, abstract)
-    compiled = [traced.lower().compile()]
-    if steps.merge:
-      compiled.append(steps_lib.trace_merge(steps, abstract).lower().compile())
+  mesh, steps, abstract, traced, compiled = _compile(c, devices, target)
   mem = compiled[0].memory_analysis()
   peaks = [peak_bytes(x.memory_analysis()) for x in compiled]
   costs = [hlo_cost.step_cost(x) for x in compiled]

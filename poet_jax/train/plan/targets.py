@@ -5,15 +5,10 @@ that has none: JAX's CUDA plugin (the `plan` extra: `pip install -e
 '.[plan]'`, no NVIDIA libraries or driver needed) builds compile-only
 devices from a target description, a GpuTargetConfigProto in text form,
 and XLA runs its whole GPU pipeline for them. The descriptions here are
-written from each device's published figures (GPU_SPECS).
-
-`platform()` is the one place the code asks which platform it is being
-compiled for (the attention core, the tokens-major layout, the compiler
-options): inside `compiling_for(target)` it is the target's, elsewhere the
-default backend's.
+written from each device's published figures (GPU_SPECS). The platform
+the code is traced for while compiling for a target is poet_jax.platform's
+(`compiling_for`).
 """
-import contextlib
-import contextvars
 import dataclasses
 import importlib.util
 import logging
@@ -21,7 +16,7 @@ import os
 
 import jax
 
-from poet_jax import config as config_lib
+from poet_jax.train import config as config_lib
 
 # Targets besides this machine's own devices (None): the CPU, and GPUs
 # compiled for through the CUDA plugin.
@@ -151,6 +146,13 @@ def use_cpu_runtime(target: str | None) -> None:
     jax.config.update('jax_platforms', 'cpu')
 
 
+def has_nvidia_device() -> bool:
+  """Whether this machine has an NVIDIA device (its driver's control node),
+  whatever JAX plugins are installed: the `plan` extra installs the CUDA
+  plugin on machines without one, as a compiler only."""
+  return os.path.exists('/dev/nvidiactl')
+
+
 class _NoPluginFailureWithoutGPU(logging.Filter):
   def filter(self, record):
     return not str(record.msg).startswith('Jax plugin configuration error')
@@ -162,51 +164,9 @@ def quiet_plugin_without_gpu() -> None:
   start-up check: it is expected there, and JAX runs on the CPU anyway.
   Where an NVIDIA device exists the message stays, since it then means a
   broken CUDA install. Call before JAX starts its backends."""
-  if not os.path.exists('/dev/nvidiactl'):
+  if not has_nvidia_device():
     logging.getLogger('jax._src.xla_bridge').addFilter(
         _NoPluginFailureWithoutGPU())
-
-
-_TARGET = contextvars.ContextVar('poet_jax_target', default=None)
-
-
-@contextlib.contextmanager
-def compiling_for(target: str | None):
-  """Within: platform() is `target`'s ('gpu' for a GPU target, 'cpu');
-  None leaves it to the default backend."""
-  token = _TARGET.set(target)
-  try:
-    yield
-  finally:
-    _TARGET.reset(token)
-
-
-def platform() -> str:
-  """'cpu', 'gpu' or 'tpu': the platform the code traced now is compiled
-  for. Every choice the code makes by backend asks this, never
-  jax.default_backend(), so that a dry run for an H100 on a CPU machine
-  traces what an H100 runs.
-
-  It is read while tracing: JAX reuses the trace of a function it has
-  traced before, so each target gets jax.jit objects of its own
-  (steps.compile_steps makes new ones on every call)."""
-  target = _TARGET.get()
-  if target is None:
-    return jax.default_backend()
-  return 'cpu' if target == 'cpu' else 'gpu'
-
-
-def runs_here() -> bool:
-  """Whether what is traced now will run on this machine. False while
-  compiling for a platform this machine lacks (an H100 dry run on a CPU
-  machine): such executables are never run, and host callbacks
-  (jax.debug.callback) cannot even be compiled for them."""
-  if _TARGET.get() is None:
-    return True
-  try:
-    return bool(jax.devices(platform()))
-  except RuntimeError:
-    return False
 
 
 def device_spec(target: str | None) -> GpuSpec | None:
