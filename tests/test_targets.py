@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from poet_jax import platform
 from poet_jax.models import attention
 from poet_jax.train import cli
 from poet_jax.train import config as config_lib
@@ -34,7 +35,7 @@ def tiny(**model):
 
 def compile_train(c, target):
   """The compiled train step of config c for `target`."""
-  with targets.compiling_for(target):
+  with platform.compiling_for(target):
     mesh = sharding_lib.make_mesh(c.mesh, planner.target_devices(c, target))
     setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
@@ -63,12 +64,12 @@ def test_the_compile_platform_follows_the_target():
   # JAX would reuse a trace of the same function.
   jaxpr = lambda: str(jax.make_jaxpr(
       lambda *a: attention.causal_attention(*a))(q, q, q))
-  with targets.compiling_for('h100'):
-    assert targets.platform() == 'gpu'
+  with platform.compiling_for('h100'):
+    assert platform.platform() == 'gpu'
     assert steps_lib.compiler_options(c) == {}
     gpu_attention = jaxpr()
-  with targets.compiling_for('cpu'):
-    assert targets.platform() == 'cpu'
+  with platform.compiling_for('cpu'):
+    assert platform.platform() == 'cpu'
     assert steps_lib.compiler_options(c) == {
         'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
     cpu_attention = jaxpr()
@@ -76,7 +77,7 @@ def test_the_compile_platform_follows_the_target():
   # gets jax.nn.dot_product_attention.
   assert 'custom_vjp_call' in cpu_attention
   assert 'custom_vjp_call' not in gpu_attention
-  assert targets.platform() == jax.default_backend()
+  assert platform.platform() == jax.default_backend()
 
 
 @needs_plugin
@@ -86,7 +87,7 @@ def test_a_step_that_does_not_merge_moves_no_w0():
   lax.cond's untaken branch copied W0 or the blocks; and the update step
   holds no merge."""
   c = tiny(dtype='bfloat16', w0_dtype='bfloat16')
-  with targets.compiling_for('h100'):
+  with platform.compiling_for('h100'):
     mesh = sharding_lib.make_mesh(c.mesh, targets.compile_devices('h100'))
     setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
