@@ -1,4 +1,4 @@
-"""poet_jax.attention: the causal attention core against jax's own form."""
+"""poet_jax.models.attention: the causal attention core against jax's own form."""
 import functools
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poet_jax import attention
-from poet_jax import targets
+from poet_jax import platform as platform_lib
+from poet_jax.models import attention
 import tolerance
 
 
@@ -107,9 +107,9 @@ def test_a_gpu_run_calls_cudnn_fused_attention(monkeypatch):
     return original(*args, **{**kwargs, 'implementation': 'xla'})
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', recorded)
-  monkeypatch.setattr(targets, 'runs_here', lambda: True)
+  monkeypatch.setattr(platform_lib, 'runs_here', lambda: True)
   q, k, v, _ = _inputs((1, 16, 2, 8), jnp.bfloat16)
-  with targets.compiling_for('h100'):
+  with platform_lib.compiling_for('h100'):
     jaxpr = jax.make_jaxpr(attention.causal_attention)(q, k, v)
     assert calls == [{'is_causal': True, 'implementation': 'cudnn'}]
     assert 'remat' not in str(jaxpr)

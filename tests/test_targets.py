@@ -1,4 +1,4 @@
-"""Compiling for a device this machine does not have (poet_jax.targets), and
+"""Compiling for a device this machine does not have (poet_jax.train.plan.targets), and
 what the compile of a target reports (planner, hlo_cost)."""
 import functools
 import importlib.util
@@ -7,15 +7,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from poet_jax import attention
-from poet_jax import cli
-from poet_jax import config as config_lib
-from poet_jax import hlo_cost
-from poet_jax import planner
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import targets
-from poet_jax import train_state
+from poet_jax import platform
+from poet_jax.models import attention
+from poet_jax.train import cli
+from poet_jax.train import config as config_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train.plan import hlo_cost
+from poet_jax.train.plan import planner
+from poet_jax.train.plan import targets
 
 
 # The GPU compiles need JAX's CUDA plugin, the `plan` extra (CI installs
@@ -52,7 +53,7 @@ def tiny(**model):
 
 def compile_train(c, target):
   """The compiled train step of config c for `target`."""
-  with targets.compiling_for(target):
+  with platform.compiling_for(target):
     mesh = sharding_lib.make_mesh(c.mesh, planner.target_devices(c, target))
     setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
@@ -82,7 +83,7 @@ def test_an_option_the_user_set_in_xla_flags_is_left_to_it(monkeypatch):
                      '--xla_gpu_enable_latency_hiding_scheduler=false '
                      '--xla_gpu_all_reduce_combine_threshold_bytes=1024 '
                      '--xla_disable_hlo_passes')
-  with targets.compiling_for('h100'):
+  with platform.compiling_for('h100'):
     gpu = steps_lib.compiler_options(c)
   ours = steps_lib.gpu_compiler_options(c)
   assert set(ours) - set(gpu) == {
@@ -90,7 +91,7 @@ def test_an_option_the_user_set_in_xla_flags_is_left_to_it(monkeypatch):
       'xla_gpu_all_reduce_combine_threshold_bytes'}
   assert gpu['xla_gpu_pipeline_all_gather'] == ours[
       'xla_gpu_pipeline_all_gather']
-  with targets.compiling_for('cpu'):
+  with platform.compiling_for('cpu'):
     assert steps_lib.compiler_options(c) == {}
 
 
@@ -111,14 +112,14 @@ def test_the_compile_platform_follows_the_target():
   # JAX would reuse a trace of the same function.
   jaxpr = lambda: str(jax.make_jaxpr(
       lambda *a: attention.causal_attention(*a))(q, q, q))
-  with targets.compiling_for('h100'):
-    assert targets.platform() == 'gpu'
+  with platform.compiling_for('h100'):
+    assert platform.platform() == 'gpu'
     assert steps_lib.compiler_options(c) == steps_lib.gpu_compiler_options(c)
     assert steps_lib.compiler_options(c)[
         'xla_gpu_enable_latency_hiding_scheduler'] is True
     gpu_attention = jaxpr()
-  with targets.compiling_for('cpu'):
-    assert targets.platform() == 'cpu'
+  with platform.compiling_for('cpu'):
+    assert platform.platform() == 'cpu'
     assert steps_lib.compiler_options(c) == {
         'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
     cpu_attention = jaxpr()
@@ -126,7 +127,7 @@ def test_the_compile_platform_follows_the_target():
   # gets jax.nn.dot_product_attention.
   assert 'custom_vjp_call' in cpu_attention
   assert 'custom_vjp_call' not in gpu_attention
-  assert targets.platform() == jax.default_backend()
+  assert platform.platform() == jax.default_backend()
 
 
 @needs_plugin
@@ -136,7 +137,7 @@ def test_a_step_that_does_not_merge_moves_no_w0():
   lax.cond's untaken branch copied W0 or the blocks; and the update step
   holds no merge."""
   c = tiny(dtype='bfloat16', w0_dtype='bfloat16')
-  with targets.compiling_for('h100'):
+  with platform.compiling_for('h100'):
     mesh = sharding_lib.make_mesh(c.mesh, targets.compile_devices('h100'))
     setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
     steps = steps_lib.compile_steps(setup, abstract, mesh)
@@ -156,7 +157,7 @@ def test_a_gpu_run_of_a_bf16_model_lowers_to_cudnn_fused_attention(
       attention.implementation, on_device=True))
 
   def lowered_text(c):
-    with targets.compiling_for('h100'):
+    with platform.compiling_for('h100'):
       mesh = sharding_lib.make_mesh(c.mesh, targets.compile_devices('h100'))
       setup, abstract = train_state.abstract_state(c, c.model.vocab_size)
       steps = steps_lib.compile_steps(setup, abstract, mesh)

@@ -17,8 +17,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from poet_jax import planner
-from poet_jax import targets
+from poet_jax.train.plan import planner
+from poet_jax.train.plan import targets
 from poet_jax.bench.common import GIB, log
 
 STEP_METHODS = ('adamw', 'poet-fast', 'poet-mem', 'poet-auto')
