@@ -115,6 +115,16 @@ def _compile(c, devices, target: str | None):
   return mesh, steps, abstract, traced, compiled
 
 
+def _attention_cores(c, target: str | None) -> tuple[str, str]:
+  """The attention core compiled for `target` here, and the one a run on
+  the target's own device compiles: they differ for cuDNN's, which needs the
+  GPU present (attention.implementation)."""
+  with platform.compiling_for(target):
+    return tuple(attention.implementation(*train_state.attention_args(c),
+                                          on_device=on_device)
+                 for on_device in (None, True))
+
+
 def plan(c, devices=None, target: str | None = None) -> dict:
   """Per-device memory (GiB), parameter counts, FLOPs and bytes of one train
   step, compiled for `devices` or, without them, for `target`
@@ -136,12 +146,7 @@ def plan(c, devices=None, target: str | None = None) -> dict:
     targets.TargetError: when `target` cannot be compiled for here.
   """
   mesh, steps, abstract, traced, compiled = _compile(c, devices, target)
-  with platform.compiling_for(target):
-    # The attention core compiled here, and the one a run on the target's
-    # own device compiles (they differ for cuDNN's, attention.describe).
-    cores = [attention.implementation(*train_state.attention_args(c),
-                                      on_device=on_device)
-             for on_device in (None, True)]
+  cores = _attention_cores(c, target)
   mem = compiled[0].memory_analysis()
   peaks = [peak_bytes(x.memory_analysis()) for x in compiled]
   costs = [hlo_cost.step_cost(x) for x in compiled]
