@@ -1,5 +1,5 @@
 """Llama-350M of the POET papers (spec, section 8) on C4."""
-from poet_jax import config
+from poet_jax.train import config
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """The default: a tiny POET Llama on the embedded corpus, minutes on a CPU."""
-from poet_jax import config
+from poet_jax.train import config
 
 
 def get_config():

@@ -16,7 +16,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from poet_jax import targets
+from poet_jax import platform
 
 
 def tolerance(dtype, block_size: int) -> float:
@@ -67,9 +67,9 @@ def warn_if_changed(count, excess, merge_every,
     who: the transformation, for the message.
 
   Nothing is emitted when compiling for a device this machine lacks
-  (targets.runs_here): that executable never runs.
+  (platform.runs_here): that executable never runs.
   """
-  if not targets.runs_here():
+  if not platform.runs_here():
     return
   jax.lax.cond(excess > 1.0,
                lambda: jax.debug.callback(

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import optax
 
 from poet_jax import drift
+from poet_jax import generator_map
 from poet_jax import layers
 from poet_jax import layout as layout_lib
 from poet_jax import optim
 from poet_jax import orthogonal
-from poet_jax import reparam
 from poet_jax import spo
 
 DEFAULT_EXCLUDE = layout_lib.DEFAULT_EXCLUDE
@@ -172,7 +172,7 @@ def _stacked(fn, w0):
 def _kernel_map(w0, in_place, out_place, layout, shape, block_size,
                 num_terms, method):
   """u -> K(u): R W0 P of each matrix, in the kernel's own layout."""
-  make = reparam.block_map(num_terms, method, block_size)
+  make = generator_map.block_map(num_terms, method, block_size)
 
   def matrix(w0, g_in, g_out, i, o):
     return spo.block_kernel(w0, g_in.astype(w0.dtype), g_out.astype(w0.dtype),
@@ -192,8 +192,8 @@ def _zero_generators(matrix_shape, block_size):
   return {'in_blocks': zeros(m), 'out_blocks': zeros(n)}
 
 
-_is_none = reparam.is_none
-_swap = reparam.swap
+_is_none = generator_map.is_none
+_swap = generator_map.swap
 
 
 class _Pair(NamedTuple):
@@ -286,83 +286,113 @@ def poet_kernels(inner: optax.GradientTransformation, *, block_size: int,
   """
   if merge_every < 1:
     raise ValueError(f'merge_every={merge_every} must be >= 1')
-  make = reparam.block_map(neumann_terms, orthogonal_map, block_size)
-  kernel_fn = functools.partial(_kernel_map, block_size=block_size,
-                                num_terms=neumann_terms, method=orthogonal_map)
   select = functools.partial(select_kernels, block_size=block_size,
                              target=target, exclude=exclude,
                              kernel_axes=kernel_axes,
                              on_indivisible=on_indivisible)
+  settings = _Settings(inner, block_size, merge_every, key, kernel_axes,
+                       neumann_terms, orthogonal_map, check_kernels, select)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, settings), functools.partial(_update, settings))
 
-  def layouts_of(state, params):
-    """The layouts select_kernels gave at init (selected: a W0 is kept)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, w, x: None if w is None else layout_lib.KernelLayout(
-            layout_lib.roles_for(layer_name(path), kernel_axes) or 'io'),
-        state.w0, params, is_leaf=_is_none)
 
-  def init_fn(params):
-    layouts, _ = select(params)
-    matrices = jax.tree.map(
-        lambda lay, x: None if lay is None else lay.to_matrix(x), layouts,
-        params, is_leaf=_is_none)
-    in_place, out_place = _placements(jax.random.fold_in(key, 0), matrices)
-    w0 = jax.tree.map(
-        lambda w, i, o: None if w is None else _stacked(
-            spo.to_block_frame, w)(w, i, o),
-        matrices, in_place, out_place, is_leaf=_is_none)
-    generators = jax.tree.map(
-        lambda w: None if w is None else _zero_generators(w.shape,
-                                                          block_size),
-        matrices, is_leaf=_is_none)
-    selected = jax.tree.map(lambda w: w is not None, w0, is_leaf=_is_none)
-    inner_state = inner.init(_swap(selected, params, generators))
-    return PoetKernelsState(jnp.zeros([], jnp.int32), w0, in_place,
-                            out_place, generators, inner_state)
+class _Settings(NamedTuple):
+  """poet_kernels' arguments, as its init and update read them."""
+  inner: optax.GradientTransformation
+  block_size: int
+  merge_every: int
+  key: jax.Array
+  kernel_axes: Any
+  num_terms: int
+  orthogonal_map: str
+  check_kernels: bool
+  select: Any        # params -> select_kernels' (layouts, dense)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(optim.no_params_message('poet_kernels'))
-    layouts = layouts_of(state, params)
-    selected = jax.tree.map(lambda w: w is not None, state.w0,
-                            is_leaf=_is_none)
-    maps = jax.tree.map(
-        lambda lay, w0, i, o, x: None if lay is None else kernel_fn(
-            w0, i, o, lay, jnp.shape(x)),
-        layouts, state.w0, state.in_place, state.out_place, params,
-        is_leaf=_is_none)
+  def block_map(self):
+    """Generators -> blocks."""
+    return generator_map.block_map(self.num_terms, self.orthogonal_map,
+                                   self.block_size)
 
-    def generator_grad(fn, g, gen, p):
-      """(the generators' gradient, the kernel's distance from K(u) in
-      tolerances)."""
-      if fn is None:
-        return None
-      kernel, vjp = jax.vjp(fn, gen)
-      gap = jnp.max(jnp.abs(kernel - p.astype(kernel.dtype)))
-      scale = jnp.maximum(jnp.max(jnp.abs(kernel)), 1e-30) * drift.tolerance(
-          p.dtype, block_size)
-      return vjp(g.astype(kernel.dtype))[0], gap / scale
 
-    both = jax.tree.map(generator_grad, maps, updates, state.generators,
-                        params, is_leaf=_is_none)
-    pick = lambda i: jax.tree.map(lambda s, x: x[i] if s else None, selected,
-                                  both, is_leaf=_is_none)
-    inner_updates, new, inner_state = reparam.step_generators(
-        inner, selected, pick(0), updates, params, state.generators,
-        state.inner_state, **extra_args)
-    if check_kernels:
-      drift.warn_if_changed(
-          state.count, jnp.max(jnp.stack(jax.tree.leaves(pick(1)))),
-          jnp.asarray(0, jnp.int32), who='poet_kernels')
-    out = jax.tree.map(
-        lambda fn, u, gen, p: u if fn is None else (fn(gen) - p).astype(
-            p.dtype), maps, inner_updates, new, params, is_leaf=_is_none)
-    count = optax.safe_increment(state.count)
-    state = PoetKernelsState(count, state.w0, state.in_place,
-                             state.out_place, new, inner_state)
-    merge = lambda s: _merge(
-        s, jax.random.fold_in(key, s.count // merge_every), make)
-    state = jax.lax.cond(count % merge_every == 0, merge, lambda s: s, state)
-    return out, state
+def _init(settings: _Settings, params) -> PoetKernelsState:
+  """W0 of each selected kernel in the frame of its first placements, zero
+  generators, and the inner state on the tree with them swapped in."""
+  layouts, _ = settings.select(params)
+  matrices = jax.tree.map(
+      lambda lay, x: None if lay is None else lay.to_matrix(x), layouts,
+      params, is_leaf=_is_none)
+  in_place, out_place = _placements(jax.random.fold_in(settings.key, 0),
+                                    matrices)
+  w0 = jax.tree.map(
+      lambda w, i, o: None if w is None else _stacked(
+          spo.to_block_frame, w)(w, i, o),
+      matrices, in_place, out_place, is_leaf=_is_none)
+  generators = jax.tree.map(
+      lambda w: None if w is None else _zero_generators(
+          w.shape, settings.block_size), matrices, is_leaf=_is_none)
+  selected = jax.tree.map(lambda w: w is not None, w0, is_leaf=_is_none)
+  inner_state = settings.inner.init(_swap(selected, params, generators))
+  return PoetKernelsState(jnp.zeros([], jnp.int32), w0, in_place,
+                          out_place, generators, inner_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _kernel_maps(settings: _Settings, state: PoetKernelsState, params):
+  """u -> K(u) of every selected kernel (None elsewhere), in the layouts
+  select_kernels gave at init (a selected kernel has a W0)."""
+  layouts = jax.tree_util.tree_map_with_path(
+      lambda path, w, x: None if w is None else layout_lib.KernelLayout(
+          layout_lib.roles_for(layer_name(path), settings.kernel_axes)
+          or 'io'),
+      state.w0, params, is_leaf=_is_none)
+  return jax.tree.map(
+      lambda lay, w0, i, o, x: None if lay is None else _kernel_map(
+          w0, i, o, lay, jnp.shape(x), settings.block_size,
+          settings.num_terms, settings.orthogonal_map),
+      layouts, state.w0, state.in_place, state.out_place, params,
+      is_leaf=_is_none)
+
+
+def _generator_grad(block_size: int, fn, g, gen, p):
+  """(the generators' gradient, the kernel's distance from K(u) in
+  drift tolerances); None where not selected."""
+  if fn is None:
+    return None
+  kernel, vjp = jax.vjp(fn, gen)
+  gap = jnp.max(jnp.abs(kernel - p.astype(kernel.dtype)))
+  scale = jnp.maximum(jnp.max(jnp.abs(kernel)), 1e-30) * drift.tolerance(
+      p.dtype, block_size)
+  return vjp(g.astype(kernel.dtype))[0], gap / scale
+
+
+def _update(settings: _Settings, updates, state: PoetKernelsState,
+            params=None, **extra_args):
+  """Steps 1 to 4 of the module docstring."""
+  if params is None:
+    raise ValueError(optim.no_params_message('poet_kernels'))
+  selected = jax.tree.map(lambda w: w is not None, state.w0,
+                          is_leaf=_is_none)
+  maps = _kernel_maps(settings, state, params)
+  both = jax.tree.map(
+      functools.partial(_generator_grad, settings.block_size), maps,
+      updates, state.generators, params, is_leaf=_is_none)
+  pick = lambda i: jax.tree.map(lambda s, x: x[i] if s else None, selected,
+                                both, is_leaf=_is_none)
+  inner_updates, new, inner_state = generator_map.step_generators(
+      settings.inner, selected, pick(0), updates, params, state.generators,
+      state.inner_state, **extra_args)
+  if settings.check_kernels:
+    drift.warn_if_changed(
+        state.count, jnp.max(jnp.stack(jax.tree.leaves(pick(1)))),
+        jnp.asarray(0, jnp.int32), who='poet_kernels')
+  out = jax.tree.map(
+      lambda fn, u, gen, p: u if fn is None else (fn(gen) - p).astype(
+          p.dtype), maps, inner_updates, new, params, is_leaf=_is_none)
+  count = optax.safe_increment(state.count)
+  state = PoetKernelsState(count, state.w0, state.in_place, state.out_place,
+                           new, inner_state)
+  every = settings.merge_every
+  merge = lambda s: _merge(s, jax.random.fold_in(settings.key,
+                                                 s.count // every),
+                           settings.block_map())
+  state = jax.lax.cond(count % every == 0, merge, lambda s: s, state)
+  return out, state

@@ -23,11 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
+from poet_jax import paths
 from poet_jax import quant
 from poet_jax import spo
-from poet_jax.paths import choose_compute
 
 VARIANTS = ('block', 'full')
 COMPUTES = ('fast', 'mem', 'materialize', 'auto')
@@ -128,7 +127,7 @@ class POETLinear(nnx.Module):
       by the blocks in the compute dtype anyway, and the float32 master
       copy is the generators in the optimizer (poet_jax.reparameterize), so
       bfloat16 blocks cost no forward precision and halve the blocks and
-      their gradient (docs/benchmarks.md, issue 12); a merge then folds
+      their gradient (docs/benchmarks.md); a merge then folds
       bfloat16 blocks into W0 (rounding of the order of a bfloat16 W0's own).
     w0_dtype: storage of W0: a float dtype (float32 by default; bfloat16
       halves it) or 'int8' (POET-XQ: uint8 codes with a float32 scale and
@@ -241,7 +240,7 @@ class POETLinear(nnx.Module):
     dtype = self.dtype or jnp.result_type(x)
     lead = self._lead
     compute = self.resolved_compute(x.shape[lead:])
-    forward = over_leading_axes(_FORWARD[self.variant, compute], lead)
+    forward = over_leading_axes(paths.FORWARD[self.variant, compute], lead)
     y = forward(jnp.asarray(x, dtype), *self._arrays(dtype))
     return reshard(y, out_sharding)
 
@@ -249,9 +248,9 @@ class POETLinear(nnx.Module):
     """The path a call on inputs of this (static) shape takes."""
     if self.compute != 'auto':
       return self.compute
-    return choose_compute(self.variant, self.in_features, self.out_features,
-                          self.in_block, self.out_block,
-                          math.prod(x_shape[:-1]), self.memory_budget)
+    return paths.choose_compute(
+        self.variant, self.in_features, self.out_features, self.in_block,
+        self.out_block, math.prod(x_shape[:-1]), self.memory_budget)
 
   def effective_weight(self) -> jax.Array:
     """Dense (..., in, out) kernel K with layer(x) == x @ K.
@@ -293,10 +292,10 @@ class POETLinear(nnx.Module):
     args = (self.stored_w0(), self.in_blocks[...], self.out_blocks[...],
             self.in_place[...], self.out_place[...])
     if lead:
-      w0, in_place, out_place = _merge_stack(
-          self, *args, jax.random.split(key, lead))
+      w0, in_place, out_place = spo.merge_stack(
+          self.variant, *args, jax.random.split(key, lead))
     else:
-      w0, in_place, out_place = _merge_arrays(self, *args, key)
+      w0, in_place, out_place = spo.merge_layer(self.variant, *args, key)
     if self.w0_quantized:
       self.w0[...], self.w0_scale[...], self.w0_zero[...] = w0
     else:
@@ -333,89 +332,33 @@ def over_leading_axes(fn, n: int):
   return fn
 
 
-def _merge_arrays(layer: POETLinear, w0, g_in, g_out, in_place, out_place,
-                  key):
-  """Pure merge of one (unstacked) layer.
+def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
+  """The path every POETLinear of `module` takes on calls of `tokens` rows.
 
-  Computed in W0's float type promoted with float32; an 8-bit W0 is
-  dequantized to float32 and the result requantized (spec, section 4).
+  One entry per layer (a stack of scanned layers counts once), with its
+  shape and the FLOPs of both candidate paths: what 'auto' logs.
   """
-  dtype = jnp.promote_types(quant.storage_dtype(w0), jnp.float32)
-  g_in, g_out = g_in.astype(dtype), g_out.astype(dtype)
-  w = quant.dense(w0, dtype)
-  key_in, key_out = jax.random.split(key)
-  if layer.variant == 'block':
-    new_in = spo.draw_permutation(key_in, layer.in_features)
-    new_out = spo.draw_permutation(key_out, layer.out_features)
-    w = spo.block_merge(w, g_in, g_out, in_place, out_place, new_in, new_out)
-  else:
-    new_in = spo.draw_index_set(key_in, layer.in_features, layer.in_block)
-    new_out = spo.draw_index_set(key_out, layer.out_features, layer.out_block)
-    w = spo.full_kernel(w, g_in[0], g_out[0], in_place, out_place)
-  if isinstance(w0, quant.Quantized):
-    return quant.quantize(w, w0.group_size), new_in, new_out
-  return w.astype(w0.dtype), new_in, new_out
+  out = []
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, POETLinear):
+      flops = paths.path_flops(node.variant, node.in_features,
+                               node.out_features, node.in_block,
+                               node.out_block, tokens)
+      out.append({
+          'layer': '.'.join(str(p) for p in path),
+          'shape': (node.in_features, node.out_features),
+          'compute': node.resolved_compute((tokens, node.in_features)),
+          'fast_flops': flops['fast'], 'materialize_flops':
+              flops['materialize'], 'dense_flops': flops['dense']})
+  return out
 
 
-def _merge_stack(layer: POETLinear, w0, g_in, g_out, in_place, out_place,
-                 keys):
-  """_merge_arrays over a stack of layers (keys: one per layer, shaped as
-  the leading axes), one layer at a time and in place.
-
-  A fori_loop reads layer i of W0 and the placements from its carry and
-  writes the merged layer back there: the float32 working copy costs one
-  layer, and the new W0 takes the old one's buffer (a lax.map would build a
-  second stacked W0, the model's whole size: 23.6 GiB at llama_13b in
-  bfloat16, the dry-run peak; docs/benchmarks.md, issue 12).
-  """
-  lead = keys.shape
-  flat = lambda x: x.reshape((math.prod(lead),) + x.shape[len(lead):])
-  w0 = jax.tree.map(flat, w0)
-  g_in, g_out, keys = flat(g_in), flat(g_out), flat(keys)
-
-  def body(i, carry):
-    at = lambda x: x[i]
-    new = _merge_arrays(layer, jax.tree.map(at, carry[0]), g_in[i], g_out[i],
-                        carry[1][i], carry[2][i], keys[i])
-    return jax.tree.map(lambda x, v: x.at[i].set(v), carry, new)
-
-  carry = (w0, flat(in_place), flat(out_place))
-  carry = jax.lax.fori_loop(0, keys.shape[0], body, carry)
-  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), carry)
-
-
-# Name of W0 as the forward multiplies it (cast or dequantized): never kept
-# for the backward, which recomputes it from the stored W0.
-DENSE_W0 = 'poet_dense_w0'
-
-
-def _on_dense_w0(forward):
-  """forward(x, w0, ...) taking W0 as stored; made dense in x's dtype."""
-  def fn(x, w0, *rest):
-    return forward(x, checkpoint_name(quant.dense(w0, x.dtype), DENSE_W0),
-                   *rest)
-  return fn
-
-
-def _checkpointed(forward, policy):
-  return jax.checkpoint(_on_dense_w0(forward), policy=policy)
-
-
-_policies = jax.checkpoint_policies
-# 'fast' keeps only the W0 product's output for the backward; the gathered
-# input it also needs (for the input blocks' gradient) is one cheap gather of
-# x away, and x is kept anyway, often shared by several layers (q, k, v).
-_KEEP_H = _policies.save_only_these_names(spo.SAVED_ACTIVATION)
-_KEEP_NOTHING = _policies.nothing_saveable
-_KEEP_ALL_BUT_W0 = _policies.save_anything_except_these_names(DENSE_W0)
-
-_FORWARD = {
-    ('block', 'fast'): _checkpointed(spo.block_forward, _KEEP_H),
-    ('block', 'mem'): _checkpointed(spo.block_forward, _KEEP_NOTHING),
-    ('block', 'materialize'): _checkpointed(spo.block_materialized_forward,
-                                            _KEEP_ALL_BUT_W0),
-    ('full', 'fast'): _checkpointed(spo.full_forward, _KEEP_ALL_BUT_W0),
-    ('full', 'mem'): _checkpointed(spo.full_forward, _KEEP_NOTHING),
-    ('full', 'materialize'): _checkpointed(spo.full_materialized_forward,
-                                           _KEEP_ALL_BUT_W0),
-}
+def describe_choices(module: nnx.Module, tokens: int) -> str:
+  """compute_choices as lines for a log."""
+  lines = [f'POET compute paths for {tokens} tokens per call:']
+  for c in compute_choices(module, tokens):
+    lines.append(
+        f"  {c['layer']} {c['shape'][0]}x{c['shape'][1]}: {c['compute']} "
+        f"(FLOPs vs dense: fast {c['fast_flops'] / c['dense_flops']:.2f}, "
+        f"materialize {c['materialize_flops'] / c['dense_flops']:.2f})")
+  return '\n'.join(lines)

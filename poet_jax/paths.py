@@ -1,9 +1,16 @@
-"""Which compute path a POET layer takes: FLOP and memory counts per path.
+"""A POET layer's compute paths: their forwards, costs and the 'auto' choice.
 
-Pure functions of the layer's shape and the tokens of a call (spec section
-4's cost table), and the choices `compute='auto'` makes for a model's layers.
+FORWARD holds each path's forward with what it keeps for the backward (its
+remat policy); path_flops and path_saved_elements are pure functions of the
+layer's shape and the tokens of a call (spec section 4's cost table), and
+choose_compute is the choice `compute='auto'` makes from them
+(layers.compute_choices reports it for a model's layers).
 """
-from flax import nnx
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from poet_jax import quant
+from poet_jax import spo
 
 
 def path_flops(variant: str, in_features: int, out_features: int,
@@ -67,34 +74,40 @@ def choose_compute(variant: str, in_features: int, out_features: int,
   return min(fits, key=flops.get) if fits else 'mem'
 
 
-def compute_choices(module: nnx.Module, tokens: int) -> list[dict]:
-  """The path every POETLinear of `module` takes on calls of `tokens` rows.
-
-  One entry per layer (a stack of scanned layers counts once), with its
-  shape and the FLOPs of both candidate paths: what 'auto' logs.
-  """
-  from poet_jax import layers  # pylint: disable=g-import-not-at-top
-  # (imported here: layers imports this module for choose_compute)
-  out = []
-  for path, node in nnx.iter_graph(module):
-    if isinstance(node, layers.POETLinear):
-      flops = path_flops(node.variant, node.in_features, node.out_features,
-                         node.in_block, node.out_block, tokens)
-      out.append({
-          'layer': '.'.join(str(p) for p in path),
-          'shape': (node.in_features, node.out_features),
-          'compute': node.resolved_compute((tokens, node.in_features)),
-          'fast_flops': flops['fast'], 'materialize_flops':
-              flops['materialize'], 'dense_flops': flops['dense']})
-  return out
+# Name of W0 as the forward multiplies it (cast or dequantized): never kept
+# for the backward, which recomputes it from the stored W0.
+DENSE_W0 = 'poet_dense_w0'
 
 
-def describe_choices(module: nnx.Module, tokens: int) -> str:
-  """compute_choices as lines for a log."""
-  lines = [f'POET compute paths for {tokens} tokens per call:']
-  for c in compute_choices(module, tokens):
-    lines.append(
-        f"  {c['layer']} {c['shape'][0]}x{c['shape'][1]}: {c['compute']} "
-        f"(FLOPs vs dense: fast {c['fast_flops'] / c['dense_flops']:.2f}, "
-        f"materialize {c['materialize_flops'] / c['dense_flops']:.2f})")
-  return '\n'.join(lines)
+def _on_dense_w0(forward):
+  """forward(x, w0, ...) taking W0 as stored; made dense in x's dtype."""
+  def fn(x, w0, *rest):
+    return forward(x, checkpoint_name(quant.dense(w0, x.dtype), DENSE_W0),
+                   *rest)
+  return fn
+
+
+def _checkpointed(forward, policy):
+  return jax.checkpoint(_on_dense_w0(forward), policy=policy)
+
+
+_policies = jax.checkpoint_policies
+# 'fast' keeps only the W0 product's output for the backward; the gathered
+# input it also needs (for the input blocks' gradient) is one cheap gather of
+# x away, and x is kept anyway, often shared by several layers (q, k, v).
+_KEEP_H = _policies.save_only_these_names(spo.SAVED_ACTIVATION)
+_KEEP_NOTHING = _policies.nothing_saveable
+_KEEP_ALL_BUT_W0 = _policies.save_anything_except_these_names(DENSE_W0)
+
+# The forward of each (variant, compute path), as a POETLinear calls it:
+# fn(x, w0 as stored, g_in, g_out, in_place, out_place).
+FORWARD = {
+    ('block', 'fast'): _checkpointed(spo.block_forward, _KEEP_H),
+    ('block', 'mem'): _checkpointed(spo.block_forward, _KEEP_NOTHING),
+    ('block', 'materialize'): _checkpointed(spo.block_materialized_forward,
+                                            _KEEP_ALL_BUT_W0),
+    ('full', 'fast'): _checkpointed(spo.full_forward, _KEEP_ALL_BUT_W0),
+    ('full', 'mem'): _checkpointed(spo.full_forward, _KEEP_NOTHING),
+    ('full', 'materialize'): _checkpointed(spo.full_materialized_forward,
+                                           _KEEP_ALL_BUT_W0),
+}

@@ -206,20 +206,16 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
   Args:
     model: any nnx.Module; its nnx.Linear, nnx.LinearGeneral and nnx.Einsum
       submodules are candidates, named by their dotted path ('mlp.fc1',
-      'layers.0.q', 'blocks.attention.q'). nnx.Linear becomes a POETLinear
-      (a BiasedPOETLinear with a bias); LinearGeneral and Einsum become
-      multihead.POETLinearGeneral / POETEinsum: POET on the flattened
-      (inputs x outputs) matrix of their kernel, the axes read from the
-      module (poet_jax.layout), called as the module was. A kernel with
-      leading axes made under nnx.vmap ((L, in, out) as the Llama's
-      scanned blocks) becomes one layer with those axes on every variable.
+      'blocks.attention.q'). nnx.Linear becomes a POETLinear (a
+      BiasedPOETLinear with a bias), LinearGeneral and Einsum
+      multihead.POETLinearGeneral / POETEinsum, called as the module was
+      (multi-axis kernels and stacks of layers: the module docstring).
     block_size, variant, compute, memory_budget, w0_group_size: of the new
       layers (layers.POETLinear). The orthogonal map (Cayley–Neumann terms)
       is a setting of the optimizer: poet_jax.reparameterize.
-    target, exclude: fnmatch globs on the dotted path; a layer is replaced
-      when it matches a target and no exclude (the output head and
-      embeddings are excluded by default, spec section 7). poet_kernels
-      takes the same patterns.
+    target, exclude: fnmatch globs on the dotted path (poet_kernels' too);
+      a layer is replaced when it matches a target and no exclude (by
+      default the output head and embeddings are excluded: spec section 7).
     kernel_axes: {glob: roles}, the roles ('i' input, 'o' output, 's'
       stack; one letter per kernel axis, as 'ioo' for (D, H, Dh)) of the
       LinearGeneral / Einsum layers it matches, instead of the module's (a
@@ -227,15 +223,13 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
       then multiplies by its kernel() in the module's einsum).
     w0: 'keep' (W0 is the layer's kernel: R = P = I, so the model computes
       what it did; finetuning), 'normalize' (the kernel with unit-norm
-      output neurons) or 'redraw' (a fresh W0 drawn with `init`: the papers'
-      pretraining, spec section 6).
-    init: for w0='redraw', one of layers.INITS ('normalized' is the papers'
-      default).
+      output neurons) or 'redraw' (a fresh W0 drawn with `init`, one of
+      layers.INITS, the papers' 'normalized' by default: their pretraining).
     trainable_bias: a replaced layer's bias is frozen unless this is True.
     on_indivisible: 'raise' (default) on a layer whose sizes block_size
       does not divide, or 'skip': leave it dense.
-    dtype: compute dtype of the new layers (None: the replaced layer's).
-    w0_dtype: storage of W0 (None: the kernel's dtype; 'int8': POET-XQ).
+    dtype, w0_dtype: the new layers' compute dtype (None: the replaced
+      layer's) and W0's storage (None: the kernel's dtype; 'int8': POET-XQ).
     rngs: one key is drawn from rngs.params(); the layer at path p uses
       layer_key(key, p), split into one key per layer of a stack, for its
       permutations (and W0 with w0='redraw').
@@ -246,11 +240,26 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
     not left by a pattern).
   Raises:
     ValueError: a bad choice or option, a size the block does not divide
-      (with on_indivisible='raise'; the message names exclude= and
-      on_indivisible='skip'), or no layer replaced; the model is then
-      unchanged.
+      (on_indivisible='raise'; the message names exclude= and
+      on_indivisible='skip'), or no layer replaced; the model is unchanged.
   """
   _check_choices(w0, init, on_indivisible)
+  todo, dense = _to_replace(model, target, exclude, kernel_axes, variant,
+                            block_size, on_indivisible)
+  options = dict(block_size=block_size, variant=variant, compute=compute,
+                 memory_budget=memory_budget, w0_group_size=w0_group_size,
+                 **{k: v for k, v in (('dtype', dtype), ('w0_dtype', w0_dtype))
+                    if v is not None})
+  _replace_all(model, todo, rngs.params(), w0, init, options, trainable_bias)
+  layout_lib.log_dense('poetize', dense)
+  return dense
+
+
+def _to_replace(model, target, exclude, kernel_axes, variant, block_size,
+                on_indivisible):
+  """(the (path, name, node, layout) of each projection poetize replaces,
+  {name: why} of those it leaves dense); ValueError when it would replace
+  none."""
   if isinstance(model, PROJECTIONS):
     raise ValueError(f'poetize replaces the projections inside a model; '
                      f'this is one ({type(model).__name__}): put it in a '
@@ -263,14 +272,14 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
     raise ValueError(f'poetize: no projection replaced (target='
                      f'{list(target)}, exclude={list(exclude)}); left dense: '
                      f'{dense}')
-  options = {'block_size': block_size, 'variant': variant,
-             'compute': compute, 'memory_budget': memory_budget,
-             'w0_group_size': w0_group_size}
-  options.update({k: v for k, v in (('dtype', dtype), ('w0_dtype', w0_dtype))
-                  if v is not None})
-  key = rngs.params()
-  # Every new layer is built before any is put in: an error leaves the model
-  # as it was.
+  return todo, dense
+
+
+def _replace_all(model, todo, key, w0: str, init: str, options: dict,
+                 trainable_bias: bool) -> None:
+  """Puts a POET layer in the place of each (path, name, node, layout) of
+  `todo`. Every new layer is built before any is put in: an error leaves
+  the model as it was."""
   new = []
   for path, name, node, layout in todo:
     layer = _poet_layer(layout.to_matrix(node.kernel[...]), node.dtype, name,
@@ -278,5 +287,3 @@ def poetize(model: nnx.Module, *, block_size, variant: str = 'block',
     new.append((path, _replacement(node, layer, layout, trainable_bias)))
   for path, layer in new:
     _replace(model, path, layer)
-  layout_lib.log_dense('poetize', dense)
-  return dense

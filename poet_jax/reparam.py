@@ -40,9 +40,10 @@ import optax
 from flax import nnx
 
 from poet_jax import drift
+from poet_jax import generator_map
 from poet_jax import optim
 from poet_jax import orthogonal
-from poet_jax import targets
+from poet_jax import platform
 
 
 class ReparameterizeState(NamedTuple):
@@ -53,134 +54,7 @@ class ReparameterizeState(NamedTuple):
   merge_every: jax.Array  # () int32 of the last update; 0: no merges
 
 
-def is_none(x) -> bool:
-  return x is None
-
-
-def swap(selected, tree, replacement):
-  """`tree` with every selected leaf replaced by `replacement`'s."""
-  return jax.tree.map(lambda s, x, r: r if s else x, selected, tree,
-                      replacement, is_leaf=is_none)
-
-
-def step_generators(inner, selected, gen_grads, updates, params, generators,
-                    inner_state, **extra_args):
-  """Steps 2 and 3 of the module docstring, shared with poet_kernels.
-
-  `extra_args` (optax's, such as `value=` for reduce_on_plateau) go to
-  inner. Returns (inner's updates, new generators (None where not
-  selected), new inner state).
-  """
-  inner_updates, inner_state = optax.with_extra_args_support(inner).update(
-      swap(selected, updates, gen_grads), inner_state,
-      swap(selected, params, generators), **extra_args)
-  new = jax.tree.map(lambda s, u, d: optax.apply_updates(u, d) if s else None,
-                     selected, generators, inner_updates, is_leaf=is_none)
-  return inner_updates, new, inner_state
-
-
-MAX_TERMS = 8  # the most Cayley–Neumann terms a traced num_terms may pick
-
-
-def block_map(num_terms, method: str, block_size: int):
-  """u (..., b(b-1)/2) -> orthogonal blocks (..., b, b).
-
-  num_terms is normally a Python int. A traced one (what
-  optax.inject_hyperparams hands over) picks its polynomial with a
-  lax.switch over 1 .. MAX_TERMS terms: each branch is the static map.
-  """
-  if method not in orthogonal.METHODS:
-    raise ValueError(f'unknown orthogonal_map {method!r}; use one of '
-                     f'{orthogonal.METHODS}')
-  make = lambda k: functools.partial(orthogonal.orthogonal_blocks,
-                                     block_size=block_size, num_terms=k,
-                                     method=method)
-  if method == 'exact' or not isinstance(num_terms, jax.core.Tracer):
-    return make(int(num_terms))
-  branches = [make(k) for k in range(1, MAX_TERMS + 1)]
-  return lambda u: jax.lax.switch(
-      jnp.clip(num_terms - 1, 0, MAX_TERMS - 1), branches, u)
-
-
-def poet_leaves(params) -> Any:
-  """True at each POET leaf of `params` (a bool tree).
-
-  A POET leaf is named like a layers.OrthogonalBlocks variable
-  (optim.is_poet_path) and shaped (..., k, b, b).
-  """
-  def pick(path, x):
-    shape = jnp.shape(x)
-    return (optim.is_poet_path(path) and len(shape) >= 3
-            and shape[-1] == shape[-2])
-  return jax.tree_util.tree_map_with_path(pick, params)
-
-
-def layerwise(fn, u, *blocks):
-  """fn(u, *blocks) computed one layer of a stack at a time.
-
-  u is (..., k, b(b-1)/2) and each of `blocks` (..., k, b, b), with the same
-  leading (layer) axes; fn maps one layer's (k, ...) arrays to an array or
-  a tuple of arrays. A loop over the flattened leading axes: the map's
-  float32 intermediates (Q and its powers, b x b per block, kept for its
-  VJP) then take one layer's memory, not the model's, and cannot be
-  scheduled early and held across the model's forward and backward (as the
-  whole model's were: 8.5 GiB at llama_8b, docs/benchmarks.md issue 12).
-  Each block goes through the same products either way.
-  """
-  lead = u.shape[:-2]
-  if not lead:
-    return fn(u, *blocks)
-  args = tuple(x.reshape((-1,) + x.shape[len(lead):]) for x in (u,) + blocks)
-  shapes = jax.eval_shape(fn, *(x[0] for x in args))
-  # The loop overwrites every layer of its output buffers. They are filled
-  # from the inputs (times 0) rather than made as constant zeros: XLA:CPU's
-  # scheduler starts constant buffers with the step, and this one would
-  # then be held across the forward and backward (1.3 GiB at llama_8b for
-  # each of the two uses).
-  fill = sum(x.ravel()[0].astype(jnp.float32) for x in args) * 0
-  out = jax.tree.map(
-      lambda s: jnp.full((args[0].shape[0],) + s.shape, fill, s.dtype), shapes)
-  out = jax.lax.fori_loop(
-      0, args[0].shape[0], lambda i, out: jax.tree.map(
-          lambda o, v: o.at[i].set(v), out, fn(*(x[i] for x in args))), out)
-  return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
-
-
-def generator_gradients(grads, generators, params, num_terms: int,
-                        orthogonal_map: str) -> tuple[Any, Any]:
-  """The gradient `reparameterize`'s inner transformation sees (step 1).
-
-  grads: the model's gradient tree; generators: the state's
-  (ReparameterizeState.generators, or `generators(opt_state)`), None at
-  non-POET leaves; params: the model's parameters (the blocks). Every POET
-  leaf's blocks' gradient (..., k, b, b) becomes its generators' gradient
-  (..., k, b(b-1)/2) float32, through the VJP of the map at the current
-  generators; other leaves are passed through. Its global norm is the one
-  the inner clip sees (spec section 7). Jittable.
-
-  Returns:
-    (that gradient tree, and per POET leaf the largest distance of its
-    blocks from map(generators) in drift.tolerance units, None elsewhere;
-    the map's value comes with its VJP, so the check costs a subtraction).
-  """
-  def one_leaf(u, g, p):
-    if u is None:
-      return g
-    make = block_map(num_terms, orthogonal_map, g.shape[-1])
-
-    def one_layer(u, g, p):
-      blocks, vjp = jax.vjp(make, u)
-      gap = jnp.max(jnp.abs(blocks - p.astype(blocks.dtype)))
-      return vjp(g.astype(u.dtype))[0], gap
-    grad, gap = layerwise(one_layer, u, g, p)
-    return grad, jnp.max(gap) / drift.tolerance(p.dtype, p.shape[-1])
-
-  selected = jax.tree.map(lambda u: u is not None, generators,
-                          is_leaf=is_none)
-  both = jax.tree.map(one_leaf, generators, grads, params, is_leaf=is_none)
-  grads = jax.tree.map(lambda s, x: x[0] if s else x, selected, both)
-  gaps = jax.tree.map(lambda s, x: x[1] if s else None, selected, both)
-  return grads, gaps
+_is_none = generator_map.is_none
 
 
 def _cap(u, max_norm):
@@ -238,65 +112,88 @@ def reparameterize(inner: optax.GradientTransformation, *, num_terms=3,
     ValueError: for an unknown orthogonal_map or merge_every < 1; from
       `init`, when `params` has no POET leaf; from `update` without params.
   """
-  block_map(3, orthogonal_map, 2)  # validates orthogonal_map
-  num_terms, merge_every = _concrete_int(num_terms), _concrete_int(
-      merge_every)
+  generator_map.block_map(3, orthogonal_map, 2)  # validates orthogonal_map
+  merge_every = _concrete_int(merge_every)
   if isinstance(merge_every, int) and merge_every < 1:
     raise ValueError(f'merge_every={merge_every} must be >= 1 or None')
-  make = lambda b: block_map(num_terms, orthogonal_map, b)
-  period = lambda: jnp.asarray(0 if merge_every is None else merge_every,
-                               jnp.int32)
+  settings = _Settings(inner, _concrete_int(num_terms), orthogonal_map,
+                       merge_every, max_q_norm, check_blocks)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, settings), functools.partial(_update, settings))
 
-  def init_fn(params):
-    params = nnx.as_pure(params)
-    selected = poet_leaves(params)
-    if not any(jax.tree.leaves(selected)):
-      raise ValueError(
-          'reparameterize: no POET leaf (a variable named one of '
-          f'{optim.BLOCK_NAMES}, shaped (..., k, b, b)) among the '
-          f'{len(jax.tree.leaves(params))} parameters; build the model with '
-          'POET layers (poet_jax.poetize), or use poet_jax.poet_kernels')
-    generators = jax.tree.map(
-        lambda s, x: jnp.zeros(jnp.shape(x)[:-2] + (
-            orthogonal.num_generator_params(jnp.shape(x)[-1]),), jnp.float32)
-        if s else None, selected, params)
-    return ReparameterizeState(jnp.zeros([], jnp.int32), generators,
-                               inner.init(swap(selected, params, generators)),
-                               period())
 
-  def new_blocks_update(u, p):
-    return layerwise(lambda u, p: make(p.shape[-1])(u).astype(p.dtype) - p,
-                     u, p)
+class _Settings(NamedTuple):
+  """reparameterize's arguments, as its init and update read them."""
+  inner: optax.GradientTransformation
+  num_terms: Any
+  orthogonal_map: str
+  merge_every: Any       # None: no merges
+  max_q_norm: Any
+  check_blocks: bool
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(optim.no_params_message('reparameterize'))
-    params = nnx.as_pure(params)
-    # POET leaves are where the state holds generators: chosen at init.
-    selected = jax.tree.map(lambda u: u is not None, state.generators,
-                            is_leaf=is_none)
-    gen_grads, gaps = generator_gradients(updates, state.generators, params,
-                                          num_terms, orthogonal_map)
-    inner_updates, new, inner_state = step_generators(
-        inner, selected, gen_grads, updates, params, state.generators,
-        state.inner_state, **extra_args)
-    if max_q_norm is not None:
-      new = jax.tree.map(lambda u: _cap(u, max_q_norm), new)
-    out = jax.tree.map(
-        lambda s, d, u, p: new_blocks_update(u, p) if s else d, selected,
-        inner_updates, new, params, is_leaf=is_none)
-    if check_blocks:
-      drift.warn_if_changed(
-          state.count, jnp.max(jnp.stack(jax.tree.leaves(gaps))),
-          state.merge_every)
-    count = optax.safe_increment(state.count)
-    every = period()
-    state = ReparameterizeState(count, new, inner_state, every)
-    if merge_every is not None:
-      state = _reset_if(_due(count, every), state)
-    return out, state
+  def period(self) -> jax.Array:
+    """() int32: the merge period the state records (0: no merges)."""
+    return jnp.asarray(0 if self.merge_every is None else self.merge_every,
+                       jnp.int32)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _init(settings: _Settings, params) -> ReparameterizeState:
+  """Zero generators for every POET leaf; the inner state on the tree with
+  the leaves swapped for them."""
+  params = nnx.as_pure(params)
+  selected = generator_map.poet_leaves(params)
+  if not any(jax.tree.leaves(selected)):
+    raise ValueError(
+        'reparameterize: no POET leaf (a variable named one of '
+        f'{optim.BLOCK_NAMES}, shaped (..., k, b, b)) among the '
+        f'{len(jax.tree.leaves(params))} parameters; build the model with '
+        'POET layers (poet_jax.poetize), or use poet_jax.poet_kernels')
+  generators = jax.tree.map(
+      lambda s, x: jnp.zeros(jnp.shape(x)[:-2] + (
+          orthogonal.num_generator_params(jnp.shape(x)[-1]),), jnp.float32)
+      if s else None, selected, params)
+  inner_state = settings.inner.init(
+      generator_map.swap(selected, params, generators))
+  return ReparameterizeState(jnp.zeros([], jnp.int32), generators,
+                             inner_state, settings.period())
+
+
+def _update(settings: _Settings, updates, state: ReparameterizeState,
+            params=None, **extra_args):
+  """Steps 1 to 5 of the module docstring."""
+  if params is None:
+    raise ValueError(optim.no_params_message('reparameterize'))
+  params = nnx.as_pure(params)
+  # POET leaves are where the state holds generators: chosen at init.
+  selected = jax.tree.map(lambda u: u is not None, state.generators,
+                          is_leaf=_is_none)
+  gen_grads, gaps = generator_map.generator_gradients(
+      updates, state.generators, params, settings.num_terms,
+      settings.orthogonal_map)
+  inner_updates, new, inner_state = generator_map.step_generators(
+      settings.inner, selected, gen_grads, updates, params, state.generators,
+      state.inner_state, **extra_args)
+  if settings.max_q_norm is not None:
+    new = jax.tree.map(lambda u: _cap(u, settings.max_q_norm), new)
+
+  def blocks_update(u, p):
+    make = generator_map.block_map(settings.num_terms,
+                                   settings.orthogonal_map, p.shape[-1])
+    return generator_map.layerwise(lambda u, p: make(u).astype(p.dtype) - p,
+                                   u, p)
+
+  out = jax.tree.map(lambda s, d, u, p: blocks_update(u, p) if s else d,
+                     selected, inner_updates, new, params, is_leaf=_is_none)
+  if settings.check_blocks:
+    drift.warn_if_changed(
+        state.count, jnp.max(jnp.stack(jax.tree.leaves(gaps))),
+        state.merge_every)
+  count = optax.safe_increment(state.count)
+  every = settings.period()
+  state = ReparameterizeState(count, new, inner_state, every)
+  if settings.merge_every is not None:
+    state = _reset_if(_due(count, every), state)
+  return out, state
 
 
 def _due(count, merge_every):
@@ -314,7 +211,7 @@ def _reset_if(due, state):
   and POET moments, every step). XLA:CPU keeps the lax.cond: the select
   fuses differently there and would change a run's last bits.
   """
-  if targets.platform() == 'cpu':
+  if platform.platform() == 'cpu':
     return jax.lax.cond(due, reset_after_merge, lambda s: s, state)
   return jax.tree.map(functools.partial(jnp.where, due),
                       reset_after_merge(state), state)

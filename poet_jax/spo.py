@@ -1,8 +1,9 @@
 """Stochastic primitive optimization: where the orthogonal blocks act.
 
-Pure functions on arrays. Activations are row vectors (..., features) and
-kernels are (in_features, out_features), as in Flax, so a layer computes
-y = x @ K with K = P_in @ W0 @ R_out.
+Pure functions on arrays: the products, the merge that folds the blocks
+into W0, and the placements drawn anew at each merge. Activations are row
+vectors (..., features) and kernels are (in_features, out_features), as in
+Flax, so a layer computes y = x @ K with K = P_in @ W0 @ R_out.
 
 Block-stochastic (POET-BS). P_in = Psi^T Diag(G_1..G_k) Psi. We describe Psi
 by a gather index `in_perm` (x @ Psi^T == x[..., in_perm]) and, on the output
@@ -25,13 +26,16 @@ of size b: it acts as G on the coordinates S and as the identity elsewhere.
 W0 is kept in its own frame.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from poet_jax import quant
+
 # Name of the one activation the 'fast' path keeps for its backward (the
-# output of the W0 product, in block layout); see layers._FORWARD.
+# output of the W0 product, in block layout); see paths.FORWARD.
 SAVED_ACTIVATION = 'poet_h'
 
 
@@ -188,3 +192,61 @@ def draw_permutation(key: jax.Array, n: int) -> jax.Array:
 def draw_index_set(key: jax.Array, n: int, size: int) -> jax.Array:
   """A uniformly random subset of {0..n-1} of the given size, sorted."""
   return jnp.sort(jax.random.permutation(key, n)[:size]).astype(jnp.int32)
+
+
+# -------------------------------------------------------------------- merge
+
+
+def merge_layer(variant: str, w0, g_in, g_out, in_place, out_place, key):
+  """One layer's merge-then-reinitialize, on its arrays: (W0, in_place,
+  out_place) with the blocks folded into W0 and new placements drawn from
+  `key`.
+
+  w0 is stored as a POETLinear stores it (in, out): in the permutation
+  frame ('block') or its own ('full'), an array or a quant.Quantized;
+  g_in, g_out are the (k, b, b) blocks (k = 1 for 'full'). Computed in W0's
+  float type promoted with float32; an 8-bit W0 is dequantized to float32
+  and the result requantized (spec, section 4).
+  """
+  dtype = jnp.promote_types(quant.storage_dtype(w0), jnp.float32)
+  g_in, g_out = g_in.astype(dtype), g_out.astype(dtype)
+  w = quant.dense(w0, dtype)
+  in_features, out_features = w.shape
+  key_in, key_out = jax.random.split(key)
+  if variant == 'block':
+    new_in = draw_permutation(key_in, in_features)
+    new_out = draw_permutation(key_out, out_features)
+    w = block_merge(w, g_in, g_out, in_place, out_place, new_in, new_out)
+  else:
+    new_in = draw_index_set(key_in, in_features, g_in.shape[-1])
+    new_out = draw_index_set(key_out, out_features, g_out.shape[-1])
+    w = full_kernel(w, g_in[0], g_out[0], in_place, out_place)
+  if isinstance(w0, quant.Quantized):
+    return quant.quantize(w, w0.group_size), new_in, new_out
+  return w.astype(w0.dtype), new_in, new_out
+
+
+def merge_stack(variant: str, w0, g_in, g_out, in_place, out_place, keys):
+  """merge_layer over a stack of layers (keys: one per layer, shaped as the
+  leading axes), one layer at a time and in place.
+
+  A fori_loop reads layer i of W0 and the placements from its carry and
+  writes the merged layer back there: the float32 working copy costs one
+  layer, and the new W0 takes the old one's buffer (a lax.map would build a
+  second stacked W0, the model's whole size: 23.6 GiB at llama_13b in
+  bfloat16, the dry-run peak; docs/benchmarks.md).
+  """
+  lead = keys.shape
+  flat = lambda x: x.reshape((math.prod(lead),) + x.shape[len(lead):])
+  w0 = jax.tree.map(flat, w0)
+  g_in, g_out, keys = flat(g_in), flat(g_out), flat(keys)
+
+  def body(i, carry):
+    at = lambda x: x[i]
+    new = merge_layer(variant, jax.tree.map(at, carry[0]), g_in[i], g_out[i],
+                      carry[1][i], carry[2][i], keys[i])
+    return jax.tree.map(lambda x, v: x.at[i].set(v), carry, new)
+
+  carry = (w0, flat(in_place), flat(out_place))
+  carry = jax.lax.fori_loop(0, keys.shape[0], body, carry)
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), carry)

@@ -1,4 +1,4 @@
-"""Test-only fault injection through poet_jax.hooks, set by environment
+"""Test-only fault injection through poet_jax.train.hooks, set by environment
 variables of a tests/run_with_faults.py process.
 
 POET_JAX_FAULT is a comma-separated list of KIND@STEP:
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from poet_jax import hooks
+from poet_jax.train import hooks
 
 
 class Faults(hooks.Hooks):

@@ -9,8 +9,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import faults
-from poet_jax import cli
-from poet_jax import hooks
+from poet_jax.train import cli
+from poet_jax.train import hooks
 
 if __name__ == '__main__':
   hooks.current = faults.Faults(os.environ)

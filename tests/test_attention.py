@@ -1,4 +1,4 @@
-"""poet_jax.attention: the causal attention core against jax's own form."""
+"""poet_jax.models.attention: the causal attention core against jax's own form."""
 import functools
 
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poet_jax import attention
+from poet_jax import platform as platform_lib
+from poet_jax.models import attention
 import tolerance
 
 
@@ -73,6 +74,51 @@ def test_other_backends_use_jax_dot_product_attention(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   np.testing.assert_array_equal(attention.causal_attention(q, k, v),
                                 attention.reference_attention(q, k, v))
+
+
+@pytest.mark.parametrize('dtype, head_dim, platform, on_device, want', [
+    (jnp.bfloat16, 64, 'gpu', True, 'cudnn'),
+    (jnp.float16, 128, 'gpu', True, 'cudnn'),
+    (jnp.float32, 64, 'gpu', True, 'xla'),      # cuDNN: fp16/bf16 only
+    (jnp.bfloat16, 12, 'gpu', True, 'xla'),     # not a multiple of 8
+    (jnp.bfloat16, 256, 'gpu', True, 'xla'),    # above 128
+    (jnp.bfloat16, 64, 'gpu', False, 'xla'),    # compiled without the GPU
+    (jnp.bfloat16, 64, 'tpu', True, 'xla'),
+    (jnp.bfloat16, 64, 'cpu', True, 'cpu'),
+    (jnp.float32, 64, 'cpu', False, 'cpu'),
+])
+def test_the_core_follows_dtype_head_dim_and_platform(dtype, head_dim,
+                                                      platform, on_device,
+                                                      want):
+  assert attention.implementation(dtype, head_dim, platform,
+                                  on_device) == want
+
+
+def test_a_gpu_run_calls_cudnn_fused_attention(monkeypatch):
+  """On a GPU (its device present), bfloat16 goes to jax.nn's cuDNN fused
+  attention, causal and without a jax.checkpoint around it (its backward
+  keeps no probabilities); float32 to XLA's form. The call is recorded and
+  run in XLA's form, as this machine has no cuDNN."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def recorded(*args, **kwargs):
+    calls.append(kwargs)
+    return original(*args, **{**kwargs, 'implementation': 'xla'})
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', recorded)
+  monkeypatch.setattr(platform_lib, 'runs_here', lambda: True)
+  q, k, v, _ = _inputs((1, 16, 2, 8), jnp.bfloat16)
+  with platform_lib.compiling_for('h100'):
+    jaxpr = jax.make_jaxpr(attention.causal_attention)(q, k, v)
+    assert calls == [{'is_causal': True, 'implementation': 'cudnn'}]
+    assert 'remat' not in str(jaxpr)
+    calls.clear()
+    q32, k32, v32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_array_equal(
+        attention.causal_attention(q32, k32, v32),
+        attention.reference_attention(q32, k32, v32))
+    assert calls == []  # the reference is XLA's form, bound at import
 
 
 def test_mismatched_shapes_raise():

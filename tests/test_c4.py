@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-from poet_jax import config
-from poet_jax import data
-from poet_jax import tokenizer as tokenizer_lib
+from poet_jax.data import pipeline as data
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.train import config
 from train_util import ROOT, TINY, read_metrics, train_env
 
 TRAIN_DOCS, VALIDATION_DOCS = 3000, 200

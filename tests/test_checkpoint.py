@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poet_jax import checkpoint as checkpoint_lib
+from poet_jax.train import checkpoint as checkpoint_lib
 
 
 def _state():

@@ -11,13 +11,14 @@ import pytest
 import tqdm
 from tensorboard.backend.event_processing import event_accumulator
 
-from poet_jax import cli
-from poet_jax import config as config_lib
-from poet_jax import data as data_lib
-from poet_jax import keys as keys_lib
-from poet_jax import metrics as metrics_lib
-from poet_jax import planner
-from poet_jax import train_lib
+from poet_jax.data import pipeline as data_lib
+from poet_jax.train import arguments
+from poet_jax.train import cli
+from poet_jax.train import config as config_lib
+from poet_jax.train import keys as keys_lib
+from poet_jax.train import loop as train_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train.plan import planner
 import tolerance
 from train_util import ROOT, read_metrics, train_command, train_env
 
@@ -104,7 +105,7 @@ def paper(size='60m', **train):
 def test_eval_at_start_rule():
   tiny = config_lib.base_config()
   assert train_lib.eval_at_start(tiny, 16)[0]  # 32k tokens, every 100 steps
-  # The report of issue 14: a paper config cut to 12 steps.
+  # A paper config cut to 12 steps that evaluates only at its end.
   c = paper(steps=12)
   c.eval_every = 100_000
   run, why = train_lib.eval_at_start(c, 77)
@@ -309,10 +310,10 @@ def test_dry_run_names_settings_with_their_compiled_peaks(tmp_path,
 
 def test_the_persistent_compilation_cache_flag(monkeypatch):
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
-  assert cli.compilation_cache_dir(None) == os.path.expanduser(
-      cli.DEFAULT_COMPILATION_CACHE)
+  assert arguments.compilation_cache_dir(None) == os.path.expanduser(
+      arguments.DEFAULT_COMPILATION_CACHE)
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/tmp/elsewhere')
-  assert cli.compilation_cache_dir(None) == '/tmp/elsewhere'
-  assert cli.compilation_cache_dir('') == ''
+  assert arguments.compilation_cache_dir(None) == '/tmp/elsewhere'
+  assert arguments.compilation_cache_dir('') == ''
   command = cli.parse_command_line(['train.py', '--compilation_cache=/tmp/c'])
   assert command.compilation_cache == '/tmp/c'

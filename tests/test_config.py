@@ -12,9 +12,9 @@ import jax
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from poet_jax import cli as train
-from poet_jax import config as config_lib
-from poet_jax import config_checks
+from poet_jax.train import cli as train
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
 from train_util import ROOT
 
 pytestmark = pytest.mark.filterwarnings(
@@ -115,7 +115,7 @@ def test_any_command_line_is_a_config_or_one_clear_line(args):
     return
   assert_one_clear_line(result)
   # What train.py prints for it: that line on stderr, exit code 2. (The
-  # mesh is checked against the devices in train_lib.train; skip those.)
+  # mesh is checked against the devices in loop.train; skip those.)
   if isinstance(parse(*args, devices=None), str):
     code, err = run_main(*args)
     assert code == 2
@@ -323,7 +323,7 @@ def test_a_smallest_value_the_checks_accept_builds_the_run(key):
   """0 and 1, where sizes and counts degenerate (blocks of 1, one layer,
   no warm-up): refused in one line by validate, or the model and the
   optimizer are built from them (abstractly), never a traceback later."""
-  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   from train_util import tiny_config  # pylint: disable=g-import-not-at-top
   for value in (0, 1):
     c = tiny_config()

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from poet_jax import cli as train
-from poet_jax import corpora
-from poet_jax import data
+from poet_jax.data import corpora
+from poet_jax.data import local_files
+from poet_jax.data import pipeline as data
+from poet_jax.train import cli as train
 from train_util import (ROOT, assert_one_error_line, run_train, snapshot,
                         train_env)
 
@@ -65,7 +66,7 @@ def test_replace_reads_each_undecodable_sequence_as_one_mark_and_says_so(
   raw = b'caf\xe9 na\xefve \xef\xbf\xbd ok \x00 end'  # 2 invalid, 1 NUL
   with open(os.path.join(texts, 'doc3.txt'), 'wb') as f:
     f.write(raw)
-  assert corpora.decode_text(raw) == (
+  assert local_files.decode_text(raw) == (
       'caf\ufffd na\ufffdve \ufffd ok \ufffd end', 3, 3)
   docs = {}
   for split in data.SPLITS:
@@ -191,7 +192,7 @@ def test_a_full_disk_while_preparing_the_data_is_one_line(
 
 _SLOW_BUILD = textwrap.dedent('''
     import os, sys, time
-    from poet_jax import data, tokenizer
+    from poet_jax.data import pipeline as data, tokenizer
 
     class SlowBytes(tokenizer.ByteTokenizer):
       """A minute a shard, after leaving a mark: long work in flight when the

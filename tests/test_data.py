@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from poet_jax import batches
-from poet_jax import data
-from poet_jax import token_cache
-from poet_jax import tokenize_shards
-from poet_jax import tokenizer as tokenizer_lib
+from poet_jax.data import batches
+from poet_jax.data import pipeline as data
+from poet_jax.data import token_cache
+from poet_jax.data import tokenize_shards
+from poet_jax.data import tokenizer as tokenizer_lib
 import test_c4
 
 BYTES = tokenizer_lib.ByteTokenizer()

@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from poet_jax import train_state
+from poet_jax.train import state as train_state
 import tolerance
 from train_util import (CACHE_ENV, FAST_COMPILE, ROOT, TINY, TRAIN, numeric,
                         read_metrics, tiny_config)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from poet_jax import evaluate
+from poet_jax.tools import evaluate
 from trained_runs import trained_run
 from train_util import ROOT, train_env
 

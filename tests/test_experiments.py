@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from poet_jax import experiments
-from poet_jax import experiments_page as page_lib
-from poet_jax import findings
+from poet_jax.experiments import findings
+from poet_jax.experiments import page as page_lib
+from poet_jax.experiments import scales
 from train_util import ROOT, train_env
 
 STUDIES = 'compare,merge,spectrum,orthogonality,diagnostics'
@@ -179,8 +179,8 @@ def test_the_page_matches_todays_seed_to_init_mapping():
   summary = recorded()
   assert len(summary['init_fingerprints']) == 4
   for entry in summary['init_fingerprints']:
-    c = experiments.make_config(summary['base'], entry['overrides'],
-                                summary['common'])
+    c = scales.make_config(summary['base'], entry['overrides'],
+                           summary['common'])
     computed = page_lib.init_fingerprint(page_lib.initial_state(c))
     assert page_lib.fingerprints_differ(entry['leaves'], computed) == [], (
         f"{entry['run']}: the initial state differs from the one the page's "
@@ -192,8 +192,8 @@ def test_the_fingerprint_tells_rounding_from_another_mapping():
   summary = recorded()
   entry = next(e for e in summary['init_fingerprints']
                if e['overrides']['optimizer.name'] == 'poet')
-  c = experiments.make_config(summary['base'], entry['overrides'],
-                              summary['common'])
+  c = scales.make_config(summary['base'], entry['overrides'],
+                         summary['common'])
   state = page_lib.initial_state(c)
   base = page_lib.init_fingerprint(state)
   # One float32 rounding of every element: the same mapping.
@@ -204,7 +204,7 @@ def test_the_fingerprint_tells_rounding_from_another_mapping():
   assert page_lib.fingerprints_differ(
       base, page_lib.init_fingerprint(rounded)) == []
   # Another seed's weights and permutations: what another mapping gives.
-  other = page_lib.initial_state(experiments.make_config(
+  other = page_lib.initial_state(scales.make_config(
       summary['base'], {**entry['overrides'], 'seed': 7},
       summary['common']))
   differ = page_lib.fingerprints_differ(base, page_lib.init_fingerprint(

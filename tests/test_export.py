@@ -3,7 +3,7 @@
 The exported file is checked against a NumPy forward pass written here from
 transformers' modeling_llama.py (LlamaRMSNorm, LlamaRotaryEmbedding with
 rotate_half, eager attention with repeat_kv, LlamaMLP), independent of
-poet_jax.model; and, when transformers and torch are installed, against
+poet_jax.models.llama; and, when transformers and torch are installed, against
 transformers itself (tests/hf_reference.py), which then also builds the
 random Llama-3-shaped checkpoints the import is tested on:
 
@@ -21,14 +21,15 @@ import safetensors.numpy
 from flax import nnx
 
 import hf_reference
-from poet_jax import cli as train
-from poet_jax import config as config_lib
-from poet_jax import config_checks
-from poet_jax import export
-from poet_jax import hf_import
-from poet_jax import restore
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.models import hf as hf_lib
+from poet_jax.tools import export
+from poet_jax.tools import restore
+from poet_jax.train import cli as train
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
+from poet_jax.train import init_from
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 from spectra import assert_spectrum_kept
 import tolerance
 from trained_runs import trained_run
@@ -176,7 +177,7 @@ def test_export_import_export_is_bit_identical(exported, tmp_path):
   c.init_from = out
   setup, state = train_state.init_state(c, run.model.cfg.vocab_size)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = hf_import.init_state_from(out, setup, state,
+  state = init_from.init_state_from(out, setup, state,
                                     jax.tree.map(lambda _: device, state))
   again = restore.Run(c, '', 0, {}, run.tokenizer, setup, state)
   export.export_run(again, str(tmp_path))
@@ -206,7 +207,7 @@ def test_training_from_an_export_starts_where_the_run_ended(tmp_path_factory):
 
 
 def write_config(directory, **changes):
-  hf = export.hf_config(restore.dense_config(
+  hf = hf_lib.hf_config(restore.dense_config(
       train_state.model_config(train.parse_command_line(
           ['train.py', *TINY_FLAGS]).config, 257)), 256, 32)
   hf.update(changes)
@@ -219,7 +220,7 @@ def write_config(directory, **changes):
 def truncated_weights(directory):
   """A checkpoint directory whose model.safetensors lost its last bytes."""
   write_config(directory)
-  path = os.path.join(directory, export.WEIGHTS_FILE)
+  path = os.path.join(directory, hf_lib.WEIGHTS_FILE)
   safetensors.numpy.save_file({'x': np.zeros(64, np.float32)}, path)
   os.truncate(path, os.path.getsize(path) - 16)
   return str(directory)
@@ -285,8 +286,8 @@ def test_a_sentencepiece_tokenizer_is_exported_beside_the_model(exported,
   model = tmp_path / 'spiece.model'
   model.write_bytes(b'a SentencePiece model proto')
   weights = jax.device_get(nnx.jit(restore.dense_weights)(run.model))
-  export.write_checkpoint(str(tmp_path / 'out'), run.model.cfg, weights, 256,
-                          32, tokenizer_path=str(model))
+  hf_lib.write_checkpoint(str(tmp_path / 'out'), run.model.cfg, weights,
+                          256, 32, tokenizer_path=str(model))
   assert (tmp_path / 'out' / 'tokenizer.model').read_bytes() == (
       model.read_bytes())
   tokenizer_config = json.loads(
@@ -372,7 +373,7 @@ def start_from(c, method: str):
   config_checks.validate(c)  # the checkpoint's config and tensor headers
   setup, state = train_state.init_state(c, c.model.vocab_size)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = hf_import.init_state_from(c.init_from, setup, state,
+  state = init_from.init_state_from(c.init_from, setup, state,
                                     jax.tree.map(lambda _: device, state))
   return setup, state
 
@@ -411,7 +412,7 @@ def test_a_llama3_shaped_checkpoint_round_trips(tied, tmp_path):
   source = str(tmp_path / 'hf')
   theirs = llama3_checkpoint(source, tied)
   c = llama3_config(source, tied)
-  imported = hf_import.load_weights(source, train_state.model_config(
+  imported = init_from.load_weights(source, train_state.model_config(
       c, c.model.vocab_size))
   for method in ('adamw', 'poet'):
     setup, state = start_from(c, method)
@@ -421,11 +422,11 @@ def test_a_llama3_shaped_checkpoint_round_trips(tied, tmp_path):
     assert losses[-1] < losses[0], losses
   model = nnx.merge(setup.graphdef, state['params'], state['frozen'])
   weights = jax.device_get(nnx.jit(restore.dense_weights)(model))
-  for name in export.KERNELS if not tied else ():
+  for name in hf_lib.KERNELS if not tied else ():
     assert not np.allclose(weights[name], imported[name], atol=1e-5), name
     assert_spectrum_kept(weights[name], imported[name], 8, merges=2)
   out = str(tmp_path / 'out')
-  export.write_checkpoint(out, model.cfg, weights, 256, 64)
+  hf_lib.write_checkpoint(out, model.cfg, weights, 256, 64)
   hf, tensors = read_export(out)
   assert (hf['num_key_value_heads'], hf['rope_theta'], hf['rms_norm_eps'],
           hf['tie_word_embeddings']) == (2, 500000.0, 1e-5, tied)

@@ -2,8 +2,8 @@
 
 Its README gives the conventions and the replay recipe. (a) Every stored
 layer case through POETLinear, its blocks the orthogonal map of the stored
-generators (reparam.block_map, the map `reparameterize` applies): outputs
-and gradients, both polynomials, the 'fast' and 'materialize' paths,
+generators (generator_map.block_map, the map `reparameterize` applies):
+outputs and gradients, both polynomials, the 'fast' and 'materialize' paths,
 float32 and float64. (b) The 40-step matched Llama run through the public
 API (POET layers + `reparameterize` merging on its counter) with the
 default optimizer conventions: the reference's loss at every step within
@@ -21,8 +21,8 @@ import pytest
 from flax import nnx
 
 import poet_jax
+from poet_jax import generator_map
 from poet_jax import inject
-from poet_jax import reparam
 import tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def outputs_and_grads(name, orthogonal_map, compute, dtype):
   b = int(d[f'{name}.block_size'])
   layer = poet_jax.POETLinear(*w0.shape, block_size=b, compute=compute,
                               w0_dtype=dtype, rngs=nnx.Rngs(0))
-  make = reparam.block_map(3, orthogonal_map, b)
+  make = generator_map.block_map(3, orthogonal_map, b)
   inject.set_poet_layer(layer, w0.astype(dtype), d[f'{name}.in_perm'],
                         d[f'{name}.out_perm'])
   graphdef, _, rest = nnx.split(layer, nnx.Param, ...)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from poet_jax import generate
 from poet_jax import merge
-from poet_jax import model as model_lib
-from poet_jax import restore
+from poet_jax.models import llama as model_lib
+from poet_jax.tools import generate
+from poet_jax.tools import restore
 import tolerance
 from trained_runs import trained_run
 
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path,
 
 
 def test_generating_past_the_trained_length_warns_once(capsys):
-  from poet_jax import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.tools import generate as generate_lib  # pylint: disable=g-import-not-at-top
   generate_lib._warn_past_training_length(128, 128)
   assert capsys.readouterr().err == ''
   generate_lib._warn_past_training_length(1000, 128)

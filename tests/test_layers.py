@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from poet_jax import layers
-from poet_jax import paths
 from poet_jax import orthogonal
+from poet_jax import paths
 from poet_jax import spo
 import tolerance
 
@@ -304,7 +304,7 @@ def test_auto_picks_both_paths_over_token_counts():
   m = SHAPES['block'][0]
   assert layer.resolved_compute((4, m)) == 'fast'
   assert layer.resolved_compute((4000, m)) == 'materialize'
-  choices = paths.compute_choices(layer, 4000)
+  choices = layers.compute_choices(layer, 4000)
   assert [c['compute'] for c in choices] == ['materialize']
 
 
@@ -364,7 +364,7 @@ def test_auto_keeps_within_a_memory_budget():
   layer = layers.POETLinear(m, n, block_size=b, compute='auto',
                             memory_budget=saved['fast'] - 1, rngs=nnx.Rngs(0))
   assert layer.resolved_compute((tokens, m)) == 'mem'
-  assert paths.compute_choices(layer, tokens)[0]['compute'] == 'mem'
+  assert layers.compute_choices(layer, tokens)[0]['compute'] == 'mem'
   x = jax.random.normal(jax.random.key(0), (tokens, m))
   np.testing.assert_array_equal(
       layer(x), layers.POETLinear(m, n, block_size=b, compute='mem',

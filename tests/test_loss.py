@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from poet_jax import loss as loss_lib
+from poet_jax.models import loss as loss_lib
 import tolerance
 
 

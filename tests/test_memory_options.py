@@ -10,12 +10,12 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from poet_jax import config as config_lib
-from poet_jax import config_checks
-from poet_jax import model as model_lib
 from poet_jax import optim
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.models import llama as model_lib
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 
 VOCAB = 64
 

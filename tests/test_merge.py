@@ -182,7 +182,7 @@ def test_a_stacked_merge_keeps_no_second_w0():
   """Compiled with the state donated, merging stacked layers needs less
   memory beyond its arguments than the W0s themselves: each layer's merged
   W0 goes back into the old one's buffer (a second stacked W0 set the
-  llama_13b dry-run peak, docs/benchmarks.md issue 12)."""
+  llama_13b dry-run peak, docs/benchmarks.md)."""
   model = poet_jax.Llama(dataclasses.replace(CFG, num_layers=8),
                          rngs=nnx.Rngs(0))
   poet_jax.poetize(model, block_size=8, w0='redraw', rngs=nnx.Rngs(1))

@@ -7,12 +7,12 @@ import signal
 
 import pytest
 
-from poet_jax import cli as train
-from poet_jax import data
-from poet_jax import evaluate
-from poet_jax import export
-from poet_jax import plot
-from poet_jax import stopping
+from poet_jax.data import pipeline as data
+from poet_jax.tools import evaluate
+from poet_jax.tools import export
+from poet_jax.train import cli as train
+from poet_jax.train import plot
+from poet_jax.train import stopping
 from train_util import assert_one_error_line
 
 pytestmark = pytest.mark.filterwarnings(

@@ -16,14 +16,14 @@ import pytest
 from flax import nnx
 
 from poet_jax import layers
-from poet_jax import metrics as metrics_lib
 from poet_jax import optim
-from poet_jax import optimizers
 from poet_jax import orthogonal
 from poet_jax import reparam
-from poet_jax import steps as steps_lib
-from poet_jax import train_lib
-from poet_jax import train_state
+from poet_jax.train import loop as train_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import optimizers
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 import tolerance
 from train_util import (KEYS, SHORT, assert_one_error_line, complete_steps,
                         numeric, read_metrics, run_train, steps_of,

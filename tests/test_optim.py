@@ -5,6 +5,7 @@ import optax
 import pytest
 from flax import nnx
 
+from poet_jax import clipping
 from poet_jax import optim
 import tolerance
 
@@ -159,11 +160,11 @@ def test_poet_refuses_orthogonal_blocks_handed_over_directly():
 def test_clip_matches_torch_clip_grad_norm():
   g = {'a': jnp.full((3,), 2.0), 'b': jnp.full((4,), -1.0)}
   norm = float(np.sqrt(3 * 4.0 + 4 * 1.0))
-  out, _ = optim.clip_by_global_norm(0.5).update(
-      g, optim.clip_by_global_norm(0.5).init(g))
+  out, _ = clipping.clip_by_global_norm(0.5).update(
+      g, clipping.clip_by_global_norm(0.5).init(g))
   # The norm of 7 entries, its root, the sum, the division and the product.
   tolerance.assert_close(out['a'], np.full(3, 2.0 * 0.5 / (norm + 1e-6)), 11)
-  loose = optim.clip_by_global_norm(100.0)
+  loose = clipping.clip_by_global_norm(100.0)
   small, _ = loose.update(g, loose.init(g))
   np.testing.assert_array_equal(small['a'], g['a'])
 
@@ -181,15 +182,15 @@ def reference_clip_value(step, clip, merge_every, ramp=10, min_ratio=0.1,
 
 
 def test_post_merge_clip_ramp_follows_the_reference_rule():
-  ramp = optim.post_merge_clip_ramp(0.1, merge_every=20, until_step=70)
+  ramp = clipping.post_merge_clip_ramp(0.1, merge_every=20, until_step=70)
   for step in range(100):
     # j / ramp, one product and one sum, then the product with clip.
     tolerance.assert_close(float(ramp(jnp.asarray(step))),
                            reference_clip_value(step, 0.1, 20, until=70), 4)
   tolerance.assert_close(float(ramp(jnp.asarray(20))), 0.01, 4)
   # Inside a chain the threshold follows the update count.
-  tx = optim.clip_by_global_norm(
-      optim.post_merge_clip_ramp(1.0, merge_every=2, ramp_steps=1))
+  tx = clipping.clip_by_global_norm(
+      clipping.post_merge_clip_ramp(1.0, merge_every=2, ramp_steps=1))
   g = {'a': jnp.full((4,), 10.0)}
   state = tx.init(g)
   norms = []
@@ -289,9 +290,9 @@ def test_per_layer_equals_the_transformation_on_each_layer():
 
 def test_every_baseline_trains_the_model():
   """adamw, galore and muon build on the stacked Llama and lower the loss."""
-  from poet_jax import config as config_lib
-  from poet_jax import steps as steps_lib
-  from poet_jax import train_state
+  from poet_jax.train import config as config_lib
+  from poet_jax.train import steps as steps_lib
+  from poet_jax.train import state as train_state
   batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
   for name in ('adamw', 'galore', 'muon'):
     c = config_lib.base_config()

@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from poet_jax import cli as train
-from poet_jax import export
-from poet_jax import plot
-from poet_jax import workdir as workdir_lib
+from poet_jax.tools import export
+from poet_jax.train import cli as train
+from poet_jax.train import plot
+from poet_jax.train import workdir as workdir_lib
 from train_util import (ROOT, SHORT, assert_one_error_line, run_train,
                         snapshot, train_command, train_env)
 

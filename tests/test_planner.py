@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from poet_jax import config as config_lib
-from poet_jax import planner
-from poet_jax import sharding
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.train import config as config_lib
+from poet_jax.train import sharding
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train.plan import planner
 
 
 def one_device(c):

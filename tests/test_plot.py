@@ -9,8 +9,8 @@ import warnings
 import matplotlib.image
 import pytest
 
-from poet_jax import config as config_lib
-from poet_jax import plot
+from poet_jax.train import config as config_lib
+from poet_jax.train import plot
 
 
 def make_run(directory, method='poet', steps=100, start=4.0, end=2.5):
@@ -109,7 +109,7 @@ def test_off_scale_points_of_both_losses_are_labelled(tmp_path):
 def test_a_diverged_runs_perplexity_is_short(tmp_path):
   """exp(800) is capped at exp(700), and shown as 1.01e+304, not 305
   digits (the eval line, evaluate's line and the legends use it)."""
-  from poet_jax import metrics  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import metrics  # pylint: disable=g-import-not-at-top
   assert metrics.perplexity_text(metrics.perplexity(800.0)) == '1.01e+304'
   assert metrics.perplexity_text(metrics.perplexity(2.0)) == '7.39'
   entries, _ = plot.read_run(make_run(tmp_path / 'a'))

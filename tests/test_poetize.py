@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import poet_jax
-from poet_jax import config
-from poet_jax import train_state
+from poet_jax.train import config
+from poet_jax.train import state as train_state
 import tolerance
 
 

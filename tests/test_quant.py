@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from poet_jax import config as config_lib
-from poet_jax import config_checks
 from poet_jax import layers
 from poet_jax import orthogonal
 from poet_jax import quant
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
 
 import tolerance
 
@@ -260,10 +260,10 @@ def test_requantizing_at_every_merge_drifts_like_a_random_walk():
 
 def test_checkpoint_stores_the_codes_and_resume_is_exact(tmp_path):
   """Train steps with merges, save, restore, step on: bit for bit."""
-  from poet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.model.dim, c.model.num_layers, c.model.num_heads = 32, 1, 2
   c.model.ffn_dim, c.poet.block_size, c.poet.merge_every = 64, 8.0, 2

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from poet_jax import keys
+from poet_jax.train import keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,8 +122,8 @@ def test_installed_package_imports_from_another_directory(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   script = ('import importlib.util, sys\n'
             "if importlib.util.find_spec('poet_jax') is None: sys.exit(3)\n"
-            'import poet_jax, poet_jax.cli\n'
-            'print(poet_jax.LlamaConfig.__name__, poet_jax.cli.CONFIG_DIR)\n')
+            'import poet_jax, poet_jax.train.arguments as arguments\n'
+            'print(poet_jax.LlamaConfig.__name__, arguments.CONFIG_DIR)\n')
   result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path,
                           capture_output=True, text=True, env=env,
                           timeout=300)
@@ -156,12 +156,12 @@ def test_each_route_example_runs_as_written(path, index, says, capsys):
         loss, rel=0.25)
 
 
-def test_train_lib_example_plots_only_runs_it_trains(tmp_path, monkeypatch):
+def test_train_loop_example_plots_only_runs_it_trains(tmp_path, monkeypatch):
   """docs/library.md's example that trains from Python, run in an empty
-  directory with train_lib.train standing in (each run's metrics written at
+  directory with loop.train standing in (each run's metrics written at
   once): every run it plots is one it made, so it works from anywhere."""
-  from poet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  block = re.search(r'```\n(from poet_jax import config, plot, train_lib\n'
+  from poet_jax.train import loop  # pylint: disable=g-import-not-at-top
+  block = re.search(r'```\n(from poet_jax.train import config, loop, plot\n'
                     r'.*?)```', read('docs/library.md'), re.S).group(1)
   trained = []
 
@@ -172,7 +172,7 @@ def test_train_lib_example_plots_only_runs_it_trains(tmp_path, monkeypatch):
     trained.append((workdir, c.optimizer.name))
     return 0
 
-  monkeypatch.setattr(train_lib, 'train', train)
+  monkeypatch.setattr(loop, 'train', train)
   monkeypatch.chdir(tmp_path)
   exec(compile(block, 'README.md', 'exec'), {})  # pylint: disable=exec-used
   assert len(trained) == 2 and os.path.isfile('compare.png')

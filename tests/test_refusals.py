@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poet_jax import cli as train
-from poet_jax import checkpoint as checkpoint_lib
-from poet_jax import data as data_lib
-from poet_jax import steps as steps_lib
-from poet_jax import tokenizer as tokenizer_lib
-from poet_jax import train_state
-from poet_jax import workdir as workdir_lib
+from poet_jax.data import pipeline as data_lib
+from poet_jax.data import tokenizer as tokenizer_lib
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import cli as train
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train import workdir as workdir_lib
 from train_util import (SHORT, assert_one_error_line, run_train, snapshot,
                         tiny_target)
 
@@ -131,7 +131,8 @@ def test_a_refused_start_leaves_the_work_directory_as_it_was(
 
 
 def test_empty_files_are_never_held_out(tmp_path):
-  """The issue's directory: by the hash rule a.txt (empty) is held out."""
+  """A directory where, by the hash rule alone, a.txt (empty) would be held
+  out."""
   texts = _corpus_of(tmp_path / 'texts', {'a.txt': 0, 'b.txt': 64_000,
                                           'c.txt': 99_000})
   split = data_lib.split_files(data_lib.text_files(texts))

@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from poet_jax import checkpoint as checkpoint_lib
-from poet_jax import train_lib
-from poet_jax import train_state
+from poet_jax.train import checkpoint as checkpoint_lib
+from poet_jax.train import loop as train_lib
+from poet_jax.train import state as train_state
 import tolerance
 from train_util import (KEYS, ROOT, SHORT, STEPS, assert_one_error_line,
                         complete_steps, numeric, read_metrics, run_train,

@@ -3,11 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from poet_jax import config as config_lib
-from poet_jax import config_checks
-from poet_jax import sharding
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.train import config as config_lib
+from poet_jax.train import config_checks
+from poet_jax.train import sharding
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 import tolerance
 
 VOCAB = 64

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from poet_jax import cli
-from poet_jax import planner
-from poet_jax import startup
-from poet_jax import train_lib
+from poet_jax.train import cli
+from poet_jax.train import loop as train_lib
+from poet_jax.train import startup
+from poet_jax.train.plan import planner
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:the load_module:DeprecationWarning')  # ml_collections

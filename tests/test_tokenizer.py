@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from poet_jax import tokenizer as tokenizer_lib
+from poet_jax.data import tokenizer as tokenizer_lib
 
 UNICODE_TEXT = 'héllo wörld ✓ 🙂 日本語\n\tdef f(x): return x  # ünïcödé\n'
 

@@ -79,7 +79,7 @@ def test_bad_input_is_one_line_and_exit_code_2(override, expected, tmp_path):
 
 def small_config(**train):
   """A POET model that compiles in seconds."""
-  from poet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.model.dim, c.model.num_layers, c.model.num_heads = 16, 1, 2
   c.model.ffn_dim, c.poet.block_size = 32, 8.0
@@ -92,8 +92,8 @@ def small_config(**train):
 
 def _run_steps(c, batches):
   import jax  # pylint: disable=g-import-not-at-top
-  from poet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   setup, state = train_state.init_state(c, 64)
   step = jax.jit(lambda s, b: steps_lib.train_step(setup, s, b))
   evaluate = jax.jit(lambda s, b: steps_lib.eval_step(setup, s, b))
@@ -109,7 +109,7 @@ def test_grad_accumulation_equals_the_whole_batch():
   whole batch at once, to float32 rounding, across merges (at 2, 4, 6)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 64, (4, 9), np.int32) for _ in range(6)]
   whole = _run_steps(small_config(), batches)
@@ -139,7 +139,7 @@ def test_trainable_count_is_the_generators_and_the_dense_leaves():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from poet_jax import optim  # pylint: disable=g-import-not-at-top
   from poet_jax import reparam  # pylint: disable=g-import-not-at-top
-  from poet_jax import train_state  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   _, state = train_state.abstract_state(small_config(), 64)
   size = lambda x: int(np.prod(x.shape))
   dense = sum(size(x) for p, x in jax.tree_util.tree_leaves_with_path(

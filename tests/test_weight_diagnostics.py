@@ -15,15 +15,16 @@ import optax
 import pytest
 from flax import nnx
 
+from poet_jax import generator_map
 from poet_jax import inject
 from poet_jax import layers
-from poet_jax import metrics as metrics_lib
-from poet_jax import model as model_lib
 from poet_jax import orthogonal
-from poet_jax import plot
 from poet_jax import reparam
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
+from poet_jax.models import llama as model_lib
+from poet_jax.train import metrics as metrics_lib
+from poet_jax.train import plot
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
 from tolerance import EPS32, assert_close
 from train_util import read_metrics, tiny_config
 
@@ -236,7 +237,7 @@ def test_poet_grad_norm_is_the_generators_gradient_norm():
 
   def loss(params, generators):
     blocks = jax.tree.map(
-        lambda u, p: p if u is None else reparam.block_map(
+        lambda u, p: p if u is None else generator_map.block_map(
             c.poet.neumann_terms, c.poet.orthogonal_map, p.shape[-1])(u),
         generators, params, is_leaf=lambda x: x is None)
     return model_lib.next_token_loss(

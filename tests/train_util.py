@@ -10,8 +10,8 @@ import tempfile
 
 import jax
 
-from poet_jax import config as config_lib
-from poet_jax import train_state
+from poet_jax.train import config as config_lib
+from poet_jax.train import state as train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

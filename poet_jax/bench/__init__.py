@@ -55,9 +55,9 @@ from poet_jax.bench.cli import (ALL_SECTIONS, METHODS, POET_PATHS, SECTIONS,
 from poet_jax.bench.common import (FULL, GIB, TINY, Sizes, interleaved, log,
                                    machine)
 from poet_jax.bench.flops import bench_matmul
-from poet_jax.flops import matmul_flops
 from poet_jax.bench.layer import LAYER_PATHS, bench_layer, make_layer
 from poet_jax.bench.memory import PAPER_MEMORY_GB, bench_memory
 from poet_jax.bench.reference import bench_reference
 from poet_jax.bench.steps import bench_steps, step_config
 from poet_jax.bench.tables import print_tables
+from poet_jax.train.plan.flops import matmul_flops

@@ -1,6 +1,6 @@
 """The transformer blocks of a whole model, forward and forward + backward.
 
-Issue 15 measures the blocks' backward against its forward and the blocks'
+This measures the blocks' backward against its forward and the blocks'
 FLOP rate against the machine's matmul rate: here the model's features
 (embedding, every block in the model's own scan, the final norm) of the
 reference's batch, with a cotangent on the output; the gradients are of
@@ -11,11 +11,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from poet_jax import model as model_lib
-from poet_jax import train_state
 from poet_jax.bench.common import Sizes, interleaved, log
-from poet_jax.flops import matmul_flops
 from poet_jax.bench.steps import step_config
+from poet_jax.models import llama as model_lib
+from poet_jax.train import state as train_state
+from poet_jax.train.plan.flops import matmul_flops
 
 
 def _calls(c, batch):

@@ -4,9 +4,6 @@ import dataclasses
 import json
 import os
 
-from poet_jax import config as config_lib
-from poet_jax import targets
-from poet_jax import workdir as workdir_lib
 from poet_jax.bench import device
 from poet_jax.bench import reference
 from poet_jax.bench.blocks import bench_blocks
@@ -18,6 +15,9 @@ from poet_jax.bench.memory import bench_memory
 from poet_jax.bench.steps import bench_steps
 from poet_jax.bench.steps import method_pairs as _pairs
 from poet_jax.bench.tables import print_tables
+from poet_jax.train import config as config_lib
+from poet_jax.train import workdir as workdir_lib
+from poet_jax.train.plan import targets
 
 # What a run without --only runs; 'reference' needs the official code
 # installed (reference.py) and 'device' is a ten-minute check of an
@@ -58,7 +58,7 @@ def run(sections, sizes: Sizes, reps: int, memory_dtype: str,
   """Runs `sections`; returns {'machine': ..., 'reps': ..., 'rows': [...]}.
 
   tiny: the device check at its CPU smoke-test size (device.TINY); target:
-  the device the memory section compiles for (poet_jax.targets).
+  the device the memory section compiles for (poet_jax.train.plan.targets).
   """
   report = {'machine': machine(), 'reps': reps, 'rows': []}
   rows = report['rows']

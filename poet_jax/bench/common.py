@@ -21,7 +21,7 @@ GIB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-  """What each section runs; `full` is the issue's, `tiny` the smoke test's."""
+  """What each section runs; `full` the benchmarks', `tiny` the smoke test's."""
   matmul: int
   layer_shapes: tuple
   layer_block: int

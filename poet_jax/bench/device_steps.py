@@ -17,23 +17,37 @@ from typing import Callable
 import jax
 import numpy as np
 
+from poet_jax.train.plan import planner
+from poet_jax.train.plan import targets
 from poet_jax.bench.common import GIB, log
 
 STEP_METHODS = ('adamw', 'poet-fast', 'poet-mem', 'poet-auto')
 
 
 def cross_compiled_peak(config, compiled) -> float | None:
-  """HOOK: the peak bytes that the dry-run planner predicts for this step
-  when it compiles it for this GPU on a machine without one (the planner's
-  GPU target), to stand next to the peak measured here; None until the
-  planner has that target.
+  """The peak bytes of this step's update as the dry-run planner predicts
+  it, compiling for this GPU's target description on compile-only devices
+  (what a CPU machine with the `plan` extra computes), to stand next to the
+  peak measured here. None off a GPU, for a GPU no target describes, or
+  when that compile fails (logged: the comparison is optional, the check
+  goes on).
 
   config: the step's config (ml_collections); compiled: the step as compiled
-  on this device (jax.stages.Compiled), whose own memory_analysis() is this
-  device's compiler's prediction (`predicted_peak_gib`).
+  on this device (unused: the planner compiles its own).
   """
-  del config, compiled
-  return None
+  del compiled
+  kind = jax.devices()[0].device_kind if jax.default_backend() == 'gpu' else ''
+  target = next((name for name in targets.GPU_SPECS
+                 if name.upper() in kind.upper()), None)
+  if target is None:
+    return None
+  try:
+    report = planner.plan(config, target=target)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f'  cross-compile for {target} failed: {" ".join(str(e).split())[:200]}')
+    return None
+  return GIB * (report['argument_gib'] + report['output_gib'] -
+                report['alias_gib'] + report['temp_gib'])
 
 
 def _gib(x):

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from poet_jax import hooks
+from poet_jax.train import hooks
 
 PAUSED = 'paused after step {} with its checkpoints committed'
 WALL_CLOCK = ('step_time_s', 'tokens_per_s')
@@ -184,12 +184,12 @@ class _PauseAfter(hooks.Hooks):
 
 
 def main(argv=None) -> int:
-  """The trainer's command line (poet_jax.cli) from argv = [--pause_after=N,
+  """The trainer's command line (poet_jax.train.cli) from argv = [--pause_after=N,
   *TRAIN_ARGS], paused after step N (0: not)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   pause = int(argv.pop(0).split('=', 1)[1])
   if pause:
     hooks.current = _PauseAfter(pause)
-  from poet_jax import cli  # pylint: disable=g-import-not-at-top
+  from poet_jax.train import cli  # pylint: disable=g-import-not-at-top
   return cli.main(['poet-jax-train'] + argv)
 

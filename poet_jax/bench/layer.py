@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from poet_jax import layers
-from poet_jax import paths
 from poet_jax import orthogonal
+from poet_jax import paths
 from poet_jax.bench.common import Sizes, interleaved, log
 
 LAYER_PATHS = ('dense', 'materialize', 'fast', 'mem', 'auto')

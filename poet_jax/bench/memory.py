@@ -3,9 +3,9 @@ import math
 
 import jax
 
-from poet_jax import planner
 from poet_jax.bench.common import GIB, Sizes, log
 from poet_jax.bench.steps import step_config
+from poet_jax.train.plan import planner
 
 # POET-X paper (spec, section 9): peak memory in GB on an H100, batch 1.
 # None: "does not fit" in 80 GB.
@@ -28,7 +28,7 @@ PAPER_MEMORY_GB = {
 def bench_memory(sizes: Sizes, dtype: str, methods, target=None
                  ) -> list[dict]:
   """planner.plan of every (method, compute) pair at batch 1, compiled for
-  one device of `target` (poet_jax.targets; None: this machine's)."""
+  one device of `target` (poet_jax.train.plan.targets; None: this machine's)."""
   rows = []
   for size in sizes.memory_sizes:
     for seq in sizes.memory_seqs:

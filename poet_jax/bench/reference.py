@@ -25,9 +25,9 @@ import sys
 
 import numpy as np
 
-from poet_jax import config as config_lib
 from poet_jax.bench.common import Sizes, log, summary
 from poet_jax.bench.steps import build_methods, method_pairs, time_rounds
+from poet_jax.train import config as config_lib
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'reference_driver.py')

@@ -10,7 +10,7 @@ trainer, and runs the update of its examples/torchrun_main.py on one process
 scheduler.step, zero_grad, merge_if_needed). Their POET forward is
 decorated with torch.compile; the driver makes torch.compile return the
 function unchanged before importing their code, so the update runs eagerly,
-as issue 15 measured it (--compiled keeps their torch.compile).
+as docs/benchmarks.md measures it (--compiled keeps their torch.compile).
 
 Protocol, one JSON object a line: on start it prints {"ready": ...}; then
 each line "run COUNT WARMUP" on stdin (WARMUP 0 or 1: one untimed step

@@ -15,16 +15,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from poet_jax import config as config_lib
+from poet_jax import layers
 from poet_jax import merge as merge_lib
-from poet_jax import paths
-from poet_jax import planner
-from poet_jax import sharding as sharding_lib
-from poet_jax import steps as steps_lib
-from poet_jax import train_state
 from poet_jax.bench import op_profile as profile_lib
 from poet_jax.bench.common import GIB, Sizes, interleaved, log
-from poet_jax.flops import matmul_flops
+from poet_jax.train import config as config_lib
+from poet_jax.train import sharding as sharding_lib
+from poet_jax.train import state as train_state
+from poet_jax.train import steps as steps_lib
+from poet_jax.train.plan import planner
+from poet_jax.train.plan.flops import matmul_flops
 
 # A runner times `count` steps (after a warm-up step if asked) and returns
 # their seconds: our compiled steps and the reference's eager ones alike.
@@ -236,7 +236,7 @@ def _auto_choices(method: _Method, tokens: int) -> list[dict]:
   abstract = jax.eval_shape(method.init)
   model = nnx.merge(method.setup.graphdef, abstract['params'],
                     abstract['frozen'])
-  return paths.compute_choices(model, tokens)
+  return layers.compute_choices(model, tokens)
 
 
 def _bench_merge(section: str, size: str, method: _Method, reps: int) -> dict:

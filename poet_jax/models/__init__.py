@@ -1,0 +1,2 @@
+"""The models trained with the library: the Llama (its attention core and
+loss), and its Hugging Face format."""
