@@ -95,7 +95,7 @@ def layerwise(fn, u, *blocks):
   float32 intermediates (Q and its powers, b x b per block, kept for its
   VJP) then take one layer's memory, not the model's, and cannot be
   scheduled early and held across the model's forward and backward (as the
-  whole model's were: 8.5 GiB at llama_8b, docs/benchmarks.md).
+  whole model's were: 8.5 GiB at llama_8b in the dry run).
   Each block goes through the same products either way.
   """
   lead = u.shape[:-2]

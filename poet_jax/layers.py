@@ -127,7 +127,7 @@ class POETLinear(nnx.Module):
       by the blocks in the compute dtype anyway, and the float32 master
       copy is the generators in the optimizer (poet_jax.reparameterize), so
       bfloat16 blocks cost no forward precision and halve the blocks and
-      their gradient (docs/benchmarks.md); a merge then folds
+      their gradient; a merge then folds
       bfloat16 blocks into W0 (rounding of the order of a bfloat16 W0's own).
     w0_dtype: storage of W0: a float dtype (float32 by default; bfloat16
       halves it) or 'int8' (POET-XQ: uint8 codes with a float32 scale and

@@ -49,7 +49,7 @@ def _gather(x: jax.Array, perm: jax.Array, axis: int) -> jax.Array:
   # take_along_axis reads every element by its own (row, perm) index, in the
   # order of the output. XLA:CPU compiles x[..., perm] instead to a gather of
   # whole columns followed by a transpose, 3-4x slower inside a layer's
-  # fusions (measured in docs/benchmarks.md).
+  # fusions (measured with `python -m poet_jax.bench --only=breakdown`).
   index = jnp.expand_dims(perm, tuple(range(1, x.ndim - axis % x.ndim)))
   return jnp.take_along_axis(x, jnp.broadcast_to(index, x.shape), axis=axis,
                              mode='promise_in_bounds')
@@ -234,7 +234,7 @@ def merge_stack(variant: str, w0, g_in, g_out, in_place, out_place, keys):
   writes the merged layer back there: the float32 working copy costs one
   layer, and the new W0 takes the old one's buffer (a lax.map would build a
   second stacked W0, the model's whole size: 23.6 GiB at llama_13b in
-  bfloat16, the dry-run peak; docs/benchmarks.md).
+  bfloat16, in the dry run).
   """
   lead = keys.shape
   flat = lambda x: x.reshape((math.prod(lead),) + x.shape[len(lead):])

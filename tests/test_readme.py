@@ -97,10 +97,8 @@ def test_config_key_table_is_generated_from_the_config():
   assert keys.markdown_table() in read('docs/training.md')
 
 
-# docs/method.md is cleaned with the method helper's work.
 DOCS = ['README.md'] + [os.path.join('docs', f) for f in sorted(
-    os.listdir(os.path.join(ROOT, 'docs')))
-                        if f.endswith('.md') and f != 'method.md']
+    os.listdir(os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
 
 
 @pytest.mark.parametrize('path', DOCS)
