@@ -85,16 +85,20 @@ def interleaved(calls: dict[str, Callable[[int], Any]], reps: int,
   return {name: summary(t) for name, t in times.items()}
 
 
-def machine() -> dict:
-  """The machine, the software and the load the report was measured with."""
-  cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
   try:
     with open('/proc/cpuinfo') as f:
       names = [line.split(':', 1)[1].strip() for line in f
                if line.startswith('model name')]
-    cpu = names[0] if names else cpu
   except OSError:
-    pass
+    names = []
+  return names[0] if names else (platform.processor() or platform.machine())
+
+
+def machine() -> dict:
+  """The machine, the software and the load the report was measured with."""
+  cpu = cpu_name()
   import jaxlib  # pylint: disable=g-import-not-at-top
   return {
       'cpu': cpu, 'cores': os.cpu_count(),

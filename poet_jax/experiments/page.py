@@ -17,6 +17,7 @@ import subprocess
 import jax
 import numpy as np
 
+from poet_jax.bench import common
 from poet_jax.data import tokenizer as tokenizer_lib
 from poet_jax.experiments import diagnostics
 from poet_jax.experiments import findings
@@ -265,14 +266,7 @@ LIMITS = (
 
 def _machine() -> str:
   """'2 CPU cores (model name), 1-minute load average L at the end'."""
-  name = platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      models = [l.split(':', 1)[1].strip() for l in f
-                if l.startswith('model name')]
-    name = models[0] if models else name
-  except OSError:
-    pass
+  name = common.cpu_name()
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else math.nan
   return (f'{os.cpu_count()} CPU cores ({name}), 1-minute load average '
           f'{load:.1f} at the end')
