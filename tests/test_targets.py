@@ -5,6 +5,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
 from poet_jax import platform
@@ -21,6 +22,18 @@ from poet_jax.train.plan import targets
 
 # The GPU compiles need JAX's CUDA plugin, the `plan` extra (CI installs
 # it): without it they are skipped, and said so.
+@pytest.fixture(autouse=True, scope='module')
+def no_persistent_compilation_cache():
+  """An earlier cli.main in this process may have turned JAX's persistent
+  cache on; a compile-only device's executable cannot be read back from it."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_enable_compilation_cache', enabled)
+  compilation_cache.reset_cache()
+
+
 needs_plugin = pytest.mark.skipif(
     not targets.plugin_installed(),
     reason=f"JAX's CUDA plugin is not installed: {targets.PLAN_EXTRA}")
@@ -226,3 +239,12 @@ def test_a_target_without_dry_run_is_refused(tmp_path, capsys):
   code = cli.main(['train.py', '--target=h100', f'--workdir={tmp_path}'])
   assert code == 2
   assert '--dry_run' in capsys.readouterr().err
+
+
+def test_a_dry_run_for_a_gpu_leaves_the_persistent_cache_off(monkeypatch,
+                                                             tmp_path):
+  monkeypatch.setattr(targets, 'plugin_installed', lambda: False)
+  cli.main(['train.py', '--dry_run', '--target=h100',
+            f'--compilation_cache={tmp_path / "cache"}',
+            f'--workdir={tmp_path / "run"}'])
+  assert not jax.config.jax_enable_compilation_cache

@@ -78,8 +78,8 @@ def report_diagnostics(run, res: dict, out, no_merge=None):
   png = _plot(run, poet, adamw, no_merge, out)
   return ('## The papers\' weight diagnostics\n\nLogged at every evaluation '
           '(`svd_entropy`, `hyperspherical_energy`, `vector_probe_r`, '
-          '`vector_probe_p` in metrics.jsonl; README, "Reading the '
-          'metrics"), as means over the block linears (for POET the '
+          '`vector_probe_p` in metrics.jsonl; [training.md, '
+          '"Metrics"](training.md#metrics)), as means over the block linears (for POET the '
           f'effective kernels R W0 P), over {len(poet)} seeds of the best '
           'POET and AdamW settings. At the start both methods\' weights are '
           'Gaussian, so their figures start alike.\n\n' +

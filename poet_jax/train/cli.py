@@ -223,8 +223,11 @@ def main(argv=None) -> int:
   stderr, quiet = sys.stderr, _NoOrbaxErrors()
   sys.stderr = _DropClosedLoopNoise(stderr)
   logging.getLogger('absl').addFilter(quiet)
-  use_compilation_cache(command.compilation_cache)
   from poet_jax.train.plan import targets  # pylint: disable=g-import-not-at-top
+  # A compile-only GPU's executable cannot be read back from the cache (JAX
+  # warns at every hit): a dry run for a GPU target compiles afresh.
+  use_compilation_cache('' if command.target in targets.GPU_TARGETS
+                        else command.compilation_cache)
   targets.quiet_plugin_without_gpu()
   try:
     if command.dry_run:
