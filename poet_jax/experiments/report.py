@@ -155,7 +155,8 @@ def report_compare(run, res: dict, out: Plots):
     x, y, e = zip(*points)
     left.errorbar(x, y, yerr=e, marker='o', capsize=3,
                   label=f'{method} ({key})')
-  left.set_xscale('log')
+  # Log: one diverged rate would squash the other points of a linear axis.
+  left.set(xscale='log', yscale='log')
   left.set_xlabel('learning rate')
   left.set_ylabel('final eval perplexity (mean ± std)')
   draw_mean(right, run, [a, p], ['AdamW (best lr)', 'POET-BS (best lr)'],
