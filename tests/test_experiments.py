@@ -12,6 +12,7 @@ import pytest
 
 from poet_jax.experiments import findings
 from poet_jax.experiments import page as page_lib
+from poet_jax.experiments import report
 from poet_jax.experiments import scales
 from train_util import ROOT, train_env
 
@@ -211,3 +212,19 @@ def test_the_fingerprint_tells_rounding_from_another_mapping():
       other))
   assert any('w0' in name for name in differ), differ
   assert any('in_place' in name for name in differ), differ
+
+
+def test_a_sweep_whose_best_rate_is_its_smallest_is_at_the_edge():
+  def setting(lr, eval_loss, poet_lr=None):
+    return [{'overrides': {'train.lr': lr, 'poet.lr': poet_lr},
+             'eval_loss': eval_loss}]
+  adamw = [setting(1e-3, 1.0), setting(3e-3, 1.5), setting(1e-2, 2.0)]
+  assert report._at_edge(adamw, 'train.lr')
+  adamw.insert(0, setting(3e-4, 1.2))
+  assert not report._at_edge(adamw, 'train.lr')
+  # POET's line is its poet.lr sweep at the first base rate; a second base
+  # rate tried at the best poet.lr is not on it.
+  poet = [setting(1e-2, 1.3, 3e-3), setting(1e-2, 1.0, 6e-3),
+          setting(1e-2, 1.2, 1.2e-2), setting(3e-3, 0.9, 1.2e-2)]
+  assert not report._at_edge(poet, 'poet.lr')
+  assert report._at_edge(poet[:2], 'poet.lr')

@@ -3,6 +3,10 @@
 vector probing of POET's rotations, from the values the runs logged at
 their evaluations (metrics.weight_diagnostics)."""
 from poet_jax.experiments.findings import Claim, fmt
+
+# The papers plot these diagnostics without stating a figure: the claims
+# are what W = R W0 P implies (spec section 10 names the diagnostics).
+EXPECTED = 'implied by the method, no figure (spec section 10)'
 from poet_jax.experiments.report import (PAPER_PROBE, draw_mean, evals,
                                          figure_axes, mean_curve, per_seed,
                                          table)
@@ -47,19 +51,19 @@ def report_diagnostics(run, res: dict, out, no_merge=None):
       start, end = _first_last(run, results, key)
       change[method, key] = [abs(b - a) for a, b in zip(start, end)]
       rows.append((label, method, fmt(start, '.4f'), fmt(end, '.4f'),
-                   fmt(change[method, key], '.4f')))
+                   fmt(change[method, key], '.2e')))
     if key == 'svd_entropy':
       claims.append(Claim(
           'AdamW lowers the SVD entropy (spectral diversity) of the weights; '
-          'POET keeps W0\'s', 'qualitative (spec section 10)',
+          'POET keeps W0\'s', EXPECTED,
           _first_last(run, adamw, key)[1], _first_last(run, poet, key)[1],
           ('AdamW at the end', 'POET-BS at the end'), spec='.4f'))
     else:
       claims.append(Claim(
           'POET changes the hyperspherical energy of the neurons less than '
-          'AdamW', 'qualitative (spec section 10)', change['POET-BS', key],
+          'AdamW', EXPECTED, change['POET-BS', key],
           change['AdamW', key], ('POET-BS |change|', 'AdamW |change|'),
-          spec='.4f'))
+          spec='.2e'))
   probe_rows = []
   for side, key in (('R', 'vector_probe_r'), ('P', 'vector_probe_p')):
     mid = _mid_cycle(run, poet, key)

@@ -31,8 +31,10 @@ RULE = ('A difference is called a finding only where the difference of the '
         '**not separable from noise at this size** means |mean(A) − '
         'mean(B)| ≤ spread. For a claim that A and B are close, it is '
         'reproduced when |mean(A) − mean(B)| ≤ spread and not reproduced '
-        'otherwise; for a claim that A lies in a range, it is reproduced '
-        'when mean(A) ± std(A) meets the range. Runs that share a seed share their batches, so the '
+        'otherwise (weak evidence: a wide spread makes any two settings '
+        'close); for a claim that A lies in a range, it is reproduced '
+        'when mean(A) ± std(A) meets the range. Runs that share a seed '
+        'share their batches, so the '
         'per-seed ratios are shown as well, but the rule uses the means and '
         'spreads alone.')
 

@@ -175,12 +175,13 @@ def _intro(run, summary: dict, command: str, link: str) -> str:
       '<!-- Written by python -m poet_jax.experiments from the runs; edits '
       'are lost on the next run. -->\n\n'
       'The POET papers train Llama models from 60M to 13B parameters on '
-      'billions of C4 tokens. This page tests their findings (spec sections '
-      '2, 5, 6, 9 and 10) on a much smaller model, on the embedded corpus, '
-      'on CPU, with every setting run at several seeds.\n\n'
-      f'Written by `{command}` from {len(run.results)} runs trained at '
-      f'commit {commits}, on {datetime.date.today().isoformat()}, on '
-      f"{_machine()}. The runs' training took "
+      'billions of C4 tokens. This page tests their findings (sections 2, '
+      "5, 6, 9 and 10 of the project's spec, `../shared/poet-spec.md` "
+      'beside the checkout) on a much smaller model, on the embedded '
+      'corpus, on CPU, with every setting run at several seeds.\n\n'
+      f'Written by `{command}` on {datetime.date.today().isoformat()}, on '
+      f'{_machine()}, from {len(run.results)} runs trained at commit '
+      f"{commits}. The runs' training took "
       f"{summary['train_minutes']:.1f} min in all (a POET run "
       f"{seconds('poet'):.0f} s on average, an AdamW run "
       f"{seconds('adamw'):.0f} s); this invocation trained "

@@ -23,25 +23,27 @@ _STUDY_MODEL = {'model.dim': 128, 'model.num_layers': 2, 'model.num_heads': 4,
                 'eval_tokens': 16384}
 _SEEDS = dict(sweep_seeds=(0, 1, 2), compare_seeds=(0, 1, 2, 3, 4),
               seeds=(0, 1, 2))
-_LRS = dict(adamw_lr=(1e-3, 3e-3, 1e-2), poet_lr=(3e-3, 6e-3, 1.2e-2, 2.4e-2),
+_LRS = dict(adamw_lr=(3e-4, 1e-3, 3e-3, 1e-2), poet_lr=(3e-3, 6e-3, 1.2e-2, 2.4e-2),
             base_lr=(1e-2, 3e-3))
 SCALES = {
-    # About an hour on 2 quiet cores: 61 runs.
+    # About 80 min on 2 quiet cores: 64 runs.
     'study': dict(
         base={**_STUDY_MODEL, 'train.steps': 500, 'eval_every': 50,
               'log_every': 10, 'checkpoint_every': 250},
         merge_every=(100, 10, 25, 250, 500), **_LRS, **_SEEDS,
-        why=('The whole study is 61 runs: 8 learning-rate settings at 3 '
+        why=('The whole study is 64 runs: 9 learning-rate settings at 3 '
              'seeds, 2 more seeds of the best POET and AdamW settings, and '
-             '11 ablation settings at 3 seeds. Measured as CPU time on this '
-             'machine while it was shared, a POET run of this model costs '
+             '11 ablation settings at 3 seeds. The size was chosen from CPU '
+             'times measured beforehand on this machine while it was shared: '
+             'a POET run of this model costs '
              'about 16 CPU-s of compiling and 0.18 CPU-s a step, an AdamW run '
              '3 CPU-s and 0.13 CPU-s a step, and one run keeps about 1.7 of '
-             'the 2 cores busy: 500 steps a run make about an hour of wall '
-             'time on 2 quiet cores. Width 128 with POET-BS b = 64 keeps the '
-             'papers\' b = half the width and is twice the width of the '
-             'earlier study, so width effects (the standard initialization\'s '
-             'singular values shrink with width) weigh less; two layers and '
+             'the 2 cores busy: 500 steps a run come to somewhat over an '
+             'hour on 2 quiet cores (the measured time is above). Width 128 '
+             'with POET-BS b = 64 keeps the papers\' b = half the width, and '
+             'is wide enough that width effects (the standard '
+             'initialization\'s singular values shrink with width) weigh '
+             'less than at 64; two layers and '
              '500 steps rather than four layers and fewer steps, because the '
              'ablations act through the number of merges and the growth of '
              'Q, which need steps more than depth. T_m = 100 gives 5 merges; '

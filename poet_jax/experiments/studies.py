@@ -1,7 +1,7 @@
 """The papers' findings at a size a CPU can run, over seeds; writes
 docs/reproduction.md and docs/reproduction/.
 
-  python -m poet_jax.experiments                  # 2 quiet cores: ~1 h
+  python -m poet_jax.experiments                  # 2 quiet cores: ~80 min
   python -m poet_jax.experiments --scale=quick    # the same in 100-step runs
   python -m poet_jax.experiments --scale=smoke --root=/tmp/r --out=/tmp/o \\
       --page=/tmp/o/reproduction.md               # the pipeline, in minutes
@@ -88,9 +88,11 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
   """argv (without the program) -> namespace; UsageError for bad input."""
   p = _Parser(prog='python -m poet_jax.experiments',
-              description=__doc__.split('\n')[0])
+              description=__doc__.split('\n\n')[0].replace('\n', ' '),
+              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--scale', default='study', choices=sorted(scales.SCALES),
-                 help='model, run and seed sizes (SCALES)')
+                 help='model, run and seed sizes: study (the page), quick (its '
+                 '100-step form), smoke (a pipeline check)')
   p.add_argument('--studies', default=','.join(scales.STUDIES),
                  help='comma-separated subset of '
                  f'{",".join(scales.STUDIES)}; compare always runs (the '
@@ -100,7 +102,8 @@ def parse_args(argv):
   p.add_argument('--out', default=os.path.join('docs', 'reproduction'),
                  help='where results.json and the PNGs go')
   p.add_argument('--page', default=os.path.join('docs', 'reproduction.md'),
-                 help='the Markdown page written from the runs')
+                 help='the Markdown page written from the runs (the default '
+                 'overwrites the committed page)')
   p.add_argument('--fast_compile', default=True,
                  action=argparse.BooleanOptionalAction,
                  help='XLA:CPU backend optimization level 0: faster '
@@ -197,5 +200,5 @@ def main(argv) -> int:
   except SystemExit as e:  # a run's own exit code (3: interrupted, resumable)
     print(f'a run stopped with exit code {e.code}; run the same command to '
           'resume', file=sys.stderr, flush=True)
-    return int(e.code)
+    return e.code if isinstance(e.code, int) else 1
   return 0
