@@ -37,18 +37,18 @@ def reference(short_run):
 
 
 # The slowest test files, with their seconds on a 2-core machine shared
-# with other jobs (load about 8; only the order matters). With pytest-xdist
+# with other jobs (load about 4; only the order matters). With pytest-xdist
 # (`-n 2 --dist loadfile`, README) they start first, slowest first, so the
 # two workers finish together; xdist would otherwise order files by their
 # number of tests and leave slow files of one or two tests to the end.
-SECONDS = {'test_resume.py': 345, 'test_nonfinite.py': 240,
-           'test_train.py': 200, 'test_experiments.py': 207,
-           'test_export.py': 195, 'test_planner.py': 193,
-           'test_distributed.py': 188, 'test_cli.py': 180,
-           'test_fidelity.py': 168, 'test_quant.py': 130,
-           'test_layers.py': 104, 'test_c4.py': 76, 'test_poetize.py': 60,
-           'test_bench.py': 56, 'test_reparam.py': 55, 'test_kernels.py': 51,
-           'test_readme.py': 48}
+SECONDS = {'test_resume.py': 293, 'test_planner.py': 244,
+           'test_targets.py': 227, 'test_bench.py': 193,
+           'test_nonfinite.py': 193, 'test_distributed.py': 154,
+           'test_cli.py': 153, 'test_experiments.py': 150,
+           'test_train.py': 86, 'test_layers.py': 78, 'test_fidelity.py': 75,
+           'test_export.py': 74, 'test_quant.py': 58, 'test_merge.py': 54,
+           'test_poetize.py': 52, 'test_kernels.py': 52,
+           'test_weight_diagnostics.py': 46, 'test_corpus_files.py': 43}
 
 
 def pytest_configure(config):
