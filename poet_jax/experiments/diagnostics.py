@@ -3,13 +3,13 @@
 vector probing of POET's rotations, from the values the runs logged at
 their evaluations (metrics.weight_diagnostics)."""
 from poet_jax.experiments.findings import Claim, fmt
+from poet_jax.experiments.report import (PAPER_PROBE, draw_mean, evals,
+                                         figure_axes, mean_curve, per_seed,
+                                         table)
 
 # The papers plot these diagnostics without stating a figure: the claims
 # are what W = R W0 P implies (spec section 10 names the diagnostics).
 EXPECTED = 'implied by the method, no figure (spec section 10)'
-from poet_jax.experiments.report import (PAPER_PROBE, draw_mean, evals,
-                                         figure_axes, mean_curve, per_seed,
-                                         table)
 
 
 def _first_last(run, results, key):
@@ -83,8 +83,9 @@ def report_diagnostics(run, res: dict, out, no_merge=None):
   return ('## The papers\' weight diagnostics\n\nLogged at every evaluation '
           '(`svd_entropy`, `hyperspherical_energy`, `vector_probe_r`, '
           '`vector_probe_p` in metrics.jsonl; [training.md, '
-          '"Metrics"](training.md#metrics)), as means over the block linears (for POET the '
-          f'effective kernels R W0 P), over {len(poet)} seeds of the best '
+          '"Metrics"](training.md#metrics)), as means over the block '
+          'linears (for POET the effective kernels R W0 P), over '
+          f'{len(poet)} seeds of the best '
           'POET and AdamW settings. At the start both methods\' weights are '
           'Gaussian, so their figures start alike.\n\n' +
           table(('diagnostic', 'method', 'at step 0', 'at the end',

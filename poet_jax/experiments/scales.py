@@ -23,8 +23,8 @@ _STUDY_MODEL = {'model.dim': 128, 'model.num_layers': 2, 'model.num_heads': 4,
                 'eval_tokens': 16384}
 _SEEDS = dict(sweep_seeds=(0, 1, 2), compare_seeds=(0, 1, 2, 3, 4),
               seeds=(0, 1, 2))
-_LRS = dict(adamw_lr=(3e-4, 1e-3, 3e-3, 1e-2), poet_lr=(3e-3, 6e-3, 1.2e-2, 2.4e-2),
-            base_lr=(1e-2, 3e-3))
+_LRS = dict(adamw_lr=(3e-4, 1e-3, 3e-3, 1e-2),
+            poet_lr=(3e-3, 6e-3, 1.2e-2, 2.4e-2), base_lr=(1e-2, 3e-3))
 SCALES = {
     # About 80 min on 2 quiet cores: 64 runs.
     'study': dict(
